@@ -1,0 +1,67 @@
+"""Median forward time of UNETR++ (synapse, 1x1x64x128x128, no deep supervision) on the CPU against
+MONAI's UNETR (feature_size=16, hidden_size=768) and Swin-UNETR (feature_size=48), same input, same run.
+
+    python benchmarks/forward.py [--threads 2] [--repeats 5] [--no-swin] [--bf16]
+
+Prints one line per network: median seconds, ratio to UNETR fp32, peak RSS so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def median_time(model: torch.nn.Module, x: torch.Tensor, repeats: int, bf16: bool = False) -> float:
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(x)  # warm-up: oneDNN primitive creation, allocator
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-swin", action="store_true", help="skip Swin-UNETR (slow on CPU)")
+    parser.add_argument("--bf16", action="store_true", help="also time UNETR++ under bf16 autocast")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from monai.networks.nets import UNETR, SwinUNETR
+
+    from unetrpp import create_model
+
+    x = torch.randn(1, 1, 64, 128, 128)
+    rows = []
+    unetr = UNETR(1, 14, img_size=(64, 128, 128), feature_size=16, hidden_size=768).eval()
+    rows.append(("MONAI UNETR fp32", median_time(unetr, x, args.repeats)))
+    del unetr
+    ours = create_model("unetrpp_synapse").eval()
+    rows.append(("UNETR++ synapse fp32", median_time(ours, x, args.repeats)))
+    if args.bf16:
+        rows.append(("UNETR++ synapse bf16 autocast", median_time(ours, x, args.repeats, bf16=True)))
+    del ours
+    if not args.no_swin:
+        swin = SwinUNETR(in_channels=1, out_channels=14, feature_size=48).eval()
+        rows.append(("MONAI Swin-UNETR fp32", median_time(swin, x, max(1, args.repeats // 2))))
+    base = rows[0][1]
+    print(f"torch {torch.__version__}, {args.threads} threads, input 1x1x64x128x128, median of {args.repeats}")
+    for name, t in rows:
+        print(f"{name:32s} {t:7.3f} s   {t / base:5.2f}x UNETR")
+    print(f"peak RSS {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The network and its config: presets, derived sizes, validation, gradients, attention capture."""
+
+import pytest
+import torch
+
+from unetrpp import PRESETS, UNETRPP, create_model, get_config
+from unetrpp.attention import capture_attention
+
+from golden import original_keys
+
+PARAMS = {"unetrpp_synapse": 42_952_850, "unetrpp_acdc": 66_796_404, "unetrpp_tumor": 42_647_604,
+          "unetrpp_lung": 121_174_798}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_original_variants_have_exact_parameters_and_keys(name):
+    with torch.device("meta"):
+        model = create_model(name, deep_supervision=True)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == original_keys(name.split("_")[1])
+
+
+def test_token_counts_follow_the_patch_size():
+    cfg = get_config("unetrpp_acdc")
+    assert [cfg.tokens(i) for i in range(4)] == [25600, 3200, 400, 50]
+    cfg = get_config("unetrpp_synapse", patch_size=(32, 128, 96))
+    assert cfg.stage_grid(0) == (16, 32, 24) and cfg.tokens(3) == 2 * 4 * 3
+    with torch.device("meta"):
+        model = UNETRPP(cfg)
+    assert model.unetr_pp_encoder.stages[3][0].pos_embed.shape == (1, 24, 256)
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: unetrpp_synapse.*unetrpp_tiny"):
+        create_model("unetrpp_btcv")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"patch_size": (64, 100, 128)}, "patch_size"),
+    ({"num_heads": 3}, "num_heads"),
+    ({"dims": (32, 64, 128)}, "dims"),
+    ({"kv_projection": "tied"}, "kv_projection"),
+    ({"out_channels": 5}, "class_names"),
+    ({"attn_dropout": 1.5}, "attn_dropout"),
+])
+def test_invalid_configs_name_the_field_and_rule(overrides, field):
+    with pytest.raises(ValueError, match=rf"UNETRPPConfig\.{field}=.*: "):
+        get_config("unetrpp_synapse", **overrides)
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ValueError, match="unknown UNETR\\+\\+ config keys \\['patch'\\]"):
+        create_model("unetrpp_tiny", patch=(32, 64, 64))
+
+
+def test_wrong_input_size_says_what_fits():
+    model = create_model("unetrpp_tiny").eval()
+    with pytest.raises(ValueError, match=r"expected \(B, 1, 32, 64, 64\).*sliding window"):
+        model(torch.zeros(1, 1, 32, 64, 32))
+
+
+def test_every_parameter_of_tiny_gets_a_gradient():
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny", deep_supervision=True).train()
+    outs = model(torch.randn(2, 1, 32, 64, 64))
+    assert [tuple(o.shape[2:]) for o in outs] == [(32, 64, 64), (16, 16, 16), (8, 8, 8)]
+    sum(o.square().mean() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", ["unetrpp_tiny", "unetrpp_tiny_single_ef"])
+def test_attention_capture_leaves_outputs_unchanged(name):
+    torch.manual_seed(0)
+    model = (create_model("unetrpp_tiny", kv_projection="single", branch_fusion="sum")
+             if name.endswith("single_ef") else create_model("unetrpp_tiny")).eval()
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+        with capture_attention(model) as maps:
+            recorded = model(x)
+    assert torch.equal(plain, recorded)
+    first = maps["unetr_pp_encoder.stages.0.0"]
+    heads, d, n, p = 4, 16 // 4, 16 * 16 * 16, 32
+    assert first["channel"].shape == (1, heads, d, d) and first["spatial"].shape == (1, heads, n, p)
+    assert first["grid"] == (16, 16, 16) and first["E"].shape == (p, n)
+    torch.testing.assert_close(first["spatial"].sum(-1), torch.ones(1, heads, n))
+    assert len(maps) == sum(get_config("unetrpp_tiny").depths) + 3  # every EPA block, decoder included
+    with torch.no_grad():
+        model(x)
+    assert all(not b.epa_block.attention_maps for b in model.modules() if hasattr(b, "epa_block"))
+
+
+def test_presets_are_all_buildable():
+    for name in PRESETS:
+        with torch.device("meta"):
+            assert create_model(name).config.name == name

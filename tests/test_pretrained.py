@@ -1,0 +1,130 @@
+"""Weights: safe reading of released checkpoints, our folder format, and where weights come from."""
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from unetrpp import UNETRPP, create_model, load_original_checkpoint
+from unetrpp.pretrained import identify_variant, load_pretrained
+
+from golden import save_released_style
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch exploited",))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return create_model("unetrpp_tiny").eval()
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.model"
+    torch.save({"state_dict": {}, "plot_stuff": _Exploit()}, path)
+    with pytest.raises(ValueError, match="refused to load.*allow-list"):
+        load_original_checkpoint(path)
+    assert not (tmp_path / "exploited").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a readable PyTorch checkpoint"),
+    (b"hello, I am a text file\n", "not a readable"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a readable"),
+])
+def test_files_that_are_not_checkpoints(tmp_path, content, message):
+    path = tmp_path / "model_final_checkpoint.model"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message + ".*expected a released UNETR\\+\\+ model_final_checkpoint.model"):
+        load_original_checkpoint(path)
+
+
+def test_truncated_checkpoint(tmp_path, tiny):
+    path = save_released_style(create_model("unetrpp_tiny").state_dict(), tmp_path / "full.model")
+    cut = tmp_path / "cut.model"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="maybe truncated"):
+        load_original_checkpoint(cut)
+
+
+def test_checkpoint_of_another_network_is_named(tmp_path, tiny):
+    path = save_released_style(tiny.state_dict(), tmp_path / "other.model")
+    with pytest.raises(ValueError, match="does not match any released UNETR\\+\\+ network.*unetrpp_synapse: "):
+        load_original_checkpoint(path)
+    with pytest.raises(ValueError, match="not a unetrpp_acdc checkpoint"):
+        load_original_checkpoint(path, name="unetrpp_acdc")
+
+
+def test_bare_state_dict_with_module_prefix_and_variant_detection(tmp_path):
+    with torch.device("meta"):
+        sd = create_model("unetrpp_acdc", deep_supervision=True).state_dict()
+    assert identify_variant(sd) == "unetrpp_acdc"
+    sd = {k: v for k, v in sd.items() if "conv52" not in k}
+    with pytest.raises(ValueError, match="unetrpp_acdc: missing key .*conv52"):
+        identify_variant(sd)
+
+
+def test_numpy_scalars_in_plot_stuff_are_allowed(tmp_path):
+    model = create_model("unetrpp_tumor", deep_supervision=True)
+    path = save_released_style(model.state_dict(), tmp_path / "tumor.model", prefix="module.")
+    loaded = load_original_checkpoint(path, deep_supervision=False)
+    assert loaded.config.name == "unetrpp_tumor" and loaded.deep_supervision is False
+    assert torch.equal(loaded.state_dict()["unetr_pp_encoder.stages.0.0.epa_block.EF"],
+                       model.state_dict()["unetr_pp_encoder.stages.0.0.epa_block.EF"])
+
+
+def test_save_and_load_pretrained_round_trip_is_bit_exact(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "w")
+    back = UNETRPP.from_pretrained(tmp_path / "w").eval()
+    assert back.config == tiny.config  # tuples were lists in JSON
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back(x), tiny(x))
+
+
+def test_shared_projection_survives_the_round_trip(tmp_path):
+    model = create_model("unetrpp_synapse", patch_size=(32, 64, 64))
+    model.save_pretrained(tmp_path / "s")
+    epa = UNETRPP.from_pretrained(tmp_path / "s").unetr_pp_encoder.stages[0][0].epa_block
+    assert epa.E is epa.F
+
+
+def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
+    tiny.save_pretrained(tmp_path / "mine")
+    assert load_pretrained(tmp_path / "mine").config == tiny.config
+    monkeypatch.setattr("unetrpp.pretrained.WEIGHTS_DIR", tmp_path)
+    assert load_pretrained("mine").config == tiny.config
+    with pytest.raises(ValueError, match="not found.*local weights \\['mine'\\]"):
+        load_pretrained("no_such_weights")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_pretrained(tmp_path / "empty")
+
+
+def test_hub_repo_id_from_a_prefilled_cache_and_offline_error(tmp_path, tiny):
+    """A repo id resolves through huggingface_hub's cache layout with HF_HUB_OFFLINE=1; a repo that is
+    not cached gives a clear message. Runs in a subprocess so the env is read at import time."""
+    tiny.save_pretrained(tmp_path / "src")
+    snap = tmp_path / "hub" / "models--someone--unetrpp-tiny"
+    commit = hashlib.sha1(b"unetrpp").hexdigest()
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text(commit)
+    (snap / "snapshots" / commit).mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (snap / "snapshots" / commit / f).write_bytes((tmp_path / "src" / f).read_bytes())
+    code = ("from unetrpp.pretrained import load_pretrained\n"
+            "m = load_pretrained('someone/unetrpp-tiny'); print('OK', m.config.name)\n"
+            "try:\n    load_pretrained('someone/not-cached')\nexcept ValueError as e:\n    print('ERR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "OK unetrpp_tiny" in out.stdout, out.stderr
+    assert "ERR could not get weights 'someone/not-cached'" in out.stdout and "HF_HUB_OFFLINE" in out.stdout

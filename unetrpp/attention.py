@@ -1,0 +1,145 @@
+"""Efficient paired attention (EPA, paper Sec. 3.2 and Fig. 2) and the TransformerBlock around it.
+
+EPA runs two attentions on the same shared queries and keys:
+- channel attention, a (d x d) map per head over feature channels, linear in the token count N;
+- spatial attention, an (N x P) map per head after projecting keys and values from N tokens down
+  to P with learned Linear layers E and F (Linformer-style), again linear in N.
+Shapes below: B batch, N tokens, C channels, h heads, d = C / h, P projected length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import ResBlock
+
+
+class EPA(nn.Module):
+    """Efficient paired attention on tokens (B, N, C) -> (B, N, C).
+
+    `kv_projection`: "separate" (E for keys, F for values), "shared" (one Linear serves as both, the
+    synapse network), or "single" (one parameter matrix EF of shape (N, P), the tumor network).
+    `branch_fusion`: "concat" halves each branch with out_proj/out_proj2 and concatenates them;
+    "sum" (tumor) adds the two full-width branches.
+    Set `store_attention = True` to keep the last attention maps in `self.attention_maps`.
+    """
+
+    def __init__(self, tokens: int, dim: int, proj_size: int, heads: int, kv_projection: str = "separate",
+                 branch_fusion: str = "concat", attn_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.kv_projection = kv_projection
+        self.branch_fusion = branch_fusion
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))  # channel-attention scale per head
+        self.temperature2 = nn.Parameter(torch.ones(heads, 1, 1))  # spatial-attention scale per head
+        # One Linear gives queries, keys and the two value sets: q and k are shared by both branches.
+        self.qkvv = nn.Linear(dim, 4 * dim, bias=False)
+        if kv_projection == "single":
+            self.EF = nn.Parameter(nn.init.trunc_normal_(torch.empty(tokens, proj_size), std=0.02))
+        else:
+            self.E = nn.Linear(tokens, proj_size)
+            self.F = self.E if kv_projection == "shared" else nn.Linear(tokens, proj_size)
+        if branch_fusion == "concat":
+            self.out_proj = nn.Linear(dim, dim // 2)  # spatial branch
+            self.out_proj2 = nn.Linear(dim, dim // 2)  # channel branch
+        self.attn_drop = nn.Dropout(attn_dropout)
+        self.attn_drop_2 = nn.Dropout(attn_dropout)
+        self.store_attention = False
+        self.attention_maps: dict[str, torch.Tensor] = {}
+
+    def project(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        """Project the token axis N -> P: (B, h, d, N) -> (B, h, d, P)."""
+        if self.kv_projection == "single":
+            return torch.einsum("bhdn,nk->bhdk", t, self.EF)
+        return (self.E if which == "k" else self.F)(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v_ca, v_sa = rearrange(self.qkvv(x), "b n (four h d) -> four b h d n", four=4, h=self.heads)
+        # each (B, h, d, N): tokens last, so E/F act on the token axis.
+
+        # The original projects k and v *before* normalising q and k; the released weights expect it.
+        k_proj = self.project(k, "k")  # (B, h, d, P)
+        v_proj = self.project(v_sa, "v")  # (B, h, d, P)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+
+        # Channel attention: which channels go together, summed over all N tokens.
+        attn_ca = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, h, d, d)
+        x_ca = self.attn_drop(attn_ca) @ v_ca  # (B, h, d, N)
+        x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
+
+        # Spatial attention: every token against P projected "summary tokens".
+        attn_sa = (q.transpose(-2, -1) @ k_proj * self.temperature2).softmax(dim=-1)  # (B, h, N, P)
+        x_sa = self.attn_drop_2(attn_sa) @ v_proj.transpose(-2, -1)  # (B, h, N, d)
+        # Quirk of the original (its issue #62): permute to (B, d, h, N), then reshape straight to
+        # (B, N, C), which mixes tokens and channels. The released weights were trained with it.
+        x_sa = x_sa.permute(0, 3, 1, 2).reshape(B, N, C)
+
+        if self.store_attention:
+            self.attention_maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
+        if self.branch_fusion == "sum":
+            return x_sa + x_ca
+        return torch.cat((self.out_proj(x_sa), self.out_proj2(x_ca)), dim=-1)  # spatial half first
+
+
+class TransformerBlock(nn.Module):
+    """EPA with layer scale, then a conv ResBlock (or two), on a feature map (B, C, Z, Y, X).
+
+    `grid` is the (z, y, x) token grid the positional embedding and E/F are sized for.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], dim: int, proj_size: int, heads: int,
+                 kv_projection: str, branch_fusion: str, attn_dropout: float, conv_dropout: float,
+                 extra_conv: bool, layer_scale_init: float) -> None:
+        super().__init__()
+        self.grid = tuple(grid)
+        tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.norm = nn.LayerNorm(dim)
+        self.gamma = nn.Parameter(layer_scale_init * torch.ones(dim))
+        self.epa_block = EPA(tokens, dim, proj_size, heads, kv_projection, branch_fusion, attn_dropout)
+        self.conv51 = ResBlock(dim, dim, norm="batch")
+        self.conv52 = ResBlock(dim, dim, norm="batch") if extra_conv else None
+        self.conv8 = nn.Sequential(nn.Dropout3d(conv_dropout, False), nn.Conv3d(dim, dim, kernel_size=1))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, Z, Y, X = x.shape
+        t = rearrange(x, "b c z y x -> b (z y x) c") + self.pos_embed  # (B, N, C)
+        t = t + self.gamma * self.epa_block(self.norm(t))
+        skip = rearrange(t, "b (z y x) c -> b c z y x", z=Z, y=Y, x=X)
+        a = self.conv51(skip)
+        if self.conv52 is not None:
+            a = self.conv52(a)
+        return skip + self.conv8(a)
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module) -> Iterator[dict[str, dict]]:
+    """Record every EPA block's attention maps during the forward passes run inside the block.
+
+    Yields a dict filled after the forward: module name -> {"channel": (B, h, d, d),
+    "spatial": (B, h, N, P), "grid": (z, y, x) token grid, "E": (P, N) key projection or None}.
+    The effective spatial attention of query token q over all tokens is spatial[b, h, q] @ E.
+    Recording does not change any output.
+    """
+    maps: dict[str, dict] = {}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, TransformerBlock)}
+    for block in blocks.values():
+        block.epa_block.store_attention = True
+    try:
+        yield maps
+    finally:
+        for name, block in blocks.items():
+            epa = block.epa_block
+            epa.store_attention = False
+            if epa.attention_maps:
+                e = epa.EF.t() if epa.kv_projection == "single" else epa.E.weight
+                maps[name] = {**epa.attention_maps, "grid": block.grid, "E": e.detach()}
+            epa.attention_maps = {}

@@ -1,0 +1,204 @@
+"""One frozen configuration for every UNETR++ network, and the named presets.
+
+The four original networks (synapse, acdc, tumor, lung) differ only in a few numbers and three
+quirks (spec table "Variants"); here they are data, not four copies of the code. Token counts are
+derived from the patch size, never written down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .labels import BTCV_CLASS_NAMES
+
+KV_PROJECTIONS = ("separate", "shared", "single")  # E and F; one Linear as both; one EF matrix
+BRANCH_FUSIONS = ("concat", "sum")
+NORMALIZATIONS = ("ct", "zscore", "none")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the weights expect of an input volume (nnU-Net v1 conventions, spec "Preprocessing").
+
+    `spacing` is in mm along (z, y, x); `orientation` names the world directions of the array axes
+    (x, y, z) in nibabel's convention, e.g. "RAS"; `normalization` "ct" clips to `clip` (HU) then
+    applies (v - mean) / std, "zscore" standardises each volume, "none" leaves intensities alone.
+    """
+
+    spacing: tuple[float, float, float] = (3.0, 0.7578, 0.7578)
+    orientation: str = "RAS"
+    modality: str = "CT"
+    normalization: str = "ct"
+    clip: tuple[float, float] = (-958.0, 326.0)
+    mean: float = 82.9518
+    std: float = 136.9482
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"preprocessing.spacing={self.spacing}: need three positive mm values (z, y, x)")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"preprocessing.normalization={self.normalization!r}: must be one of {NORMALIZATIONS}"
+            )
+        if self.normalization == "ct" and not (self.clip[0] < self.clip[1] and self.std > 0):
+            raise ValueError(f"preprocessing clip={self.clip}, std={self.std}: need clip low < high and std > 0")
+        if len(self.orientation) != 3 or not all(
+            sum(c in pair for c in self.orientation.upper()) == 1 for pair in ("LR", "AP", "SI")
+        ):
+            raise ValueError(
+                f"preprocessing.orientation={self.orientation!r}: need one letter of each pair L/R, A/P, S/I, "
+                "e.g. 'RAS' or 'LPS'"
+            )
+
+
+@dataclass(frozen=True)
+class UNETRPPConfig:
+    """Hyper-parameters of one UNETR++ network plus what inference needs to use it.
+
+    Spatial tuples are ordered (z, y, x) like the tensors (see the package docstring).
+    """
+
+    name: str = "custom"
+    in_channels: int = 1
+    out_channels: int = 14
+    patch_size: tuple[int, int, int] = (64, 128, 128)  # training window; fixes the token counts
+    stem: tuple[int, int, int] = (2, 4, 4)  # kernel = stride of the first downsampling conv
+    feature_size: int = 16  # width of the full-resolution conv path (encoder1 / decoder2)
+    dims: tuple[int, int, int, int] = (32, 64, 128, 256)  # width of encoder stages 0..3
+    depths: tuple[int, int, int, int] = (3, 3, 3, 3)  # TransformerBlocks per encoder stage
+    decoder_depth: int = 3  # TransformerBlocks per decoder stage
+    num_heads: int = 4
+    proj_sizes: tuple[int, int, int, int] = (64, 64, 64, 32)  # EPA's P per encoder stage
+    decoder_proj_size: int = 64
+    attn_dropout: float = 0.15  # on both EPA attention maps, training only
+    conv_dropout: float = 0.1  # Dropout3d before conv8
+    layer_scale_init: float = 1e-6
+    kv_projection: str = "shared"  # "separate" (E, F), "shared" (E is F), "single" (tumor's EF)
+    branch_fusion: str = "concat"  # "concat" through out_proj/out_proj2, or "sum" (tumor)
+    extra_conv: bool = False  # a second ResBlock conv52 in every TransformerBlock (acdc, lung)
+    deep_supervision: bool = False
+    class_names: tuple[str, ...] = ("background",) + BTCV_CLASS_NAMES
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def __post_init__(self) -> None:
+        for key in ("patch_size", "stem", "dims", "depths", "proj_sizes", "class_names"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if isinstance(self.preprocessing, Mapping):
+            object.__setattr__(self, "preprocessing", Preprocessing(**self.preprocessing))
+        self._validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    def stage_grid(self, stage: int) -> tuple[int, int, int]:
+        """Token grid (z, y, x) of encoder stage 0..3: the patch divided by the stem, then halved."""
+        return tuple(p // s // 2**stage for p, s in zip(self.patch_size, self.stem))
+
+    def tokens(self, stage: int) -> int:
+        return math.prod(self.stage_grid(stage))
+
+    # ---- checks --------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def fail(name: str, value: Any, rule: str) -> None:
+            raise ValueError(f"UNETRPPConfig.{name}={value!r}: {rule}")
+
+        for name in ("in_channels", "out_channels", "feature_size", "num_heads", "decoder_depth"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                fail(name, getattr(self, name), "must be a positive integer")
+        if len(self.patch_size) != 3 or len(self.stem) != 3:
+            fail("patch_size", self.patch_size, "patch_size and stem need three values (z, y, x)")
+        for p, s in zip(self.patch_size, self.stem):
+            if s <= 0 or p <= 0 or p % (s * 8):
+                fail("patch_size", self.patch_size,
+                     f"each axis must be divisible by stem x 8 = {tuple(s * 8 for s in self.stem)} "
+                     "(the stem, then three 2x downsamplings)")
+        for name in ("dims", "depths", "proj_sizes"):
+            if len(getattr(self, name)) != 4 or min(getattr(self, name)) <= 0:
+                fail(name, getattr(self, name), "needs four positive values, one per encoder stage")
+        for i in range(1, 4):
+            if self.dims[i] % self.dims[i - 1]:
+                fail("dims", self.dims, "each width must be a multiple of the previous one (GroupNorm groups)")
+        for d in self.dims:
+            if d % self.num_heads:
+                fail("num_heads", self.num_heads, f"must divide every width in dims={self.dims}")
+            if self.branch_fusion == "concat" and d % 2:
+                fail("dims", self.dims, "widths must be even: the two EPA branches each give half")
+        if self.dims[0] % self.in_channels:
+            fail("in_channels", self.in_channels, f"must divide dims[0]={self.dims[0]} (stem GroupNorm groups)")
+        if self.kv_projection not in KV_PROJECTIONS:
+            fail("kv_projection", self.kv_projection, f"must be one of {KV_PROJECTIONS}")
+        if self.branch_fusion not in BRANCH_FUSIONS:
+            fail("branch_fusion", self.branch_fusion, f"must be one of {BRANCH_FUSIONS}")
+        if not 0.0 <= self.attn_dropout < 1.0 or not 0.0 <= self.conv_dropout < 1.0:
+            fail("attn_dropout", (self.attn_dropout, self.conv_dropout), "dropout rates must be in [0, 1)")
+        if len(self.class_names) != self.out_channels:
+            fail("class_names", self.class_names,
+                 f"needs one name per output channel ({self.out_channels}), background first")
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UNETRPPConfig":
+        """Inverse of `to_dict`; accepts lists for tuples (JSON) and ignores no unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown UNETR++ config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **overrides: Any) -> "UNETRPPConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown UNETR++ config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+_MRI = Preprocessing(spacing=(1.0, 1.0, 1.0), modality="MRI", normalization="zscore")
+
+PRESETS: dict[str, UNETRPPConfig] = {
+    # Synapse multi-organ CT (BTCV labels); E and F share one Linear.
+    "unetrpp_synapse": UNETRPPConfig(name="unetrpp_synapse"),
+    # ACDC cardiac cine-MRI: thin stem along z, conv52, separate E/F.
+    "unetrpp_acdc": UNETRPPConfig(
+        name="unetrpp_acdc", out_channels=4, patch_size=(16, 160, 160), stem=(1, 4, 4),
+        attn_dropout=0.1, kv_projection="separate", extra_conv=True,
+        class_names=("background", "right ventricle", "myocardium", "left ventricle"),
+        preprocessing=dataclasses.replace(_MRI, spacing=(5.0, 1.5625, 1.5625)),
+    ),
+    # BraTS: four MRI sequences in, one EF matrix, branches summed.
+    "unetrpp_tumor": UNETRPPConfig(
+        name="unetrpp_tumor", in_channels=4, out_channels=4, patch_size=(128, 128, 128), stem=(4, 4, 4),
+        attn_dropout=0.1, kv_projection="single", branch_fusion="sum",
+        class_names=("background", "edema", "non-enhancing tumour", "enhancing tumour"),
+        preprocessing=_MRI,
+    ),
+    # MSD lung tumour CT. The spec gives no lung preprocessing numbers: these are the synapse CT
+    # ones as a placeholder; `python -m unetrpp convert` takes --spacing/--clip/--mean/--std from
+    # the checkpoint's plans.
+    "unetrpp_lung": UNETRPPConfig(
+        name="unetrpp_lung", out_channels=2, patch_size=(32, 192, 192), stem=(1, 4, 4),
+        attn_dropout=0.1, kv_projection="separate", extra_conv=True,
+        class_names=("background", "lung tumour"),
+    ),
+    # Small and fast: tests, notebooks and CPU training on phantoms (BTCV labels).
+    "unetrpp_tiny": UNETRPPConfig(
+        name="unetrpp_tiny", patch_size=(32, 64, 64), stem=(2, 4, 4), feature_size=8, dims=(16, 32, 64, 128),
+        depths=(1, 1, 1, 1), decoder_depth=1, proj_sizes=(32, 32, 32, 16), decoder_proj_size=32,
+        attn_dropout=0.1, kv_projection="separate",
+        preprocessing=Preprocessing(spacing=(4.0, 2.5, 2.5)),
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> UNETRPPConfig:
+    """The preset called `name`, with any field replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown UNETR++ model name {name!r}; valid names: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+

@@ -1,0 +1,185 @@
+"""Weights: the released UNETR++ checkpoints (read safely), our Hugging Face style folders, and where
+to find them (a local folder, the repository's `weights/` folder, or a Hugging Face repo id).
+
+This is the only module that knows about checkpoint formats, files and hubs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .config import PRESETS, UNETRPPConfig, get_config
+from .model import UNETRPP
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+ORIGINAL_VARIANTS = ("unetrpp_synapse", "unetrpp_acdc", "unetrpp_tumor", "unetrpp_lung")
+
+
+def _numpy_allow_list() -> list[Any]:
+    """The only non-torch globals a released checkpoint legitimately holds: numpy scalars and arrays
+    in `plot_stuff` / `best_stuff`, pickled under numpy 1 (`numpy.core`) or numpy 2 (`numpy._core`)."""
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [np.dtype, np.ndarray]
+    for fn in ("scalar", "_reconstruct"):
+        obj = getattr(core.multiarray, fn)
+        allowed += [(obj, f"numpy.core.multiarray.{fn}"), (obj, f"numpy._core.multiarray.{fn}")]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a released `model_final_checkpoint.model` without unpickling arbitrary objects.
+
+    Returns the checkpoint dict. Raises ValueError with a one-line reason for anything that is not a
+    UNETR++ / nnU-Net v1 checkpoint (wrong file, truncated file, unexpected pickled objects).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file; expected a released model_final_checkpoint.model")
+    expected = "expected a released UNETR++ model_final_checkpoint.model (a torch.save of a dict with 'state_dict')"
+    try:
+        with torch.serialization.safe_globals(_numpy_allow_list()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if unsafe:
+            raise ValueError(f"{path}: refused to load, it would unpickle {unsafe.group(1)}, which is not on the "
+                             f"allow-list (tensors, numpy scalars); {expected}") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}); {expected}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, maybe truncated ({reason}); {expected}") from None
+    if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
+        return dict(ckpt)
+    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return {"state_dict": dict(ckpt)}  # a bare state_dict, as some re-exports are
+    raise ValueError(f"{path}: holds {type(ckpt).__name__} without a 'state_dict'; {expected}")
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def _expected_shapes(cfg: UNETRPPConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = UNETRPP(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _first_mismatch(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    for k, shape in expected.items():
+        if k not in state_dict:
+            return f"missing key {k}"
+        if tuple(state_dict[k].shape) != shape:
+            return f"{k} has shape {tuple(state_dict[k].shape)}, expected {shape}"
+    extra = sorted(set(state_dict) - set(expected))
+    return f"unexpected key {extra[0]}" if extra else None
+
+
+def identify_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name of the original network whose keys and shapes `state_dict` has exactly."""
+    reasons = []
+    for name in ORIGINAL_VARIANTS:
+        mismatch = _first_mismatch(_expected_shapes(get_config(name, deep_supervision=True)), state_dict)
+        if mismatch is None:
+            return name
+        reasons.append(f"{name}: {mismatch}")
+    raise ValueError("checkpoint does not match any released UNETR++ network (" + "; ".join(reasons)
+                     + "); pass name= for a custom layout")
+
+
+def load_original_checkpoint(path: str | os.PathLike, name: str | None = None,
+                             deep_supervision: bool = False) -> UNETRPP:
+    """Build the network of a released UNETR++ checkpoint and load its weights, in eval mode.
+
+    `name` is a preset ("unetrpp_synapse", ...) or None to recognise it from the keys and shapes.
+    With `deep_supervision` the forward returns the three decoder outputs, else the full-res logits.
+    """
+    state_dict = _strip_prefix(read_original_checkpoint(path)["state_dict"])
+    name = name or identify_variant(state_dict)
+    cfg = get_config(name, deep_supervision=True)  # released files always carry out2/out3
+    mismatch = _first_mismatch(_expected_shapes(cfg), state_dict)
+    if mismatch is not None:
+        raise ValueError(f"{path}: not a {name} checkpoint ({mismatch}); leave name=None to detect the variant")
+    if cfg.kv_projection == "shared":
+        for k in [k for k in state_dict if ".epa_block.E." in k]:
+            if not torch.equal(state_dict[k], state_dict[k.replace(".E.", ".F.")]):
+                raise ValueError(f"{path}: {k} differs from its F twin, but {name} shares one E/F projection")
+    model = UNETRPP(cfg)
+    model.load_state_dict(state_dict, strict=True)
+    model.deep_supervision = deep_supervision
+    return model.eval()
+
+
+def local_weights() -> dict[str, Path]:
+    """Weight folders shipped or converted into the repository's `weights/` folder, by name."""
+    if not WEIGHTS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(WEIGHTS_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None = None) -> UNETRPP:
+    """Load weights for inference (eval mode, single output) from, in this order: a folder holding
+    config.json + model.safetensors; a released `.model` checkpoint; a folder name under `weights/`;
+    a Hugging Face repo id "owner/name" (downloaded with huggingface_hub, honouring HF_HUB_OFFLINE)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: no config.json; a weights folder holds config.json + model.safetensors "
+                             "(make one with `python -m unetrpp convert`)")
+        model = UNETRPP.from_pretrained(path)
+    elif path.is_file() and path.suffix == ".model":
+        model = load_original_checkpoint(path)
+    elif text in local_weights():
+        model = UNETRPP.from_pretrained(local_weights()[text])
+    elif text.count("/") == 1 and not path.exists():
+        model = _from_hub(text)
+    else:
+        raise ValueError(f"weights {text!r} not found: give a weights folder, a .model checkpoint, a Hugging Face "
+                         f"repo id (owner/name), or one of the local weights {sorted(local_weights()) or '(none)'}")
+    model.deep_supervision = False
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _from_hub(repo_id: str) -> UNETRPP:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return UNETRPP.from_pretrained(repo_id)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}"
+        raise ValueError(f"could not get weights {repo_id!r} from the Hugging Face Hub ({why}); download them "
+                         "where the Hub is reachable (huggingface-cli download) and pass the folder") from None
+
+
+def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
+                     **preprocessing: Any) -> Path:
+    """Write a released checkpoint as a weights folder (config.json + model.safetensors) for inference.
+
+    `preprocessing` overrides fields of the preset's `Preprocessing` (spacing, clip, mean, std, ...).
+    """
+    model = load_original_checkpoint(path, name=name, deep_supervision=False)
+    cfg = model.config
+    if preprocessing:
+        import dataclasses
+        cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
+    clean = UNETRPP(cfg.replace(deep_supervision=False))
+    clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
+    out_dir = Path(out_dir)
+    clean.save_pretrained(out_dir)
+    log.info("wrote %s (%s) to %s", cfg.name, PRESETS[cfg.name].name if cfg.name in PRESETS else "custom", out_dir)
+    return out_dir
