@@ -8,7 +8,10 @@ element-wise ops, which is why it reports 47.89 G for synapse where this gives 4
 
 from __future__ import annotations
 
+import copy
 import re
+import statistics
+import time
 from collections import Counter
 from typing import Sequence
 
@@ -59,11 +62,54 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, dict
 
 
 def _to_meta(model: nn.Module) -> nn.Module:
-    import copy
-
     if next(model.parameters()).device.type == "meta":
         return model
-    with torch.device("meta"):
-        clone = type(model)(model.config) if hasattr(model, "config") else copy.deepcopy(model).to("meta")
-    clone.deep_supervision = getattr(model, "deep_supervision", False)
+    if hasattr(model, "config") and hasattr(model, "deep_supervision"):  # UNETRPP: rebuild, no copy
+        with torch.device("meta"):
+            clone = type(model)(model.config)
+        clone.deep_supervision = model.deep_supervision
+    else:
+        clone = copy.deepcopy(model).to("meta")
     return clone.eval()
+
+
+# The paper's Table (Synapse, spec "Published results"): params in M, "GFLOPs" = G MACs by fvcore.
+PAPER_TABLE = {
+    "UNETR": {"params_M": 92.49, "GMACs": 75.76, "DSC": 78.35},
+    "Swin-UNETR": {"params_M": 62.83, "GMACs": 384.2, "DSC": 83.48},
+    "nnFormer": {"params_M": 150.5, "GMACs": 213.4, "DSC": 86.57},
+    "UNETR++": {"params_M": 42.96, "GMACs": 47.98, "DSC": 87.22},
+}
+
+NETWORKS = ("unetrpp", "unetr", "swin_unetr")
+
+
+def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_synapse",
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """UNETR++ (`name` preset with its patch set to the input) or a MONAI peer at the same input and
+    widths as the paper compares: UNETR (feature_size 16, hidden 768) and Swin-UNETR (feature_size 48)."""
+    from monai.networks.nets import UNETR, SwinUNETR
+
+    from .model import create_model
+
+    b, c, *spatial = input_shape
+    if kind == "unetrpp":
+        return create_model(name, patch_size=tuple(spatial), in_channels=c).eval()
+    with torch.device(device):
+        if kind == "unetr":
+            return UNETR(c, 14, img_size=tuple(spatial), feature_size=16, hidden_size=768).eval()
+        if kind == "swin_unetr":
+            return SwinUNETR(in_channels=c, out_channels=14, feature_size=48).eval()
+    raise ValueError(f"unknown network {kind!r}; valid: {', '.join(NETWORKS)}")
+
+
+def median_forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `model(x)` under inference mode, after `warmup` untimed runs."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
