@@ -29,7 +29,9 @@ class Preprocessing:
     """
 
     spacing: tuple[float, float, float] = (3.0, 0.7578, 0.7578)
-    orientation: str = "RAS"
+    # nnU-Net v1 reads images with SimpleITK and never reorients: BTCV as ITK reads it is LPS
+    # (i towards the patient's left, j posterior, k superior), so the released synapse weights saw LPS.
+    orientation: str = "LPS"
     modality: str = "CT"
     normalization: str = "ct"
     clip: tuple[float, float] = (-958.0, 326.0)
@@ -191,7 +193,7 @@ PRESETS: dict[str, UNETRPPConfig] = {
         name="unetrpp_tiny", patch_size=(32, 64, 64), stem=(2, 4, 4), feature_size=8, dims=(16, 32, 64, 128),
         depths=(1, 1, 1, 1), decoder_depth=1, proj_sizes=(32, 32, 32, 16), decoder_proj_size=32,
         attn_dropout=0.1, kv_projection="separate",
-        preprocessing=Preprocessing(spacing=(4.0, 2.5, 2.5)),
+        preprocessing=Preprocessing(spacing=(4.0, 2.5, 2.5), orientation="RAS"),
     ),
 }
 
