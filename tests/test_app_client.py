@@ -1,0 +1,153 @@
+"""The `segment` API endpoint through gradio_client, against the app launched in-process on a free
+port: the real CT example in, an aligned mask and statistics out; eight concurrent calls; and no
+upload or result file left after the (shortened) cache lifetime. Random-init unetrpp_tiny."""
+
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from unetrpp import create_model, io
+
+EXAMPLE_CT = Path(__file__).parent / "fixtures" / "example_ct_sm.nii.gz"  # real CT (see fixtures/README.md)
+CACHE_AGE = 8  # seconds a file may live in the test server's cache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("gradio_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRADIO_TEMP_DIR", str(cache))
+    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import app
+
+    torch.manual_seed(0)
+    demo = app.build_demo(net=create_model("unetrpp_tiny"), delete_cache=(1, CACHE_AGE))
+    demo.queue(**app.QUEUE)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH)
+    try:
+        yield f"http://127.0.0.1:{port}/", cache
+    finally:
+        demo.close()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(server[0], download_files=str(tmp_path_factory.mktemp("client_downloads")), verbose=False)
+
+
+def small_scan(path: Path, seed: int) -> Path:
+    """A tiny synthetic CT-like volume (8, 24, 24) at 5 x 3 x 3 mm; one sliding window."""
+    rng = np.random.default_rng(seed)
+    vol = np.full((8, 24, 24), -1000, np.int16)
+    vol[1:7, 4:20, 4:20] = rng.integers(0, 80, size=(6, 16, 16))
+    return io.save_array(vol, (5.0, 3.0, 3.0), path)
+
+
+def test_segment_endpoint_on_the_real_ct(client, tmp_path):
+    from gradio_client import handle_file
+
+    upload = tmp_path / "client_upload_ct.nii.gz"
+    shutil.copy(EXAMPLE_CT, upload)
+    mask_path, stats = client.predict(handle_file(str(upload)), 0.5, False, api_name="/segment")
+    mask, source = nib.load(mask_path), nib.load(EXAMPLE_CT)
+    assert mask.shape == source.shape == (122, 101, 30)
+    assert np.allclose(mask.affine, source.affine)
+    data = np.asarray(mask.dataobj)
+    assert data.dtype == np.uint8 and data.max() <= 13
+    assert isinstance(stats, list) and stats
+    counts = np.bincount(data.ravel(), minlength=14)
+    for row in stats:
+        assert set(row) >= {"label", "name", "voxels", "volume_ml", "mean_hu"}
+        assert row["voxels"] == counts[row["label"]]
+        assert row["volume_ml"] == pytest.approx(row["voxels"] * 27 / 1000)  # 3 mm isotropic voxels
+
+
+def test_api_lists_only_segment(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    assert list(info["named_endpoints"]) == ["/segment"]
+
+
+def test_bad_upload_is_an_error_and_the_server_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI image")
+    with pytest.raises(Exception, match="NIfTI"):
+        client.predict(handle_file(str(bad)), 0.5, False, api_name="/segment")
+    mask_path, _ = client.predict(handle_file(str(small_scan(tmp_path / "after_error.nii.gz", 1))), 0.5, False,
+                                  api_name="/segment")
+    assert nib.load(mask_path).shape == (24, 24, 8)
+
+
+def test_eight_concurrent_calls_then_the_cache_empties(client, server, tmp_path):
+    from gradio_client import handle_file
+
+    scans = [small_scan(tmp_path / f"concurrent_{i}.nii.gz", i) for i in range(8)]
+    jobs = [client.submit(handle_file(str(s)), 0.5, False, api_name="/segment") for s in scans]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: job.result(timeout=180), jobs))
+    assert len(results) == 8
+    for (mask_path, stats), scan in zip(results, scans):
+        assert nib.load(mask_path).shape == nib.load(scan).shape and isinstance(stats, list)
+
+    cache = server[1]
+
+    def leftovers():
+        return [p for p in cache.rglob("*") if p.is_file()
+                and ("concurrent_" in p.name or "client_upload" in p.name or "broken" in p.name
+                     or "after_error" in p.name or p.suffix == ".csv")]
+
+    assert leftovers(), "the uploads and results should be in the server cache at first"
+    deadline = time.time() + CACHE_AGE + 10
+    while leftovers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert leftovers() == []
+
+
+def test_python_app_py_serves_on_the_env_port_with_weights(tmp_path):
+    """`python app.py --weights DIR` listens where GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    weights = tmp_path / "my_weights"
+    create_model("unetrpp_tiny").save_pretrained(weights)
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_TEMP_DIR": str(tmp_path / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("UNETRPP_WEIGHTS", None)
+    app_py = Path(__file__).resolve().parents[1] / "app.py"
+    proc = subprocess.Popen([sys.executable, str(app_py), "--weights", str(weights)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, config = time.time() + 120, None
+        while config is None and time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                    config = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert config is not None, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no answer"
+        assert str(weights) in json.dumps(config)  # the page names the weights it serves
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

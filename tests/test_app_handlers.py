@@ -1,0 +1,177 @@
+"""The viewer's logic called directly, no server: weights choice, loading, clicks, segmentation files,
+tables and the attention view. Uses a random-init unetrpp_tiny and small synthetic volumes."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from unetrpp import app_handlers as H
+from unetrpp import create_model, io
+from unetrpp import visualize_attention as va
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model("unetrpp_tiny").eval()
+
+
+@pytest.fixture
+def scan(tmp_path) -> Path:
+    """A small synthetic CT-like volume (Z, Y, X) = (12, 40, 48), spacing (5, 3, 2.5) mm, in RAS."""
+    rng = np.random.default_rng(0)
+    vol = np.full((12, 40, 48), -1000, np.int16)
+    vol[2:10, 8:32, 8:40] = 40 + rng.integers(-20, 20, size=(8, 24, 32))
+    return io.save_array(vol, (5.0, 3.0, 2.5), tmp_path / "small_ct.nii.gz", origin=(10.0, -20.0, 30.0))
+
+
+def test_resolve_weights_order(tmp_path):
+    assert H.resolve_weights(None, tmp_path / "absent") == (None, H.UNTRAINED_NOTICE)
+    for name in ("unetrpp_tiny_phantom", "zz_other", "unetrpp_synapse"):
+        (tmp_path / name).mkdir()
+    assert H.resolve_weights(None, tmp_path) == (None, H.UNTRAINED_NOTICE)  # no config.json: not weights
+    (tmp_path / "unetrpp_tiny_phantom" / "config.json").write_text("{}")
+    assert H.resolve_weights(None, tmp_path) == (str(tmp_path / "unetrpp_tiny_phantom"), H.SYNTHETIC_NOTICE)
+    (tmp_path / "zz_other" / "config.json").write_text("{}")
+    (tmp_path / "unetrpp_synapse" / "config.json").write_text("{}")
+    spec, notice = H.resolve_weights(None, tmp_path)
+    assert spec == str(tmp_path / "unetrpp_synapse") and "phantom" not in notice
+    assert H.resolve_weights("user/repo", tmp_path)[0] == "user/repo"
+
+
+def test_model_holder_falls_back_to_untrained_tiny():
+    holder = H.ModelHolder(None, H.UNTRAINED_NOTICE, device="cpu")
+    model = holder.get()
+    assert model is holder.get() and model.config.name == "unetrpp_tiny" and not model.training
+
+
+def test_model_holder_loads_a_weights_folder(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "w")
+    spec, notice = H.resolve_weights(str(tmp_path / "w"))
+    model = H.ModelHolder(spec, notice, device="cpu").get()
+    assert model.config == tiny_model.config and not model.training
+    first = next(iter(tiny_model.state_dict()))
+    assert torch.equal(model.state_dict()[first], tiny_model.state_dict()[first])
+
+
+def test_load_scan_gives_ras_volume(scan):
+    session = H.load_scan(scan)
+    assert session.volume.shape == (12, 40, 48) and session.spacing == (5.0, 3.0, 2.5)
+    assert session.position == [6, 20, 24] and session.mask is None
+    assert session.volume[5, 20, 20] > -100  # HU kept
+
+
+@pytest.mark.parametrize("content, name, match", [
+    (b"not an image at all", "bad.nii.gz", "NIfTI image"),
+    (b"hello", "notes.txt", "not a NIfTI file name"),
+])
+def test_load_scan_rejects_bad_files(tmp_path, content, name, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        H.load_scan(path)
+    with pytest.raises(ValueError, match="no file"):
+        H.load_scan(None)
+
+
+def test_load_scan_rejects_4d(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.int16), np.eye(4)), tmp_path / "series.nii.gz")
+    with pytest.raises(ValueError, match="3-D"):
+        H.load_scan(tmp_path / "series.nii.gz")
+
+
+def test_slider_and_click_move_the_crosshair(scan):
+    session = H.load_scan(scan)
+    H.set_slice(session, "axial", 99)
+    assert session.position[0] == 11  # clamped to the last slice
+    axial = H.render(session, "axial", H.Display())
+    h, w = axial.shape[:2]
+    H.click(session, "axial", col=0, row=h - 1)  # image's left = patient's right = last x; bottom = posterior
+    assert session.position == [11, 0, 47]
+    coronal = H.render(session, "coronal", H.Display(preset="custom", width=100, level=0))
+    H.click(session, "coronal", col=coronal.shape[1] - 1, row=0)  # top = superior slice, right = patient's left
+    assert session.position == [11, 0, 0]
+    assert "HU" in H.position_text(session)
+
+
+def test_segment_scan_writes_aligned_mask_and_csv(scan, tiny_model, tmp_path):
+    calls = []
+    session, mask_path, csv_path = H.segment_scan(scan, tiny_model, tmp_path / "cache", overlap=0.25,
+                                                  progress=lambda f, m: calls.append(f))
+    assert calls and max(calls) <= 1.0
+    written = nib.load(mask_path)
+    source = nib.load(scan)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert np.array_equal(np.asarray(written.dataobj), session.mask.transpose(2, 1, 0))  # RAS source: (x, y, z)
+    assert sorted(p.name for p in Path(mask_path).parent.iterdir()) == sorted(
+        [Path(mask_path).name, Path(csv_path).name])  # nothing else left behind
+    header = Path(csv_path).read_text().splitlines()[0]
+    assert "volume_ml" in header and "mean_hu" in header
+    rows = H.statistics_rows(session.statistics)
+    assert sum(r[3] for r in rows) == int((session.mask > 0).sum())
+    names = H.organ_choices(session)
+    assert all(n in H.legend_html(session) for n in names)
+    assert [r[1] for r in rows] == names
+    only_first = H.render(session, "axial", H.Display(visible=names[:1], opacity=1.0))
+    assert only_first.shape[2] == 3
+    H.delete_session_files(session)
+    assert not Path(mask_path).exists() and not Path(mask_path).parent.exists()
+
+
+def test_segment_scan_rejects_bad_overlap(scan, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="overlap"):
+        H.segment_scan(scan, tiny_model, tmp_path, overlap=1.0)
+
+
+def test_statistics_rows_skip_empty_and_round():
+    rows = H.statistics_rows([{"label": 6, "name": "liver", "voxels": 10, "volume_ml": 1.23456, "mean_hu": 55.55},
+                              {"label": 1, "name": "spleen", "voxels": 0, "volume_ml": 0.0, "mean_hu": float("nan")}])
+    assert rows == [[6, "liver", 1.23, 10, 55.5]] or rows == [[6, "liver", 1.23, 10, 55.6]]
+
+
+def test_attention_view_on_the_tiny_model(scan, tiny_model):
+    session = H.load_scan(scan)
+    blocks = va.attention_blocks(tiny_model)
+    assert blocks[0] == "unetr_pp_encoder.stages.0.0" and len(blocks) == 7
+    view = va.compute_attention(tiny_model, session.volume, session.spacing, session.position, blocks[1], head=None)
+    cfg = tiny_model.config
+    assert view.window_hu.shape == view.heat.shape == cfg.patch_size
+    assert view.grid == cfg.stage_grid(1)
+    heads, d, d2 = view.channel.shape
+    assert heads == cfg.num_heads and d == d2 == cfg.dims[1] // cfg.num_heads
+    assert np.allclose(view.channel.sum(-1), 1.0, atol=1e-4)  # softmax rows
+    # The window is centred on the query voxel and resampled to the model spacing.
+    z, y, x = session.position
+    assert view.window_hu[view.query] == pytest.approx(session.volume[z, y, x], abs=1e-3)
+    for v in ("axial", "coronal", "sagittal"):
+        assert va.render_attention(view, v).ndim == 3
+    # A click on the window's centre pixel points back at the query voxel.
+    image = va.render_attention(view, "axial")
+    centre = va.window_click_to_voxel(view, "axial", image.shape[1] / 2, image.shape[0] / 2, session.position,
+                                      session.spacing, session.volume.shape)
+    assert all(abs(a - b) <= 1 for a, b in zip(centre, session.position))
+    assert "stage 1" in va.block_label(blocks[1], view.grid)
+    with pytest.raises(ValueError, match="valid names"):
+        va.compute_attention(tiny_model, session.volume, session.spacing, session.position, "nope")
+    with pytest.raises(ValueError, match="head"):
+        va.compute_attention(tiny_model, session.volume, session.spacing, session.position, head=9)
+    assert len(va.channel_figure(view.channel).data) == heads
+
+
+def test_attention_outputs_and_click_recentre(scan, tiny_model):
+    session = H.load_scan(scan)
+    with pytest.raises(ValueError, match="Show attention"):
+        H.attention_click(session, "axial", 0, 0)
+    blocks, heads = H.attention_choices(tiny_model)
+    assert [v for _, v in blocks] == list(range(7)) and heads[0] == ("mean of heads", 0) and len(heads) == 5
+    start = list(session.position)
+    *images, figure, caption = H.attention_outputs(tiny_model, session, 2, 1, (400.0, 40.0))
+    assert len(images) == 3 and "head 1" in caption and str(tuple(start)) in caption
+    H.attention_click(session, "axial", 0, 0)  # top-left of the window: anterior (+y) and patient's right (+x)
+    assert session.position[0] == start[0]
+    assert session.position[1] > start[1] and session.position[2] > start[2]
+    with pytest.raises(ValueError, match="block"):
+        H.attention_outputs(tiny_model, session, 99, 0, (400.0, 40.0))

@@ -1,0 +1,135 @@
+"""The viewer in a real browser: Playwright drives headless Chromium (Debian package `chromium`)
+against the app launched in-process. Screenshots go to tests/artifacts/ (gitignored).
+
+Outside CI the test skips when no Chromium is found; under CI (CI=true) it must run.
+"""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+
+from unetrpp import create_model
+
+EXAMPLE_CT = Path(__file__).parent / "fixtures" / "example_ct_sm.nii.gz"  # real CT (see fixtures/README.md)
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+if CHROMIUM is None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("CI=true but no chromium found: apt-get install -y chromium", pytrace=False)
+    pytest.skip("no Chromium found (apt-get install -y chromium); the browser test is skipped outside CI",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_cache")))
+    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import app
+
+    torch.manual_seed(0)
+    demo = app.build_demo(net=create_model("unetrpp_tiny"))
+    demo.queue(**app.QUEUE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1600, "height": 1200}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(url)
+        yield pg
+        browser.close()
+
+
+def image_src(page, view: str) -> str:
+    return page.locator(f"#view-{view} img").first.get_attribute("src") or ""
+
+
+def changed(page, view: str, before: str) -> None:
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src && i.src !== old; }",
+        arg=[f"#view-{view} img", before], timeout=30_000)
+
+
+def test_viewer_end_to_end(page, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.get_by_text("Not a medical device").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "00_start.png"), full_page=True)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(EXAMPLE_CT))
+    # The scan shows, segmentation runs, then the legend lists organ names.
+    page.locator("#legend .legend-item").first.wait_for(timeout=120_000)
+    page.locator("#view-axial img").first.wait_for()
+    legend = page.locator("#legend").inner_text()
+    assert any(name in legend for name in ("liver", "spleen", "kidney", "stomach", "aorta", "pancreas"))
+    assert page.locator("#stats-table").get_by_text("mean HU").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "01_segmented.png"), full_page=True)
+
+    # Move the axial slider: only the axial image is re-rendered.
+    before = image_src(page, "axial")
+    page.locator("#slider-axial input[type=range]").fill("3")
+    changed(page, "axial", before)
+    # Switch the window preset: all views re-render.
+    before = image_src(page, "coronal")
+    page.locator("#window-preset").get_by_text("lung", exact=True).click()
+    changed(page, "coronal", before)
+    page.screenshot(path=str(ARTIFACTS / "02_slider_and_lung_window.png"), full_page=True)
+    # Clicking the axial view moves the crosshair: the coronal and sagittal sliders follow.
+    before = page.locator("#position").inner_text()
+    box = page.locator("#view-axial img").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.7)
+    page.wait_for_function("old => document.querySelector('#position').innerText !== old", arg=before)
+    assert page.locator("#position").inner_text() != before
+
+    # Download the mask; it opens on the upload's grid.
+    with page.expect_download() as info:
+        page.locator("#mask-file a").first.click()
+    saved = tmp_path / "downloaded_mask.nii.gz"
+    info.value.save_as(saved)
+    assert nib.load(saved).shape == nib.load(EXAMPLE_CT).shape
+
+    # The attention tab: EPA spatial attention of the crosshair voxel and the channel matrices.
+    page.get_by_role("tab", name="Attention").click()
+    page.locator("#attention-btn").click()
+    page.locator("#attention-axial img").first.wait_for(timeout=60_000)
+    page.get_by_text("Query voxel").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "03_attention.png"), full_page=True)
+    page.get_by_role("tab", name="3D surfaces").click()
+    page.locator("#surface .js-plotly-plot").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "04_surfaces.png"), full_page=True)
+    page.get_by_role("tab", name="Slices").click()
+
+    # A broken upload shows a readable error, and the page keeps working: the phantom example loads.
+    bad = tmp_path / "broken_scan.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI image")
+    page.locator("#scan-upload button[aria-label='Clear']").first.click()
+    page.locator("#scan-upload input[type=file]").set_input_files(str(bad))
+    page.get_by_text("not a NIfTI image").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "05_bad_file_error.png"), full_page=True)
+    page.get_by_text("example_ct_sm.nii.gz", exact=True).first.click()  # a bundled example
+    page.locator("#status").get_by_text("Segmented").wait_for(timeout=120_000)
+    page.locator("#legend .legend-item").first.wait_for(timeout=30_000)
+    page.locator("#view-sagittal img").first.wait_for()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "06_still_usable.png"), full_page=True)

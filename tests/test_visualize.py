@@ -1,0 +1,177 @@
+"""Slice rendering (unetrpp.visualize) and organ surfaces (unetrpp.visualize_3d) on tiny synthetic arrays."""
+
+import numpy as np
+import pytest
+
+from unetrpp import visualize as vis
+from unetrpp.labels import BTCV_CLASS_NAMES, BTCV_COLORS
+from unetrpp.visualize_3d import organ_meshes, surface_figure, surface_step
+
+NAMES = ("background",) + BTCV_CLASS_NAMES
+
+
+def test_window_maps_edges_to_black_and_white():
+    out = vis.apply_window(np.array([-1000.0, 40 - 200, 40, 40 + 200, 3000]), 400, 40)
+    assert out.tolist()[0] == 0 and out.tolist()[1] == 0 and out.tolist()[3] == 255 and out.tolist()[4] == 255
+    assert 126 <= out[2] <= 128
+    with pytest.raises(ValueError, match="width"):
+        vis.apply_window(np.zeros(3), 0, 40)
+
+
+def test_window_presets_and_custom():
+    assert vis.window_preset("lung") == (1500.0, -600.0)
+    assert vis.window_preset("custom", 80, 20) == (80.0, 20.0)
+    with pytest.raises(ValueError, match="abdomen"):
+        vis.window_preset("brain")
+
+
+@pytest.mark.parametrize("orientation, right_x, anterior_y, superior_z",
+                         [("RAS", -1, -1, -1), ("LPS", 0, 0, -1), ("LAI", 0, -1, 0)])
+def test_radiological_convention(orientation, right_x, anterior_y, superior_z):
+    """Patient's right on the image's left, anterior up (axial) / left (sagittal), superior up."""
+    vol = np.zeros((5, 7, 7), np.float32)
+    vol[2, 3, right_x] = 1  # the patient's rightmost column
+    vol[2, anterior_y, 3] = 2  # the most anterior row
+    vol[superior_z, 3, 3] = 3  # the top slice
+    axial = vis.slice_2d(vol, "axial", 2, orientation)
+    assert axial.shape == (7, 7)
+    assert axial[:, 0].max() == 1 and axial[0, :].max() == 2
+    coronal = vis.slice_2d(vol, "coronal", 3, orientation)
+    assert coronal[2, 0] == 1 and coronal[0, 3] == 3
+    sagittal = vis.slice_2d(vol, "sagittal", 3, orientation)
+    assert sagittal[2, 0] == 2 and sagittal[0, 3] == 3
+
+
+def test_slice_rejects_bad_view_index_and_orientation():
+    vol = np.zeros((4, 5, 6))
+    with pytest.raises(ValueError, match="axial"):
+        vis.slice_2d(vol, "oblique", 0)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        vis.slice_2d(vol, "axial", 4)
+    with pytest.raises(ValueError, match="RAS"):
+        vis.slice_2d(vol, "axial", 0, "ASR")
+
+
+def test_display_shape_has_square_millimetre_pixels():
+    h, w = vis.display_shape((10, 40), (3.0, 0.75), min_side=40)
+    assert (h, w) == (40, 40)  # 30 mm x 30 mm
+    h, w = vis.display_shape((512, 512), (0.7, 0.7))
+    assert (h, w) == (512, 512)  # native size kept
+    h, w = vis.display_shape((30, 100), (3.0, 3.0), min_side=300)
+    assert w == 300 and h == 90
+
+
+def test_resizes():
+    labels = np.array([[0, 1], [2, 3]], np.uint8)
+    big = vis.resize_nearest(labels, (4, 6))
+    assert big.shape == (4, 6) and set(np.unique(big)) == {0, 1, 2, 3} and big[0, 0] == 0 and big[3, 5] == 3
+    ramp = vis.resize_linear(np.array([[0.0, 10.0]]), (1, 4))
+    assert np.all(np.diff(ramp[0]) > 0) and ramp[0, 0] == 0 and ramp[0, -1] == 10
+
+
+@pytest.mark.parametrize("view", vis.VIEWS)
+def test_click_maps_back_to_the_voxel(view):
+    shape, spacing = (7, 9, 11), (3.0, 1.0, 0.5)
+    rng = np.random.default_rng(0)
+    axis = vis.VIEW_AXIS[view]
+    plane = [n for a, n in enumerate(shape) if a != axis]
+    size = vis.display_shape(plane, vis.view_spacing(spacing, view))
+    for _ in range(20):
+        pos = tuple(int(rng.integers(0, n)) for n in shape)
+        row, col = vis.voxel_to_display(view, pos, shape, size)
+        start = tuple(0 if a != axis else pos[a] for a in range(3))
+        assert vis.display_to_voxel(view, row, col, start, shape, size) == pos
+
+
+def test_blend_labels_opacity_visibility_and_contours():
+    gray = np.full((12, 12), 100, np.uint8)
+    labels = np.zeros((12, 12), np.uint8)
+    labels[2:10, 2:10] = 6
+    assert np.array_equal(vis.blend_labels(gray, labels, opacity=0.0)[..., 0], gray)
+    full = vis.blend_labels(gray, labels, opacity=1.0)
+    assert tuple(full[5, 5]) == BTCV_COLORS[6] and tuple(full[0, 0]) == (100, 100, 100)
+    hidden = vis.blend_labels(gray, labels, opacity=1.0, visible=[1])
+    assert tuple(hidden[5, 5]) == (100, 100, 100)
+    contour = vis.blend_labels(gray, labels, opacity=0.5, contour_only=True)
+    assert tuple(contour[5, 5]) == (100, 100, 100)  # inside stays grey
+    assert tuple(contour[2, 5]) == BTCV_COLORS[6]  # the outline is drawn opaque
+    with pytest.raises(ValueError, match="opacity"):
+        vis.blend_labels(gray, labels, opacity=1.5)
+
+
+def test_render_view_draws_mask_and_crosshair():
+    vol = np.zeros((8, 32, 32), np.float32)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[:, :, 16:] = 1  # x >= 16: the patient's right half in RAS, drawn on the image's left
+    img = vis.render_view(vol, "axial", (4, 5, 5), (2.0, 1.0, 1.0), mask=mask, opacity=1.0, min_side=64,
+                          crosshair=False)
+    assert img.shape == (64, 64, 3)
+    assert tuple(img[32, 2]) == BTCV_COLORS[1] and tuple(img[32, 60]) != BTCV_COLORS[1]
+    with_cross = vis.render_view(vol, "axial", (4, 5, 5), (2.0, 1.0, 1.0), min_side=64)
+    row, col = vis.voxel_to_display("axial", (4, 5, 5), vol.shape, (64, 64))
+    assert tuple(with_cross[int(row), 0]) != tuple(with_cross[0, 0]) == (102, 102, 102)  # 0 HU in W400/L40
+    views = vis.orthogonal_views(vol, spacing=(2.0, 1.0, 1.0))
+    assert set(views) == set(vis.VIEWS) and views["coronal"].shape[0] * 2 == views["coronal"].shape[1]
+
+
+def test_legend_entries_and_heatmap():
+    entries = vis.legend_entries(NAMES, labels_present=[0, 6, 1])
+    assert [e[:2] for e in entries] == [(1, "spleen"), (6, "liver")]
+    assert entries[1][2] == "#%02x%02x%02x" % BTCV_COLORS[6]
+    gray = np.full((4, 4), 50, np.uint8)
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 1.0
+    out = vis.heatmap_overlay(gray, heat)
+    assert tuple(out[3, 3]) == (50, 50, 50) and tuple(out[0, 0]) != (50, 50, 50)
+
+
+def test_organ_meshes_in_mm_and_colours():
+    mask = np.zeros((10, 20, 30), np.uint8)
+    mask[2:6, 5:15, 10:20] = 6  # liver block: z 2..5, y 5..14, x 10..19
+    mask[7:9, 2:4, 2:4] = 1
+    spacing = (3.0, 1.0, 0.5)
+    meshes = organ_meshes(mask, spacing, NAMES)
+    assert [m.name for m in meshes] == ["spleen", "liver"]
+    liver = meshes[1]
+    lo, hi = liver.vertices.min(0), liver.vertices.max(0)  # (x, y, z) mm
+    assert np.allclose(lo, [9.5 * 0.5, 4.5, 1.5 * 3], atol=0.3)  # half a voxel outside the first voxel centre
+    assert np.allclose(hi, [19.5 * 0.5, 14.5, 5.5 * 3], atol=0.3)
+    assert liver.color == "#%02x%02x%02x" % BTCV_COLORS[6] and liver.faces.max() < len(liver.vertices)
+    fig = surface_figure(mask, spacing, NAMES)
+    assert [t.name for t in fig.data] == ["spleen", "liver"]
+
+
+def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():
+    assert surface_step((10, 10, 10), (1, 1, 1), 1000) == (1, 1, 1)
+    shape = (200, 512, 512)
+    step = surface_step(shape, (3.0, 0.7, 0.7), 300_000)
+    assert np.prod([np.ceil(n / s) for n, s in zip(shape, step)]) <= 300_000
+    assert step[1] == step[2] > step[0] >= 1  # thin the fine in-plane axes first
+    with pytest.raises(ValueError, match="max_voxels"):
+        surface_step((4, 4, 4), (1, 1, 1), 0)
+
+
+def test_one_512_slice_renders_fast():
+    """A slider move re-renders one slice: it must feel live on a 512 x 512 CT slice."""
+    import time
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 300, size=(3, 512, 512)).astype(np.float32)
+    mask = rng.integers(0, 14, size=vol.shape).astype(np.uint8)
+    vis.render_view(vol, "axial", (1, 256, 256), (3.0, 0.7, 0.7), mask=mask)  # warm-up
+    start = time.perf_counter()
+    img = vis.render_view(vol, "axial", (1, 256, 256), (3.0, 0.7, 0.7), mask=mask, contour_only=True)
+    assert img.shape == (512, 512, 3)
+    assert time.perf_counter() - start < 0.5  # about 10 ms on one idle core
+
+
+def test_plot_views_for_notebooks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    vol = np.zeros((6, 20, 30), np.float32)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[2:4, 5:10, 5:10] = 6
+    fig = vis.plot_views(vol, (3.0, 1.0, 1.0), mask, class_names=NAMES, title="SYNTHETIC")
+    assert [ax.get_title() for ax in fig.axes] == list(vis.VIEWS)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver"]

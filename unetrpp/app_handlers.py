@@ -1,0 +1,359 @@
+"""What the viewer (app.py) does, without gradio: choosing and loading weights, reading an upload,
+running segmentation, rendering the views of one session, and the tables and files it offers.
+
+Every function here is plain Python on numpy arrays, so tests call it directly and app.py stays a
+layout with thin wrappers. Errors are ValueError / FileNotFoundError with one-line messages that
+app.py shows in the page.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import visualize as vis
+
+logger = logging.getLogger(__name__)
+
+NOT_A_DEVICE = ("**Not a medical device.** For research and teaching only; never use these masks for "
+                "diagnosis or treatment.")
+SYNTHETIC_NOTICE = ("These weights were trained on **synthetic phantoms** (teaching weights): expect "
+                    "rough masks on real scans. For real CT, convert the released UNETR++ synapse weights "
+                    "(`python -m unetrpp convert`) into `weights/unetrpp_synapse/` and restart, or pass "
+                    "`--weights`.")
+UNTRAINED_NOTICE = ("**UNTRAINED MODEL: random weights.** No weights were found (`--weights`, `UNETRPP_WEIGHTS`, "
+                    "`weights/`), so the masks below are noise. Train the teaching weights or convert the "
+                    "released synapse weights into `weights/`.")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+# ---- weights --------------------------------------------------------------------------------------
+def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "weights") -> tuple[str | None, str]:
+    """Which weights the viewer loads, and the notice to show: (spec or None for random init, markdown).
+
+    Order: `spec` (from --weights / UNETRPP_WEIGHTS), else the best folder in `weights_dir` (real
+    weights such as unetrpp_synapse before anything trained on phantoms), else random init.
+    """
+    if spec:
+        synthetic = "phantom" in str(spec).lower()
+        return str(spec), (SYNTHETIC_NOTICE if synthetic else f"Weights: `{spec}`.")
+    root = Path(weights_dir)
+    folders = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+    real = [p for p in folders if "phantom" not in p.name.lower()]
+    real.sort(key=lambda p: (p.name != "unetrpp_synapse", p.name))
+    if real:
+        return str(real[0]), f"Weights: `{real[0]}`."
+    phantom = [p for p in folders if "phantom" in p.name.lower()]
+    if phantom:
+        return str(phantom[0]), SYNTHETIC_NOTICE
+    return None, UNTRAINED_NOTICE
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelHolder:
+    """Loads the model once, on first use (so the page starts without waiting), thread-safely."""
+
+    def __init__(self, spec: str | None, notice: str, device: str | None = None, model=None) -> None:
+        self.spec, self.notice = spec, notice
+        self.device = device or pick_device()
+        self._model = None if model is None else model.eval().to(self.device)
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._model is None:
+                if self.spec is None:
+                    from .model import create_model
+
+                    logger.warning("no weights found: using a randomly initialised unetrpp_tiny (UNTRAINED)")
+                    self._model = create_model("unetrpp_tiny").eval().to(self.device)
+                else:
+                    from .pretrained import load_pretrained
+
+                    self._model = load_pretrained(self.spec, device=self.device)
+            return self._model
+
+
+# ---- one viewing session --------------------------------------------------------------------------
+@dataclass
+class Session:
+    """A scan being viewed: HU volume (Z, Y, X) in RAS, its spacing (z, y, x) mm, and results so far."""
+
+    volume: np.ndarray
+    spacing: tuple[float, float, float]
+    name: str
+    path: str
+    position: list[int] = field(default_factory=list)  # crosshair voxel (z, y, x)
+    mask: np.ndarray | None = None  # (Z, Y, X) uint8 labels
+    class_names: tuple[str, ...] = ()
+    statistics: list[dict] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # result files written for this session
+    warnings: list[str] = field(default_factory=list)  # from the inference (e.g. "does not look like CT")
+    orientation: str = "RAS"  # of the (Z, Y, X) arrays
+    summary: str = ""  # one line about the segmentation run
+    attention: Any = None  # the last visualize_attention.AttentionView shown, and its centre voxel
+
+    def __post_init__(self) -> None:
+        if not self.position:
+            self.position = [n // 2 for n in self.volume.shape]
+
+
+@dataclass
+class Display:
+    """How the views are drawn: window (preset or custom W/L in HU), overlay opacity, shown organs."""
+
+    preset: str = "abdomen"
+    width: float = 400.0
+    level: float = 40.0
+    opacity: float = 0.5
+    visible: Sequence[str] | None = None  # organ names to draw; None draws all
+    contour_only: bool = False
+
+    def window(self) -> tuple[float, float]:
+        return vis.window_preset(self.preset, self.width, self.level)
+
+
+def _check_nifti_path(path: str | os.PathLike | None) -> Path:
+    if not path:
+        raise ValueError("no file given: upload a CT volume as .nii or .nii.gz")
+    p = Path(path)
+    if not p.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{p.name}: not a NIfTI file name; upload a .nii or .nii.gz CT volume")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file; upload the scan again")
+    return p
+
+
+def load_scan(path: str | os.PathLike | None) -> Session:
+    """Read an uploaded NIfTI into a Session in RAS, so the scan shows before segmentation."""
+    from . import io
+
+    p = _check_nifti_path(path)
+    try:
+        volume = io.load(p, "RAS")
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # nibabel raises several types for corrupt or non-NIfTI files
+        raise ValueError(f"{p.name}: not a readable NIfTI image ({type(exc).__name__}: {exc}); "
+                         "upload a .nii or .nii.gz CT volume") from exc
+    array = volume.array
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise ValueError(f"{p.name}: image of shape {array.shape}; need a 3-D volume (one CT scan)")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{p.name}: the image holds NaN or infinite values; upload a CT in HU")
+    return Session(np.asarray(array, dtype=np.float32), tuple(volume.spacing), p.name, str(p))
+
+
+def describe(session: Session) -> str:
+    """One line about the scan: voxels and spacing, (z, y, x) order."""
+    z, y, x = session.volume.shape
+    return f"{z} x {y} x {x} voxels (z, y, x), spacing {' x '.join(f'{s:g}' for s in session.spacing)} mm"
+
+
+def visible_labels(session: Session, display: Display) -> list[int] | None:
+    if display.visible is None:
+        return None
+    wanted = set(display.visible)
+    return [k for k, name in enumerate(session.class_names) if k > 0 and name in wanted]
+
+
+def render(session: Session, view: str, display: Display) -> np.ndarray:
+    """One view through the session's crosshair -> RGB (H, W, 3) uint8. Only this slice is computed."""
+    return vis.render_view(session.volume, view, session.position, session.spacing, display.window(),
+                           mask=session.mask, opacity=display.opacity, visible=visible_labels(session, display),
+                           contour_only=display.contour_only, orientation=session.orientation)
+
+
+def render_all(session: Session, display: Display) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The axial, coronal and sagittal views."""
+    return tuple(render(session, view, display) for view in vis.VIEWS)
+
+
+def set_slice(session: Session, view: str, index: int) -> Session:
+    """Move the crosshair along the view's own axis (a slider move); clamps to the volume."""
+    axis = vis.VIEW_AXIS[view]
+    session.position[axis] = int(np.clip(int(index), 0, session.volume.shape[axis] - 1))
+    return session
+
+
+def click(session: Session, view: str, col: float, row: float) -> Session:
+    """Move the crosshair to the voxel under display pixel (col, row) of `view` (what the click gives)."""
+    plane_shape = vis.slice_2d(session.volume, view, session.position[vis.VIEW_AXIS[view]], session.orientation).shape
+    size = vis.display_shape(plane_shape, vis.view_spacing(session.spacing, view))
+    session.position = list(vis.display_to_voxel(view, row, col, session.position, session.volume.shape, size,
+                                                 session.orientation))
+    return session
+
+
+def position_text(session: Session) -> str:
+    z, y, x = session.position
+    text = f"voxel (z, y, x) = ({z}, {y}, {x}) · {session.volume[z, y, x]:.0f} HU"
+    if session.mask is not None:
+        label = int(session.mask[z, y, x])
+        name = session.class_names[label] if label < len(session.class_names) else str(label)
+        text += f" · {name}"
+    return text
+
+
+# ---- segmentation and its outputs -----------------------------------------------------------------
+def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike, overlap: float = 0.5,
+                 tta: bool = False, device: str | None = None,
+                 progress: Callable[[float, str], None] | None = None,
+                 write_csv: bool = True) -> tuple[Session, str, str | None]:
+    """Segment the NIfTI at `path`: the session with its mask, and the paths of the mask (.nii.gz,
+    on the upload's exact grid) and statistics CSV (None unless `write_csv`) written in a fresh
+    folder under `out_dir`. Nothing else is written: the caller hands both files out (or deletes them)."""
+    from .inference import segment
+
+    p = _check_nifti_path(path)
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap={overlap}: must be in [0, 1), e.g. 0.5")
+    result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress)
+    folder = Path(out_dir) / f"unetrpp-{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True, exist_ok=False)
+    stem = p.name[: -len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.name[: -len(".nii")]
+    mask_path = folder / f"{stem}_unetrpp_mask.nii.gz"
+    csv_path = folder / f"{stem}_unetrpp_statistics.csv"
+    result.save(mask_path)
+    if write_csv:
+        result.statistics_csv(csv_path)
+    for extra in folder.iterdir():  # e.g. a label-name sidecar: only what the page offers may be written
+        if extra not in (mask_path, csv_path):
+            extra.unlink()
+    session = Session(np.asarray(result.volume.array, dtype=np.float32), tuple(result.volume.spacing), p.name, str(p),
+                      mask=np.asarray(result.mask, dtype=np.uint8), class_names=tuple(result.class_names),
+                      statistics=list(result.statistics), files=[str(f) for f in (mask_path, csv_path) if f.exists()],
+                      warnings=list(result.warnings), orientation=result.volume.orientation)
+    session.position = centre_of_mask(session.mask)
+    session.summary = (f"{len(organ_choices(session))} organs found, {getattr(result, 'windows', '?')} windows in "
+                       f"{getattr(result, 'seconds', 0.0):.1f} s on {getattr(result, 'device', device)}")
+    for w in session.warnings:
+        logger.warning("%s: %s", p.name, w)
+    return session, str(mask_path), str(csv_path) if write_csv else None
+
+
+def centre_of_mask(mask: np.ndarray) -> list[int]:
+    """A crosshair that lands on the organs: the centre of the foreground's bounding box (else the volume)."""
+    nz = np.argwhere(mask > 0)
+    if len(nz) == 0:
+        return [n // 2 for n in mask.shape]
+    return [int(v) for v in (nz.min(0) + nz.max(0)) // 2]
+
+
+STAT_COLUMNS = ["label", "organ", "volume (mL)", "voxels", "mean HU"]
+
+
+def statistics_rows(statistics: Sequence[dict]) -> list[list]:
+    """Rows for the per-organ table, in STAT_COLUMNS order; organs that were not found are left out."""
+    rows = []
+    for s in statistics:
+        if int(s.get("voxels", 0)) <= 0:
+            continue
+        mean = s.get("mean_hu")
+        rows.append([int(s["label"]), s["name"], round(float(s["volume_ml"]), 2), int(s["voxels"]),
+                     None if mean is None or not np.isfinite(mean) else round(float(mean), 1)])
+    return rows
+
+
+def legend_html(session: Session) -> str:
+    """Colour swatches with organ names for the labels present in the mask."""
+    if session.mask is None:
+        return "<p class='legend-empty'>Run the segmentation to see the organ legend.</p>"
+    present = np.unique(session.mask)
+    entries = vis.legend_entries(session.class_names, present)
+    if not entries:
+        return "<p class='legend-empty'>No organ found in this scan.</p>"
+    items = "".join(
+        f"<span class='legend-item' style='display:inline-flex;align-items:center;margin:2px 10px 2px 0'>"
+        f"<span style='width:14px;height:14px;border-radius:3px;background:{color};display:inline-block;"
+        f"margin-right:5px;border:1px solid #0004'></span>{html.escape(name)}</span>"
+        for _, name, color in entries)
+    return f"<div class='organ-legend'>{items}</div>"
+
+
+def organ_choices(session: Session) -> list[str]:
+    """Names of the organs present in the mask, for the show/hide checkboxes."""
+    if session.mask is None:
+        return []
+    present = set(np.unique(session.mask).tolist())
+    return [name for k, name in enumerate(session.class_names) if k > 0 and k in present]
+
+
+def write_statistics_csv(statistics: Sequence[dict], path: str | os.PathLike) -> Path:
+    """The per-organ table as CSV (used by tests and notebooks when no SegmentationResult is at hand)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(STAT_COLUMNS)
+        writer.writerows(statistics_rows(statistics))
+    return Path(path)
+
+
+def delete_session_files(session: Session | None) -> None:
+    """Remove the result files of a session (the State's delete callback)."""
+    for f in getattr(session, "files", []) or []:
+        try:
+            Path(f).unlink(missing_ok=True)
+            Path(f).parent.rmdir()
+        except OSError:
+            pass
+
+
+# ---- attention tab --------------------------------------------------------------------------------
+def attention_choices(model) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Dropdown choices (label, value): the model's EPA blocks by index, and heads (0 = mean of heads)."""
+    from . import visualize_attention as va
+
+    names = va.attention_blocks(model)
+    blocks = [(va.block_label(n, model.get_submodule(n).grid), i) for i, n in enumerate(names)]
+    heads = [("mean of heads", 0)] + [(f"head {h}", h) for h in range(1, model.config.num_heads + 1)]
+    return blocks, heads
+
+
+def attention_outputs(model, session: Session, block: int | None, head: int | None,
+                      window: tuple[float, float]) -> list:
+    """The attention tab for the crosshair voxel: three heat-map views (RGB), the channel-attention
+    figure and a caption. `block` indexes `attention_choices`; `head` 0/None is the mean of heads."""
+    from . import visualize_attention as va
+
+    names = va.attention_blocks(model)
+    if block is not None and not 0 <= int(block) < len(names):
+        raise ValueError(f"block={block}: must be in [0, {len(names) - 1}]")
+    name = names[int(block or 0)]
+    head_index = None if not head else int(head) - 1
+    view = va.compute_attention(model, session.volume, session.spacing, session.position, name, head_index,
+                                session.orientation)
+    session.attention = (view, tuple(session.position))
+    label = va.block_label(name, view.grid)
+    caption = (f"Query voxel (z, y, x) = {tuple(session.position)} at the centre of the "
+               f"{' x '.join(map(str, view.window_hu.shape))} window; {label}; "
+               f"{'mean of heads' if head_index is None else f'head {head_index + 1}'}.")
+    return [*(va.render_attention(view, v, window) for v in vis.VIEWS),
+            va.channel_figure(view.channel, f"channel attention, {label}"), caption]
+
+
+def attention_click(session: Session, view: str, col: float, row: float) -> Session:
+    """Move the crosshair to the voxel under a click on an attention view (of the last window shown)."""
+    from . import visualize_attention as va
+
+    if session.attention is None:
+        raise ValueError("no attention map shown yet: press 'Show attention at the crosshair' first")
+    att, centre = session.attention
+    session.position = list(va.window_click_to_voxel(att, view, col, row, centre, session.spacing,
+                                                     session.volume.shape))
+    return session
