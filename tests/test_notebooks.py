@@ -1,0 +1,42 @@
+"""The teaching notebooks run top to bottom in fast mode and draw their figures; each .ipynb is
+paired with a jupytext percent .py of the same cells."""
+
+import os
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def test_the_three_notebooks_exist():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_paired_with_its_percent_script(path):
+    script = jupytext.read(path.with_suffix(".py"))
+    notebook = nbformat.read(path, as_version=4)
+    assert [c.source.strip() for c in script.cells] == [c.source.strip() for c in notebook.cells], (
+        f"{path.name} and its .py differ: run `jupytext --sync {path.with_suffix('.py')}`")
+    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "strip outputs before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_fast_mode_and_draws_figures(path, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNETRPP_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("UNETRPP_NOTEBOOK_WORKDIR", str(tmp_path))  # where notebooks may write
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    ARTIFACTS.mkdir(exist_ok=True)
+    nbformat.write(nb, ARTIFACTS / path.name)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if {"image/png", "application/vnd.plotly.v1+json"} & set(o.get("data", {}))]
+    markdown = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert len(images) >= 3, f"{path.name} drew {len(images)} figures"
+    assert "Exercises" in markdown and "How long" in markdown
