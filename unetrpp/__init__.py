@@ -9,6 +9,7 @@ superior). Spacings and patch sizes are likewise (z, y, x). Only
 
 from .config import PRESETS, Preprocessing, UNETRPPConfig, get_config
 from .labels import BTCV_CLASS_NAMES, BTCV_COLORS, BTCV_LABELS
+from .inference import SegmentationResult, segment
 from .model import UNETRPP, create_model
 from .pretrained import load_original_checkpoint
 
@@ -23,4 +24,6 @@ __all__ = [
     "UNETRPP",
     "create_model",
     "load_original_checkpoint",
+    "segment",
+    "SegmentationResult",
 ]

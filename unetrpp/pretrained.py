@@ -6,6 +6,8 @@ This is the only module that knows about checkpoint formats, files and hubs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
@@ -139,11 +141,11 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: no config.json; a weights folder holds config.json + model.safetensors "
                              "(make one with `python -m unetrpp convert`)")
-        model = UNETRPP.from_pretrained(path)
+        model = _from_folder(path)
     elif path.is_file() and path.suffix == ".model":
         model = load_original_checkpoint(path)
     elif text in local_weights():
-        model = UNETRPP.from_pretrained(local_weights()[text])
+        model = _from_folder(local_weights()[text])
     elif text.count("/") == 1 and not path.exists():
         model = _from_hub(text)
     else:
@@ -152,6 +154,12 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     model.deep_supervision = False
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _from_folder(path: Path) -> UNETRPP:
+    # huggingface_hub prints "Loading weights from local directory" to stdout; keep the CLI's output clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return UNETRPP.from_pretrained(path)
 
 
 def _from_hub(repo_id: str) -> UNETRPP:

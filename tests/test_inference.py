@@ -1,0 +1,241 @@
+"""unetrpp.inference / preprocess / postprocess: grids, orientations, encodings, warnings, options.
+
+Networks are tiny, randomly initialised (torch.manual_seed(0)) and fixed: the tests check geometry and
+plumbing, not anatomy. Volumes are synthetic phantoms built here, plus the real CT fixture.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_io import write_nifti, write_scaled
+
+from unetrpp import Preprocessing, create_model, io
+from unetrpp.inference import count_windows, resolve_device, segment
+from unetrpp.postprocess import largest_component, organ_statistics
+from unetrpp.preprocess import normalize, prepare, resample
+
+ISO = np.diag([3.0, 3.0, 3.0, 1.0])
+ISO[:3, 3] = (-20.0, 10.0, 5.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two threads on a shared 2-core machine are slower than one for these tiny networks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(spacing=(2.0, 2.0, 2.0), **overrides):
+    """A fixed tiny UNETR++ (random weights, seed 0) with a 16x32x32 window: fast on CPU."""
+    torch.manual_seed(0)
+    return create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(spacing=spacing),
+                        **overrides)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def phantom_ras(shape=(10, 12, 14), seed=3) -> np.ndarray:
+    """Synthetic (X, Y, Z) CT-like volume (HU) with asymmetric blobs, so every flip shows. Not real data."""
+    rng = np.random.default_rng(seed)
+    data = np.full(shape, -1000.0, np.float32)
+    data[1:-1, 2:-1, 1:-2] = 30
+    data[2:5, 3:9, 2:6] = 250
+    data[6:9, 4:7, 8:12] = -200
+    return (data + rng.normal(0, 40, shape)).astype(np.float32)
+
+
+# ---- geometry --------------------------------------------------------------------------------------
+def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
+    source = fixtures / "example_ct_sm.nii.gz"
+    torch.manual_seed(0)
+    coarse = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)))
+    result = segment(source, model=coarse)
+    out = nib.load(str(result.save(tmp_path / "mask.nii.gz")))
+    src = nib.load(str(source))
+    assert out.shape == src.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(out.affine, src.affine)
+    assert result.mask.shape == result.volume.shape and result.warnings == []
+    np.testing.assert_array_equal(result.affine, src.affine)
+    assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
+
+
+def test_anisotropic_volume_smaller_than_the_window(tmp_path, model):
+    affine = np.diag([0.8, 0.8, 5.0, 1.0])
+    path = write_nifti(tmp_path / "thin.nii.gz", phantom_ras((20, 18, 3)), affine)
+    result = segment(path, model=model)
+    assert result.mask.shape == (3, 18, 20) and result.windows == 1
+    assert nib.load(str(result.save(tmp_path / "m.nii.gz"))).shape == (20, 18, 3)
+
+
+ORIENTATIONS = [(perm, flips) for perm in itertools.permutations(range(3))
+                for flips in itertools.product((1, -1), repeat=3)]  # all 48
+
+
+def _reoriented(data_ras: np.ndarray, perm, flips):
+    """The same world content stored with voxel axes permuted/flipped; returns data and affine."""
+    ornt = np.array([[p, f] for p, f in zip(perm, flips)], float)  # RAS voxel axis a -> new axis perm[a]
+    data = nib.orientations.apply_orientation(data_ras, ornt)
+    affine = ISO @ nib.orientations.inv_ornt_aff(ornt, data_ras.shape)
+    return data, affine
+
+
+def _world_to_ras_index(affine: np.ndarray, shape) -> tuple[np.ndarray, ...]:
+    """For each voxel of a grid with `affine`, the (i, j, k) index of the same point on the ISO grid."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    ras = np.rint((world - ISO[:3, 3]) @ np.linalg.inv(ISO[:3, :3]).T).astype(int)
+    return tuple(ras.T)
+
+
+def test_same_world_content_in_48_orientations_gives_the_same_world_mask(tmp_path, model):
+    data_ras = phantom_ras()
+    reference = segment(write_nifti(tmp_path / "ras.nii.gz", data_ras, ISO), model=model)
+    ref_ijk = io.to_source_grid(reference.mask, reference.volume)  # on the RAS file's (i, j, k) grid
+    assert len(np.unique(ref_ijk)) > 2  # a mask with structure, so a wrong flip would show
+    for n, (perm, flips) in enumerate(ORIENTATIONS):
+        data, affine = _reoriented(data_ras, perm, flips)
+        index = _world_to_ras_index(affine, data.shape)
+        np.testing.assert_array_equal(data.reshape(-1), data_ras[index])  # world content identical
+        path = write_nifti(tmp_path / f"o{n}.nii.gz", data, affine)
+        result = segment(path, model=model)
+        out = nib.load(str(result.save(tmp_path / f"m{n}.nii.gz")))
+        assert out.shape == data.shape
+        np.testing.assert_array_equal(out.affine, affine)
+        np.testing.assert_array_equal(np.asarray(out.dataobj).reshape(-1), ref_ijk[index], err_msg=str((perm, flips)))
+
+
+@pytest.mark.parametrize("encoding", ["int32", "float32", "float64", "scaled_int16"])
+def test_on_disk_encoding_changes_nothing(encoding, tmp_path, model):
+    hu = np.rint(phantom_ras() / 2) * 2  # even integers: exact in every encoding below
+    reference = segment(write_nifti(tmp_path / "int16.nii.gz", hu.astype(np.int16), ISO), model=model)
+    if encoding == "scaled_int16":
+        path = write_scaled(tmp_path / "s.nii.gz", ((hu + 1024) / 2).astype(np.int16), 2.0, -1024.0, ISO)
+    else:
+        path = write_nifti(tmp_path / f"{encoding}.nii.gz", hu.astype(encoding), ISO)
+    result = segment(path, model=model)
+    np.testing.assert_array_equal(result.mask, reference.mask)
+    assert result.statistics == reference.statistics
+
+
+# ---- warnings and refusals -------------------------------------------------------------------------
+def test_mri_input_runs_with_a_warning(fixtures):
+    result = segment(fixtures / "example_mr_sm.nii.gz", model=small_model(spacing=(6.0, 6.0, 6.0)))
+    assert result.mask.shape == result.volume.shape == (20, 91, 117)
+    assert any("do not look like CT" in w for w in result.warnings)
+
+
+def test_nan_voxels_are_reported_in_the_result(tmp_path, model):
+    data = phantom_ras()
+    data[0, 0, 0] = np.nan
+    result = segment(write_nifti(tmp_path / "nan.nii.gz", data, ISO), model=model)
+    assert any("non-finite" in w for w in result.warnings)
+
+
+def test_weights_for_four_channels_are_refused(tmp_path):
+    torch.manual_seed(0)
+    four = create_model("unetrpp_tiny", in_channels=4, dims=(16, 32, 64, 128))
+    with pytest.raises(ValueError, match="4 input channels"):
+        segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=four)
+
+
+def test_device_resolution(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None).type == "cuda"  # CUDA is chosen whenever present
+
+
+@pytest.mark.parametrize("kwargs, words", [({"overlap": 1.0}, "overlap"), ({"sw_batch_size": 0}, "sw_batch_size")])
+def test_bad_options_are_refused(kwargs, words, tmp_path, model):
+    with pytest.raises(ValueError, match=words):
+        segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model, **kwargs)
+
+
+def test_needs_model_or_weights(tmp_path):
+    with pytest.raises(ValueError, match="model= .* or weights="):
+        segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO))
+
+
+# ---- options ---------------------------------------------------------------------------------------
+def test_progress_tta_and_window_count(tmp_path, model):
+    calls, forwards = [], []
+    hook = model.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    try:
+        path = write_nifti(tmp_path / "long.nii.gz", phantom_ras((14, 14, 24)), ISO)  # z: 36 voxels at 2 mm
+        result = segment(path, model=model, tta=True, sw_batch_size=2, progress=lambda f, m: calls.append((f, m)))
+    finally:
+        hook.remove()
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert result.windows == count_windows((36, 21, 21), (16, 32, 32), 0.5) == 4
+    assert f"window {result.windows}/{result.windows}" in [m for _, m in calls]
+    assert sum(forwards) == 8 * result.windows  # 8 mirrorings per window
+
+
+def test_largest_component_keeps_one_blob_per_label():
+    mask = np.zeros((6, 10, 10), np.uint8)
+    mask[1:4, 1:5, 1:5] = 1
+    mask[5, 8, 8] = 1  # a stray voxel of label 1
+    mask[1:3, 6:9, 6:9] = 2
+    mask[5, 0, 9] = 2
+    cleaned = largest_component(mask)
+    assert (cleaned == 1).sum() == 3 * 4 * 4 and (cleaned == 2).sum() == 2 * 3 * 3
+    assert cleaned[5, 8, 8] == 0 and cleaned[5, 0, 9] == 0
+
+
+def test_segment_applies_largest_component(tmp_path, model):
+    path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
+    plain = segment(path, model=model)
+    cleaned = segment(path, model=model, largest_component=True)
+    np.testing.assert_array_equal(cleaned.mask, largest_component(plain.mask))
+
+
+def test_statistics_count_volume_and_mean_intensity(tmp_path):
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[0, :2, :3] = 2
+    hu = np.arange(mask.size, dtype=np.float32).reshape(mask.shape)
+    stats = organ_statistics(mask, hu, (2.0, 1.0, 0.5), ("background", "a", "b"))
+    assert stats == [{"label": 2, "name": "b", "voxels": 6, "volume_ml": 6 * 1.0 / 1000,
+                      "mean_hu": float(hu[mask == 2].mean())}]
+
+
+def test_statistics_csv(tmp_path, model):
+    result = segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model)
+    lines = result.statistics_csv(tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0] == "label,name,voxels,volume_ml,mean_hu" and len(lines) == len(result.statistics) + 1
+    assert sum(int(line.split(",")[2]) for line in lines[1:]) == int((result.mask > 0).sum())
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------
+def test_preprocessing_follows_the_config():
+    volume = io.Volume(np.linspace(-2000, 2000, 4 * 10 * 10, dtype=np.float32).reshape(4, 10, 10), (4.0, 1.0, 1.0),
+                       np.eye(4))
+    ct = Preprocessing(spacing=(2.0, 2.0, 2.0), clip=(-500.0, 500.0), mean=100.0, std=50.0)
+    prepared = prepare(volume, ct)
+    assert prepared.target_shape == (8, 5, 5)
+    assert prepared.image.min() == pytest.approx((-500 - 100) / 50) and prepared.image.max() == pytest.approx(8.0)
+    z = normalize(volume.array, Preprocessing(modality="MRI", normalization="zscore"))
+    assert abs(float(z.mean())) < 1e-5 and float(z.std()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_resampling_is_nearest_along_the_coarse_axis():
+    array = np.zeros((3, 8, 8), np.float32)
+    array[1] = 1.0
+    up = resample(array, (9, 8, 8), order=3, coarse_axis=0)
+    assert set(np.unique(up)) == {0.0, 1.0}  # no blending between slices 5 mm apart
+    smooth = resample(array, (9, 8, 8), order=1, coarse_axis=None)
+    assert len(np.unique(smooth)) > 2

@@ -1,0 +1,313 @@
+"""unetrpp.io: checked NIfTI reading (every kind of bad input), encodings, exact write-back.
+
+The bad files are built here (`BAD_CASES`) and reused by tests/test_predict_cli.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tracemalloc
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from unetrpp import io
+
+AFFINE = np.array([[0.0, 0.0, -2.0, 10.0], [0.0, 3.0, 0.0, -5.0], [1.5, 0.0, 0.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _phantom(shape=(10, 12, 14), seed=0) -> np.ndarray:
+    """Synthetic (i, j, k) int16 'CT': air around a soft-tissue box with a bright blob. Not real data."""
+    rng = np.random.default_rng(seed)
+    data = np.full(shape, -1000, np.int16)
+    data[2:-2, 2:-2, 2:-2] = 40
+    data[3:6, 4:8, 5:9] = 300
+    return (data + rng.integers(-20, 20, shape)).astype(np.int16)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE, cls=nib.Nifti1Image, **header) -> Path:
+    img = cls(data, affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 2)
+    for key, value in header.items():
+        img.header[key] = value
+    nib.save(img, str(path))
+    return path
+
+
+def write_scaled(path: Path, stored: np.ndarray, slope: float, inter: float, affine: np.ndarray = AFFINE) -> Path:
+    """A .nii.gz whose voxels are `stored` with scl_slope/scl_inter set (nibabel would rescale on save)."""
+    plain = write_nifti(path.with_name("plain.tmp.nii"), stored, affine)
+    raw = bytearray(plain.read_bytes())
+    plain.unlink()
+    raw[112:120] = np.array([slope, inter], "<f4").tobytes()  # scl_slope, scl_inter
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- bad inputs: name -> (builder(folder) -> path, words the one-line message must contain) ------
+def _png(d: Path) -> Path:
+    (d / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    return d / "photo.png"
+
+
+def _text(d: Path) -> Path:
+    (d / "notes.nii").write_text("patient 1: abdomen CT, see PACS\n" * 30)
+    return d / "notes.nii"
+
+
+def _dicom(d: Path) -> Path:
+    (d / "slice.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(600))
+    return d / "slice.dcm"
+
+
+def _empty(d: Path) -> Path:
+    (d / "empty.nii.gz").write_bytes(b"")
+    return d / "empty.nii.gz"
+
+
+def _truncated(d: Path) -> Path:
+    noisy = _phantom((30, 30, 30)).astype(np.float32) + np.random.default_rng(0).random((30, 30, 30), np.float32)
+    full = write_nifti(d / "full.tmp.nii.gz", noisy)  # noise: so the gzip stream is long enough to cut
+    data = full.read_bytes()
+    full.unlink()
+    (d / "truncated.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    return d / "truncated.nii.gz"
+
+
+def _truncated_plain(d: Path) -> Path:
+    full = write_nifti(d / "full.tmp.nii", _phantom())
+    data = full.read_bytes()
+    full.unlink()
+    (d / "short.nii").write_bytes(data[:700])
+    return d / "short.nii"
+
+
+def _gzip_garbage(d: Path) -> Path:
+    (d / "garbage.nii.gz").write_bytes(gzip.compress(np.random.default_rng(1).bytes(4000)))
+    return d / "garbage.nii.gz"
+
+
+def _two_d(d: Path) -> Path:
+    return write_nifti(d / "slice2d.nii.gz", np.zeros((16, 16), np.int16))
+
+
+def _four_d(d: Path) -> Path:
+    return write_nifti(d / "series4d.nii.gz", np.zeros((8, 8, 8, 3), np.int16))
+
+
+def _five_d(d: Path) -> Path:
+    return write_nifti(d / "vector5d.nii.gz", np.zeros((8, 8, 8, 1, 3), np.float32))
+
+
+def _zero_axis(d: Path) -> Path:
+    return write_nifti(d / "zero.nii.gz", np.zeros((8, 0, 8), np.int16))
+
+
+def _singular(d: Path) -> Path:
+    affine = AFFINE.copy()
+    affine[:3, 1] = affine[:3, 0]  # two voxel axes pointing the same way
+    return write_nifti(d / "singular.nii.gz", _phantom(), affine)
+
+
+def _zero_spacing(d: Path) -> Path:
+    img = nib.Nifti1Image(_phantom(), None)
+    img.header.set_zooms((1.0, 0.0, 1.0))
+    img.header.set_qform(None, 0)
+    img.header.set_sform(None, 0)
+    nib.save(img, str(d / "flat.nii.gz"))
+    return d / "flat.nii.gz"
+
+
+def _all_nan(d: Path) -> Path:
+    return write_nifti(d / "nan.nii.gz", np.full((8, 8, 8), np.nan, np.float32))
+
+
+def _huge(d: Path) -> Path:
+    """A valid small file whose header claims 30000^3 voxels (about 108 TB as float32)."""
+    path = write_nifti(d / "huge.nii", _phantom())
+    raw = bytearray(path.read_bytes())
+    raw[40:56] = np.array([3, 30000, 30000, 30000, 1, 1, 1, 1], "<i2").tobytes()  # dim[0..7]
+    path.write_bytes(bytes(raw))
+    return path
+
+
+BAD_CASES = {
+    "png": (_png, "PNG"),
+    "text": (_text, "text file"),
+    "dicom": (_dicom, "DICOM"),
+    "empty": (_empty, "empty"),
+    "truncated_gz": (_truncated, "truncated"),
+    "truncated_nii": (_truncated_plain, "truncated"),
+    "gzip_garbage": (_gzip_garbage, "not a NIfTI"),
+    "2d": (_two_d, "2-D"),
+    "4d": (_four_d, "4-D"),
+    "5d": (_five_d, "5-D"),
+    "zero_axis": (_zero_axis, "zero-length"),
+    "singular": (_singular, "singular"),
+    "zero_spacing": (_zero_spacing, "singular"),
+    "all_nan": (_all_nan, "NaN"),
+    "huge": (_huge, "MAX_VOXELS"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_refused_with_one_line_and_left_untouched(case, tmp_path):
+    build, words = BAD_CASES[case]
+    path = build(tmp_path)
+    before = sha(path)
+    tracemalloc.start()
+    with pytest.raises(ValueError) as info:
+        io.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    message = str(info.value)
+    assert words in message and "\n" not in message
+    assert str(path) in message  # says which file
+    assert peak < 50e6  # refused before allocating the claimed volume
+    assert sha(path) == before
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        io.load(tmp_path / "absent.nii.gz")
+
+
+def test_nifti_content_with_wrong_name_is_refused(tmp_path):
+    path = write_nifti(tmp_path / "scan.nii.gz", _phantom())
+    renamed = path.rename(tmp_path / "scan.nii")  # gzip data behind a .nii name
+    with pytest.raises(ValueError, match="rename it"):
+        io.load(renamed)
+
+
+def test_four_d_with_one_volume_is_squeezed_with_a_warning(tmp_path):
+    data = _phantom()
+    path = write_nifti(tmp_path / "one.nii.gz", data[..., None])
+    volume = io.load(path)
+    np.testing.assert_array_equal(volume.array, io.load(write_nifti(tmp_path / "three.nii.gz", data)).array)
+    assert any("4-D" in w for w in volume.warnings)
+
+
+def test_non_finite_voxels_are_replaced_by_the_minimum_and_reported(tmp_path):
+    data = _phantom().astype(np.float32)
+    data[1, 1, 1], data[2, 2, 2], data[3, 3, 3] = np.nan, np.inf, -np.inf
+    volume = io.load(write_nifti(tmp_path / "nan.nii.gz", data))
+    assert np.isfinite(volume.array).all()
+    finite_min = np.nanmin(np.where(np.isfinite(data), data, np.nan))
+    assert volume.array.min() == finite_min
+    assert (volume.array == finite_min).sum() == (data == finite_min).sum() + 3
+    assert any("3 non-finite" in w for w in volume.warnings)
+
+
+@pytest.mark.parametrize("encoding", ["int16", "int32", "float32", "float64", "scaled_int16", "nifti2", "plain_nii"])
+def test_on_disk_encoding_does_not_change_the_values(encoding, tmp_path):
+    hu = _phantom()
+    reference = io.load(write_nifti(tmp_path / "ref.nii.gz", hu))
+    name = "case.nii" if encoding == "plain_nii" else "case.nii.gz"
+    if encoding == "scaled_int16":
+        stored = ((hu.astype(np.int32) + 1024) // 2).astype(np.int16)  # HU = 2 * stored - 1024
+        hu_even = stored.astype(np.float64) * 2 - 1024
+        reference = io.load(write_nifti(tmp_path / "even.nii.gz", hu_even.astype(np.int16)))
+        write_scaled(tmp_path / name, stored, 2.0, -1024.0)
+        proxy = nib.load(str(tmp_path / name)).dataobj
+        assert (proxy.slope, proxy.inter, proxy.dtype) == (2.0, -1024.0, np.int16)
+    elif encoding == "nifti2":
+        write_nifti(tmp_path / name, hu, cls=nib.Nifti2Image)
+    else:
+        write_nifti(tmp_path / name, hu.astype(encoding if encoding != "plain_nii" else np.int16))
+    volume = io.load(tmp_path / name)
+    assert volume.array.dtype == np.float32
+    np.testing.assert_array_equal(volume.array, reference.array)
+    np.testing.assert_allclose(volume.affine, reference.affine)
+
+
+def test_load_reorients_to_the_requested_axes(tmp_path):
+    data = _phantom()
+    volume = io.load(write_nifti(tmp_path / "a.nii.gz", data), orientation="RAS")
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    assert volume.spacing == (1.5, 3.0, 2.0)  # (z, y, x): AFFINE maps i->S 1.5 mm, j->A 3 mm, k->L 2 mm
+    # every voxel keeps its world position: compare world coordinates of the maxima
+    src_world = AFFINE @ np.r_[np.unravel_index(np.argmax(data), data.shape), 1]
+    zyx = np.unravel_index(np.argmax(volume.array), volume.shape)
+    np.testing.assert_allclose(volume.affine @ np.r_[zyx[::-1], 1], src_world)
+
+
+def test_save_mask_keeps_grid_header_codes_and_records_labels(tmp_path):
+    data = _phantom()
+    path = write_nifti(tmp_path / "ct.nii", data)
+    path_hdr = nib.load(str(path)).header
+    volume = io.load(path)
+    mask = (volume.array > 100).astype(np.uint8) * 2 + (volume.array > 0)
+    out = io.save_mask(mask, volume, tmp_path / "mask.nii.gz", label_names=("background", "tissue", "bright"))
+    img = nib.load(str(out))
+    assert img.shape == data.shape and img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(img.affine, nib.load(str(path)).affine)
+    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "srow_x", "srow_y", "srow_z",
+                "pixdim", "xyzt_units"):
+        np.testing.assert_array_equal(img.header[key], path_hdr[key])
+    on_disk = np.asarray(img.dataobj)
+    np.testing.assert_array_equal(on_disk, (data > 100) * 2 + (data > 0))  # back on the (i, j, k) grid
+    side = json.loads((tmp_path / "mask.json").read_text())
+    assert [e["name"] for e in side["labels"]] == ["background", "tissue", "bright"]
+    (tmp_path / "mask.json").unlink()
+    assert io.read_label_names(out) == ("background", "tissue", "bright")  # from the NIfTI extension
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii", "mask.nii.gz"]  # no temporary files
+
+
+def test_a_written_mask_with_many_label_names_reads_back(tmp_path):
+    """The label-name extension can be longer than the header's 544 bytes; reading must not choke on it."""
+    volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
+    names = ("background",) + tuple(f"organ number {i}" for i in range(1, 14))
+    mask = (np.arange(volume.array.size).reshape(volume.shape) % 14).astype(np.uint8)
+    out = io.save_mask(mask, volume, tmp_path / "mask.nii.gz", label_names=names)
+    np.testing.assert_array_equal(io.load(out, dtype=np.uint8).array, mask)
+    assert io.read_label_names(out) == names
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
+    mask = np.zeros(volume.shape, np.uint8)
+
+    def full_disk(img, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.nib, "save", full_disk)
+    with pytest.raises(ValueError, match="No space left") as info:
+        io.save_mask(mask, volume, tmp_path / "mask.nii.gz", label_names=("a",))
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.parametrize("target, words", [("missing_dir/mask.nii.gz", "does not exist"),
+                                           ("ct.nii.gz/mask.nii.gz", "does not exist"),
+                                           ("mask.png", "must end with")])
+def test_unwritable_output_paths_are_refused(target, words, tmp_path):
+    source = write_nifti(tmp_path / "ct.nii.gz", _phantom())
+    before = sha(source)
+    volume = io.load(source)
+    with pytest.raises((ValueError, FileNotFoundError), match=words):
+        io.save_mask(np.zeros(volume.shape, np.uint8), volume, tmp_path / target)
+    assert sha(source) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc as an unwritable folder")
+def test_read_only_folder_is_refused(tmp_path):
+    volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
+    with pytest.raises(ValueError, match="writable"):
+        io.save_mask(np.zeros(volume.shape, np.uint8), volume, Path("/proc/mask.nii.gz"))
+
+
+def test_mask_must_match_the_volume_grid(tmp_path):
+    volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
+    with pytest.raises(ValueError, match="differs"):
+        io.save_mask(np.zeros((3, 3, 3), np.uint8), volume, tmp_path / "m.nii.gz")

@@ -1,0 +1,140 @@
+"""`python -m unetrpp predict`: folders with good and bad files, exit status, no partial output,
+inputs untouched, statistics CSV, torchrun sharding. Uses a tiny random network saved to tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_io import BAD_CASES, sha, write_nifti
+
+from unetrpp import Preprocessing, cli, create_model
+from unetrpp.cli.predict import distributed_share
+
+AFFINE = np.diag([-6.0, -6.0, 6.0, 1.0])  # LPS storage: exercises reorientation on the way in and out
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_only_predict(monkeypatch):
+    """One torch thread (faster on a shared 2-core machine); only this command in the dispatcher."""
+    monkeypatch.setattr(cli, "COMMANDS", {"predict": cli.COMMANDS["predict"]})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny random (seed 0) network at 6 mm, saved as a weights folder. Synthetic, not trained."""
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)))
+    folder = tmp_path_factory.mktemp("weights")
+    model.save_pretrained(folder)
+    return folder
+
+
+def ct_like(seed: int, shape=(20, 18, 12)) -> np.ndarray:
+    """A synthetic CT-like int16 volume (air, tissue, a bright block). Not real data."""
+    rng = np.random.default_rng(seed)
+    data = np.full(shape, -1000, np.int16)
+    data[2:-2, 3:-3, 2:-2] = 40
+    data[5:9, 6:10, 4:8] = 400
+    return (data + rng.integers(-30, 30, shape)).astype(np.int16)
+
+
+def predict(*args: str) -> int:
+    return cli.main(["predict", *map(str, args)])
+
+
+def test_folder_with_good_and_bad_files(tmp_path, weights, capsys, fixtures):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = [write_nifti(inputs / f"case{i}.nii.gz", ct_like(i), AFFINE) for i in range(2)]
+    good.append(shutil.copy(fixtures / "example_ct_sm.nii.gz", inputs / "real.nii.gz"))
+    bad = [build(inputs) for build, _ in BAD_CASES.values()]
+    hashes = {p.name: sha(p) for p in inputs.iterdir()}
+    out = tmp_path / "out"
+
+    status = predict(inputs, "-o", out, "--weights", weights, "--stats", tmp_path / "stats.csv")
+
+    assert status == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == len(bad)
+    for path in bad:
+        assert sum(str(path) in line for line in error_lines) == 1
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"case{i}.{ext}" for i in range(2) for ext in ("nii.gz", "json")] + ["real.nii.gz", "real.json"])
+    for source in good:
+        mask = nib.load(str(out / source.name))
+        image = nib.load(str(source))
+        assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(mask.affine, image.affine)
+    assert {p.name: sha(p) for p in inputs.iterdir()} == hashes  # inputs untouched
+    csv_lines = (tmp_path / "stats.csv").read_text().splitlines()
+    assert csv_lines[0] == "file,label,name,voxels,volume_ml,mean_hu"
+    assert {line.split(",")[0] for line in csv_lines[1:]} <= {str(p) for p in good}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_single_bad_file_exits_2_with_one_line_and_writes_nothing(case, tmp_path, weights, capsys):
+    build, words = BAD_CASES[case]
+    path = build(tmp_path)
+    before = sha(path)
+    status = predict(path, "-o", tmp_path / "out", "--weights", weights)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[0].startswith(f"error: {path}: ") and words in err[0]
+    assert not any((tmp_path / "out").iterdir())
+    assert sha(path) == before
+
+
+def test_single_file_to_a_named_output_with_options(tmp_path, weights, capsys):
+    source = write_nifti(tmp_path / "ct.nii", ct_like(5), AFFINE)
+    target = tmp_path / "mask.nii.gz"
+    status = predict(source, "-o", target, "--weights", weights, "--tta", "--largest-component", "--overlap", "0.25")
+    assert status == 0, capsys.readouterr().err
+    assert nib.load(str(target)).shape == ct_like(5).shape
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_mri_prints_a_warning(tmp_path, weights, capsys, fixtures):
+    status = predict(fixtures / "example_mr_sm.nii.gz", "-o", tmp_path, "--weights", weights)
+    err = capsys.readouterr().err
+    assert status == 0 and "warning:" in err and "do not look like CT" in err
+
+
+@pytest.mark.parametrize("args, words", [(["--device", "cuda:7"], "CUDA"), (["--overlap", "1.5"], "overlap"),
+                                         (["--weights", "no/such/weights"], "not found")])
+def test_bad_options_exit_2_without_output(args, words, tmp_path, weights, capsys):
+    if "cuda" in args[-1] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    full = ["--weights", str(weights), *args] if args[0] != "--weights" else args
+    status = predict(source, "-o", tmp_path / "out", *full)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and words in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unwritable_output_exits_2(tmp_path, weights, capsys):
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    status = predict(source, "-o", blocker / "out.nii.gz", "--weights", weights)
+    assert status == 2 and "error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "file"]
+
+
+def test_torchrun_ranks_share_the_files():
+    files = list(range(7))
+    shares = [distributed_share(files, {"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r)})[0] for r in range(3)]
+    assert sorted(sum(shares, [])) == files and shares[1] == [1, 4]
+    assert distributed_share(files, {})[0] == files
+    with pytest.raises(ValueError, match="RANK"):
+        distributed_share(files, {"RANK": "3", "WORLD_SIZE": "3"})

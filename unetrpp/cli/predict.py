@@ -1,0 +1,166 @@
+"""`python -m unetrpp predict INPUT... -o OUT --weights NAME_OR_DIR`: segment NIfTI files and folders.
+
+Each input file gives `OUT/<name>.nii.gz` (uint8 mask on the input's exact grid) and `OUT/<name>.json`
+(label names). A bad file is skipped with one `error:` line and the others are still written; the
+exit status is then 2. Under `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, LOCAL_RANK set) each
+rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; no process group is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files (.nii, .nii.gz) or folders of them")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (created if needed); for a single input file also a .nii.gz path")
+    parser.add_argument("--weights", required=True,
+                        help="weights: a name under weights/, a folder with config.json + model.safetensors, "
+                             "or a Hugging Face repo id")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes, slower)")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep only the largest connected component of each organ")
+    parser.add_argument("--stats", metavar="FILE", default=None,
+                        help="write per-organ statistics of all files to this CSV")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given, plus every non-hidden file inside given folders (sorted); missing paths kept.
+
+    Folder members that are not NIfTI are kept too, so that each is reported and skipped.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+        else:
+            files.append(path)
+    return files
+
+
+def output_paths(files: list[Path], output: Path) -> list[Path]:
+    """`output/<stem>.nii.gz` per file, or `output` itself for one file and a .nii/.nii.gz output."""
+    if len(files) == 1 and output.name.lower().endswith(NIFTI_SUFFIXES):
+        return [output]
+    return [output / f"{_stem(f)}.nii.gz" for f in files]
+
+
+def _line(kind: str, source: Path, text: str) -> str:
+    """`kind: FILE: text`, without repeating the file when the text already starts with it."""
+    return f"{kind}: {text}" if text.startswith(str(source)) else f"{kind}: {source}: {text}"
+
+
+def distributed_share(files: list, environ: dict | None = None) -> tuple[list, int, int, int]:
+    """(files[rank::world_size], rank, world_size, local_rank) from torchrun's environment variables."""
+    env = os.environ if environ is None else environ
+    try:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local = int(env.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise ValueError("RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE (launch with torchrun)")
+    return files[rank::world], rank, world, local
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..inference import resolve_device, segment
+    from ..postprocess import statistics_csv_text, write_text
+    from ..pretrained import load_pretrained
+
+    debug = getattr(args, "debug", False)
+    # Warnings reach the user once, as "warning: FILE: ..." lines below, not also through logging.
+    for name in ("unetrpp.io", "unetrpp.inference"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not 0.0 <= args.overlap < 1.0:
+        raise ValueError(f"--overlap {args.overlap}: must be in [0, 1); 0.5 is the usual choice")
+    if args.sw_batch_size < 1:
+        raise ValueError(f"--sw-batch-size {args.sw_batch_size}: must be a positive integer, e.g. 1 on CPU, 4 on a GPU")
+    files = collect_inputs(args.inputs)
+    if not files:
+        raise ValueError(f"no input files in {args.inputs}; give .nii/.nii.gz files or folders holding them")
+    output = Path(args.output)
+    targets = output_paths(files, output)
+    pairs, rank, world, local_rank = distributed_share(list(zip(files, targets)), None)
+    device = args.device
+    if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per rank
+    device = resolve_device(device)
+    if targets and targets[0].parent == output:
+        output.mkdir(parents=True, exist_ok=True)
+    model = load_pretrained(args.weights, device=device)
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+
+    failures, rows, seen = 0, [], set()
+    # disable=None: bars only on a terminal, so logs and pipes get plain lines
+    files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
+    for source, target in files_bar:
+        try:
+            if target.resolve() in seen or target.resolve() == source.resolve():
+                what = "another result" if target.resolve() in seen else "the input"
+                raise ValueError(f"output {target} would overwrite {what}; "
+                                 "choose another output folder or rename the input")
+            with tqdm(total=100, desc=f"{tag}{source.name}", leave=False, disable=None,
+                      bar_format="{l_bar}{bar}| {postfix}") as bar:
+                def progress(fraction: float, message: str) -> None:
+                    bar.n = round(100 * fraction)
+                    bar.set_postfix_str(message, refresh=True)
+
+                result = segment(source, model=model, device=device, overlap=args.overlap, tta=args.tta,
+                                 largest_component=args.largest_component, sw_batch_size=args.sw_batch_size,
+                                 progress=progress)
+            result.save(target)
+            seen.add(target.resolve())
+        except (ValueError, TypeError, OSError) as exc:
+            if debug:
+                raise
+            failures += 1
+            tqdm.write(_line("error", source, str(exc)), file=sys.stderr)
+            continue
+        except Exception as exc:  # an unexpected failure on one file must not lose the others
+            if debug:
+                raise
+            failures += 1
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            tqdm.write(_line("error", source, f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)"),
+                       file=sys.stderr)
+            continue
+        for warning in result.warnings:
+            tqdm.write(_line("warning", source, warning), file=sys.stderr)
+        organs = ", ".join(f"{s['name']} {s['volume_ml']:.0f} mL" for s in result.statistics) or "no organs found"
+        tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
+        rows.append((str(source), result.statistics))
+
+    if args.stats:
+        stats_path = Path(args.stats)
+        if world > 1:
+            stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
+        text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",))
+        write_text(stats_path, text)
+        tqdm.write(f"{tag}wrote {stats_path}")
+    if failures:
+        print(f"{tag}{failures} of {len(pairs)} file(s) failed", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,386 @@
+"""The only module that reads and writes NIfTI files (nibabel): checked loading, exact write-back.
+
+A `Volume` holds a voxel array in the package's axis order (Z, Y, X) after reorientation to a
+named orientation, its spacing (z, y, x) in mm, and what is needed to write a result back onto
+the exact grid, affine and header codes of the file it came from.
+
+Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, any integer or float
+data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed). Everything
+else is refused with a one-line `ValueError` before any voxel is read (see `check_image`).
+Non-finite voxels (NaN/Inf) are replaced by the minimum finite value, with a warning in
+`Volume.warnings`. Files are only ever opened for reading; outputs are written to a temporary file
+in the target folder and moved into place, so a failed write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+import math
+import os
+import tempfile
+import zlib
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from .labels import BTCV_COLORS, BTCV_LABELS
+
+logger = logging.getLogger(__name__)
+
+# Largest volume accepted: 2**29 voxels (2 GiB as float32; e.g. 512 x 512 x 2048). Checked from the
+# header, before any voxel is read, so a corrupt or hostile header cannot exhaust memory.
+MAX_VOXELS = 2**29
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_NIFTI1_MAGICS = (b"n+1\0",)
+_NIFTI2_MAGICS = (b"n+2\0",)
+_PAIR_MAGICS = (b"ni1\0", b"ni2\0")
+_HINT = "give a 3-D NIfTI image (.nii or .nii.gz)"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@dataclasses.dataclass
+class Volume:
+    """A 3-D image in (Z, Y, X) order; see the module docstring."""
+
+    array: np.ndarray  # (Z, Y, X)
+    spacing: tuple[float, float, float]  # mm along (z, y, x)
+    affine: np.ndarray  # 4x4 voxel (i, j, k) -> world (RAS mm) affine of `array` read as (X, Y, Z)
+    source: nib.Nifti1Image | None = None  # the image as read (header, grid, codes), for writing back
+    orientation: str = "RAS"
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what loading changed (NaN, 4-D)
+    path: Path | None = None  # the file it was read from, if any
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def _guess_format(head: bytes) -> str | None:
+    """What a non-NIfTI file most likely is, from its first bytes, for the error message (None: unknown)."""
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "a DICOM file (convert the series to NIfTI first, e.g. with dcm2niix)"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return "a TIFF image"
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c.isspace() for c in text):
+            return "a text file"
+    except UnicodeDecodeError:
+        pass
+    return None
+
+
+def _nifti_version(head: bytes) -> int | None:
+    """1 or 2 for a single-file NIfTI header (either byte order), else None."""
+    for order in ("<", ">"):
+        sizeof_hdr = int(np.frombuffer(head[:4], order + "i4")[0]) if len(head) >= 4 else 0
+        if sizeof_hdr == 348 and len(head) >= 348 and head[344:348] in _NIFTI1_MAGICS:
+            return 1
+        if sizeof_hdr == 540 and len(head) >= 540 and head[4:8] in _NIFTI2_MAGICS:
+            return 2
+    return None
+
+
+def sniff(path: str | os.PathLike) -> nib.Nifti1Header:
+    """Check that `path` is a readable single-file NIfTI; returns its raw header (unfixed by nibabel).
+
+    Raises FileNotFoundError when missing, ValueError (one line: what it is, what works) otherwise.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; {_HINT}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; {_HINT} (the predict command also takes folders)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); {_HINT}")
+    with open(path, "rb") as f:
+        head = f.read(544)
+    compressed = head[:2] == b"\x1f\x8b"
+    if compressed:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(544)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc}); "
+                             "re-export the image as .nii.gz") from None
+    version = _nifti_version(head)
+    if version is None:
+        if head[344:348] in _PAIR_MAGICS or head[4:8] in _PAIR_MAGICS:
+            raise ValueError(f"{path}: the header of a .hdr/.img pair; convert it to a single-file .nii or .nii.gz")
+        what = _guess_format(head)
+        if what is None:
+            inside = " inside the gzip stream" if compressed else ""
+            raise ValueError(f"{path}: not a NIfTI image (no NIfTI-1/NIfTI-2 header{inside}); {_HINT}")
+        raise ValueError(f"{path}: {'its gzip-compressed content is' if compressed else 'this is'} {what}, "
+                         f"not a NIfTI image; {_HINT}")
+    name = path.name.lower()
+    if not name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: a NIfTI image without a .nii/.nii.gz name; rename it to end with .nii or .nii.gz")
+    if compressed != name.endswith(".gz"):
+        raise ValueError(f"{path}: the name says {'.nii.gz' if name.endswith('.gz') else '.nii'} but the file is "
+                         f"{'' if compressed else 'not '}gzip-compressed; rename it to end with "
+                         f"{'.nii.gz' if compressed else '.nii'}")
+    header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    # Only the fixed-size header: extensions lie past these bytes and are read with the image.
+    return header_class.from_fileobj(BytesIO(head[:header_class.sizeof_hdr]), check=False)
+
+
+def check_image(img: nib.Nifti1Image, name: str = "image") -> tuple[int, int, int]:
+    """Validate header, shape, data type and affine without reading voxels; returns the (i, j, k) shape.
+
+    Rules: 3-D (a 4-D/5-D image with one volume is accepted), every axis at least 2 voxels (else
+    it is 2-D), at most `MAX_VOXELS` voxels, integer or float data, a finite affine with non-zero
+    spacing that is not singular.
+    """
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise TypeError(f"{name}: got {type(img).__name__}; give a path or a nibabel Nifti1Image/Nifti2Image")
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    if len(shape) < 3:
+        raise ValueError(f"{name}: a {len(shape)}-D image of shape {shape}; {_HINT}")
+    if 0 in shape:
+        raise ValueError(f"{name}: shape {shape} has a zero-length axis (no voxels); {_HINT}")
+    if len(shape) > 3 and math.prod(shape[3:]) != 1:
+        raise ValueError(f"{name}: a {len(shape)}-D image of shape {shape} ({math.prod(shape[3:])} volumes); "
+                         "give one 3-D volume (extract it first, e.g. with fslroi or nibabel slicing)")
+    if min(shape[:3]) < 2:
+        raise ValueError(f"{name}: shape {shape[:3]} is a single slice (2-D); {_HINT} with at least 2 voxels per axis")
+    if math.prod(shape) > MAX_VOXELS:
+        raise ValueError(f"{name}: shape {shape} is {math.prod(shape):,} voxels, above the limit of {MAX_VOXELS:,} "
+                         "(unetrpp.io.MAX_VOXELS); crop or downsample the image first")
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise ValueError(f"{name}: voxel type {dtype} is not supported; give a scalar integer or float image")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise ValueError(f"{name}: the affine is missing or not finite; "
+                         "fix the header's sform/qform (e.g. re-save in 3D Slicer)")
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if spacing.min() <= 1e-6 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
+        raise ValueError(f"{name}: the affine is singular (voxel spacing {tuple(np.round(spacing, 4).tolist())} mm); "
+                         "fix pixdim/sform/qform in the header so each axis has a non-zero, independent direction")
+    return shape[:3]
+
+
+def _read_data(img: nib.Nifti1Image, shape: tuple[int, int, int], name: str, dtype: np.dtype | None) -> np.ndarray:
+    """Voxels (i, j, k) with slope/intercept applied, as `dtype` (None: nibabel's choice)."""
+    try:
+        # In-memory arrays are copied (NaN replacement works in place); proxies read straight
+        # into `dtype`, so scaled int16 never passes through float64.
+        if isinstance(img.dataobj, np.ndarray):
+            data = np.array(img.dataobj, dtype=dtype)
+        else:
+            data = np.asarray(img.dataobj, dtype=dtype)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"{name}: the image data is truncated or corrupt ({reason}); "
+                         "re-export or re-download the file") from None
+    return np.asarray(data).reshape(shape)
+
+
+def _replace_non_finite(data: np.ndarray, name: str) -> list[str]:
+    """Replace NaN/Inf in place by the minimum finite value; returns the warning, if any."""
+    if data.dtype.kind != "f":
+        return []
+    bad = ~np.isfinite(data)
+    count = int(bad.sum())
+    if not count:
+        return []
+    if count == data.size:
+        raise ValueError(f"{name}: every voxel is NaN or Inf; give an image with finite intensities")
+    fill = float(data[~bad].min())
+    data[bad] = fill
+    message = f"{name}: {count} non-finite voxels (NaN/Inf) were replaced by the minimum finite value {fill:g}"
+    logger.warning(message)
+    return [message]
+
+
+def _to_orientation(data_ijk: np.ndarray, affine: np.ndarray,
+                    orientation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorient an (i, j, k) array to `orientation`; returns the array, its affine and the transform."""
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
+    data = apply_orientation(data_ijk, transform)
+    new_affine = affine @ inv_ornt_aff(transform, data_ijk.shape)
+    return data, new_affine, transform
+
+
+def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
+    """Read a NIfTI file into a `Volume` (array (Z, Y, X)) in `orientation`, slope/intercept applied.
+
+    Every refusal is a one-line ValueError (FileNotFoundError when missing); see the module docstring.
+    """
+    path = Path(path)
+    raw = sniff(path)
+    # nibabel silently turns a zero pixdim into 1 mm; without an sform that would invent a spacing.
+    if int(raw["sform_code"]) == 0 and np.any(np.asarray(raw["pixdim"][1:4]) == 0):
+        raise ValueError(f"{path}: zero voxel spacing (pixdim {tuple(float(v) for v in raw['pixdim'][1:4])}) and no "
+                         "sform, so the affine is singular; set the real voxel size in the header")
+    try:
+        img = nib.load(str(path), mmap=False)
+    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); {_HINT}") from None
+    volume = from_image(img, orientation=orientation, dtype=dtype, name=str(path))
+    volume.path = path
+    return volume
+
+
+def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype | None = np.float32,
+               name: str = "image") -> Volume:
+    """Like `load`, for a nibabel image already in memory."""
+    shape = check_image(img, name)
+    data = _read_data(img, shape, name, dtype)
+    warnings = _replace_non_finite(data, name)
+    if len(img.shape) > 3:
+        warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D")
+    data, new_affine, _ = _to_orientation(data, img.affine, orientation)
+    array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
+    spacing_xyz = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
+    return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation.upper(), warnings)
+
+
+def to_source_grid(array_zyx: np.ndarray, volume: Volume) -> np.ndarray:
+    """Map an array on `volume`'s (Z, Y, X) grid back to the (i, j, k) order of its source file."""
+    if volume.source is None:
+        return array_zyx.transpose(2, 1, 0)
+    data = array_zyx.transpose(2, 1, 0)
+    source_ornt = io_orientation(volume.source.affine)
+    back = ornt_transform(axcodes2ornt(tuple(volume.orientation)), source_ornt)
+    return apply_orientation(data, back)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    raise ValueError(f"output {path}: the name must end with .nii.gz or .nii")
+
+
+def sidecar_path(mask_path: str | os.PathLike) -> Path:
+    """The JSON label side-car of a mask: `case.nii.gz` -> `case.json` in the same folder."""
+    path = Path(mask_path)
+    return path.with_name(_nifti_stem(path) + ".json")
+
+
+def label_table(label_names: Sequence[str]) -> dict:
+    """JSON-ready label table: {"labels": [{"value", "name", "color"}, ...]}, background first."""
+    btcv = tuple(label_names[1:]) == tuple(BTCV_LABELS.values())
+    labels = []
+    for value, name in enumerate(label_names):
+        entry = {"value": value, "name": str(name)}
+        if btcv and value in BTCV_COLORS:
+            entry["color"] = list(BTCV_COLORS[value])
+        labels.append(entry)
+    return {"description": "UNETR++ segmentation label map", "labels": labels}
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then move it into place."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder {parent} does not exist; create it or choose another output path")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name ending with .nii.gz")
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else path.suffix
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise ValueError(f"cannot write to {parent} ({exc.strerror}); choose a writable output folder") from None
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path} ({exc.strerror or exc}); "
+                         "choose a writable output folder with free space") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
+              label_names: Sequence[str] | None = None) -> Path:
+    """Write a label mask (Z, Y, X) as uint8 on the exact grid, affine and codes of `volume`'s file.
+
+    The header is the source's (qform/sform codes, pixdim, units unchanged) with the data type set
+    to uint8 and no scaling. With `label_names` (background first) the names are recorded twice:
+    in a JSON side-car `<name>.json` beside the mask (see `label_table`; readable by any script
+    and by the viewer) and as a NIfTI comment extension holding the same JSON, so they travel with
+    the file. 3D Slicer and ITK-SNAP open the mask as a label map either way.
+    """
+    path = Path(path)
+    _nifti_stem(path)
+    mask_zyx = np.asarray(mask_zyx)
+    if mask_zyx.shape != volume.shape:
+        raise ValueError(f"mask shape {mask_zyx.shape} differs from the volume's {volume.shape}; "
+                         "give a mask on the volume's (Z, Y, X) grid")
+    if mask_zyx.size and (mask_zyx.min() < 0 or mask_zyx.max() > 255):
+        raise ValueError(f"mask values span {mask_zyx.min()}..{mask_zyx.max()}; labels must be 0..255 for uint8")
+    data = np.ascontiguousarray(to_source_grid(mask_zyx, volume)).astype(np.uint8)
+    if volume.source is not None:
+        header = volume.source.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.extensions.clear()
+        # affine=None keeps the copied qform/sform fields and codes byte for byte.
+        out = type(volume.source)(data, None, header)
+        out.header.set_slope_inter(1.0, 0.0)
+    else:
+        out = nib.Nifti1Image(data, volume.affine)
+        out.set_qform(volume.affine, 1)
+        out.set_sform(volume.affine, 1)
+    out.header["cal_min"], out.header["cal_max"] = 0, int(data.max(initial=0))
+    out.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    out.header["descrip"] = b"UNETR++ segmentation"
+    table = None
+    if label_names is not None:
+        table = label_table(label_names)
+        out.header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps(table).encode()))
+    atomic_write(path, lambda tmp: nib.save(out, str(tmp)))
+    if table is not None:
+        try:
+            atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+        except (ValueError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # both or neither
+            raise
+    return path
+
+
+def read_label_names(mask_path: str | os.PathLike) -> tuple[str, ...] | None:
+    """Label names recorded by `save_mask` (side-car first, then the NIfTI extension), or None."""
+    side = sidecar_path(mask_path)
+    if side.is_file():
+        return tuple(e["name"] for e in json.loads(side.read_text())["labels"])
+    for ext in nib.load(str(mask_path)).header.extensions:
+        try:
+            return tuple(e["name"] for e in json.loads(ext.get_content())["labels"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def save_array(array_zyx: np.ndarray, spacing: tuple[float, float, float], path: str | os.PathLike,
+               origin: tuple[float, float, float] = (0.0, 0.0, 0.0), dtype: np.dtype = np.int16) -> Path:
+    """Write a (Z, Y, X) array in RAS with the given spacing (z, y, x) and world origin (x, y, z) in mm."""
+    path = Path(path)
+    _nifti_stem(path)
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    affine[:3, 3] = origin
+    img = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)).astype(dtype), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+    return path

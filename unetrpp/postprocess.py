@@ -1,0 +1,81 @@
+"""After the network: largest-connected-component clean-up per organ, per-organ statistics, CSV.
+
+All arrays are (Z, Y, X) on the same grid; spacing is (z, y, x) in mm.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stringio
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .io import atomic_write
+
+STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
+
+
+def largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
+    """Keep, for each label, only its largest 26-connected component; the rest becomes background.
+
+    `mask` (Z, Y, X) integer labels; `labels` to clean (default: every non-zero label present).
+    Returns a new array of the same shape and dtype.
+    """
+    out = mask.copy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for label in labels if labels is not None else np.unique(mask[mask > 0]):
+        objects = ndimage.find_objects((mask == label).astype(np.uint8))
+        if not objects or objects[0] is None:
+            continue
+        box = objects[0]  # work inside the label's bounding box only
+        components, count = ndimage.label(mask[box] == label, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            region = out[box]
+            region[(components > 0) & (components != sizes.argmax())] = 0
+    return out
+
+
+def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[float, float, float],
+                     class_names: Sequence[str]) -> list[dict]:
+    """One dict per foreground class present: label, name, voxels, volume_ml, mean_hu.
+
+    `mask` (Z, Y, X) labels, `intensities` (Z, Y, X) original values (HU for CT), `spacing` (z, y, x) mm.
+    """
+    if mask.shape != intensities.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from intensities shape {intensities.shape}; "
+                         "give both on one grid")
+    flat = mask.ravel().astype(np.intp)
+    counts = np.bincount(flat, minlength=len(class_names))
+    sums = np.bincount(flat, weights=intensities.ravel().astype(np.float64), minlength=len(class_names))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    stats = []
+    for label in range(1, len(counts)):
+        if counts[label] == 0:
+            continue
+        name = class_names[label] if label < len(class_names) else f"label {label}"
+        stats.append({"label": label, "name": name, "voxels": int(counts[label]),
+                      "volume_ml": float(counts[label] * voxel_ml), "mean_hu": float(sums[label] / counts[label])})
+    return stats
+
+
+def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = ()) -> str:
+    """The statistics as CSV text, header line first; `leading` columns (e.g. "file") go in front."""
+    buffer = _stringio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=tuple(leading) + STATISTICS_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path

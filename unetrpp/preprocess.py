@@ -1,0 +1,120 @@
+"""Preprocessing driven by a config's `Preprocessing` (spec "Preprocessing", nnU-Net v1 scheme):
+reorientation, resampling to the target spacing, intensity normalisation, and the way back.
+
+Resampling uses `scipy.ndimage.zoom` (corner voxel centres aligned). As in nnU-Net, when either
+spacing is anisotropic (largest / smallest > `ANISOTROPY_RATIO`) the image is resampled with the
+given order in the other two axes and with nearest neighbour along the coarse axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Union
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from . import io
+from .config import Preprocessing
+
+ANISOTROPY_RATIO = 3.0
+ImageLike = Union[str, os.PathLike, nib.Nifti1Image, io.Volume]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A volume ready for the network, and what is needed to map results back.
+
+    `image` is (Z', Y', X') float32, normalised, on the target grid; `original_shape` and
+    `original_spacing` describe the (Z, Y, X) grid of the reoriented input volume.
+    """
+
+    image: np.ndarray
+    original_shape: tuple[int, int, int]
+    original_spacing: tuple[float, float, float]
+    target_spacing: tuple[float, float, float]
+
+    @property
+    def target_shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)
+
+
+def load_volume(image: ImageLike, preprocessing: Preprocessing) -> io.Volume:
+    """A path, nibabel image or `Volume` as a float32 `Volume` in the preprocessing's orientation."""
+    orientation = preprocessing.orientation.upper()
+    if isinstance(image, io.Volume):
+        if image.orientation != orientation:
+            raise ValueError(f"volume is in {image.orientation}, the weights expect {orientation}; "
+                             f"load it with unetrpp.io.load(path, orientation={orientation!r}) or pass the path")
+        return image
+    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        return io.from_image(image, orientation=orientation)
+    if isinstance(image, (str, os.PathLike)):
+        return io.load(image, orientation=orientation)
+    raise TypeError(f"image of type {type(image).__name__}: "
+                    "give a path (str/Path), a nibabel image or a unetrpp.io.Volume")
+
+
+def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, int, int]:
+    """Grid size (z, y, x) covering the same extent at the `target` spacing (at least 1 voxel)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def _coarse_axis(*spacings: tuple[float, float, float]) -> int | None:
+    """The axis to treat with nearest neighbour: the coarsest of the first anisotropic spacing."""
+    for spacing in spacings:
+        if max(spacing) / min(spacing) > ANISOTROPY_RATIO:
+            return int(np.argmax(spacing))
+    return None
+
+
+def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_axis: int | None = None) -> np.ndarray:
+    """Resample a (Z, Y, X) array to `shape`; spline `order`, nearest along `coarse_axis` if given.
+
+    Returns float32 (Z2, Y2, X2) (the input itself when the shape already matches).
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if tuple(array.shape) == tuple(shape):
+        return array
+    factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape)]
+    if order == 0 or coarse_axis is None or factors[coarse_axis] == 1.0:
+        out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
+    else:
+        in_plane = [1.0 if axis == coarse_axis else f for axis, f in enumerate(factors)]
+        along = [factors[coarse_axis] if axis == coarse_axis else 1.0 for axis in range(3)]
+        out = ndimage.zoom(array, in_plane, order=order, mode="nearest", grid_mode=False)
+        out = ndimage.zoom(out, along, order=0, mode="nearest", grid_mode=False)
+    assert out.shape == tuple(shape), (out.shape, shape)
+    return out
+
+
+def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """Intensity normalisation as the config says: "ct" clip then (v - mean) / std, "zscore", "none".
+
+    Returns a new float32 array of the same shape.
+    """
+    out = np.array(array, dtype=np.float32)
+    if preprocessing.normalization == "ct":
+        np.clip(out, *preprocessing.clip, out=out)
+        out -= preprocessing.mean
+        out /= preprocessing.std
+    elif preprocessing.normalization == "zscore":
+        out -= out.mean()
+        out /= max(float(out.std()), 1e-8)
+    return out
+
+
+def prepare(volume: io.Volume, preprocessing: Preprocessing) -> Prepared:
+    """Resample `volume` to the target spacing (cubic, nnU-Net order: resample then normalise)."""
+    target = preprocessing.spacing
+    shape = target_shape(volume.shape, volume.spacing, target)
+    image = resample(volume.array, shape, order=3, coarse_axis=_coarse_axis(volume.spacing, target))
+    return Prepared(normalize(image, preprocessing), volume.shape, volume.spacing, target)
+
+
+def restore(array: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray:
+    """Map one (Z', Y', X') map on the target grid back to the original (Z, Y, X) grid (float32)."""
+    coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
+    return resample(array, prepared.original_shape, order=order, coarse_axis=coarse)
