@@ -1,0 +1,101 @@
+"""BTCV-layout reading, split by case, and bad data named by case before any training."""
+
+import json
+
+import numpy as np
+import pytest
+
+from unetrpp import io
+from unetrpp.config import get_config
+from unetrpp.data.btcv import load_case, read_datalist, split_cases
+from unetrpp.train_data import prepare_cases
+
+SPACING = (5.0, 4.0, 4.0)
+
+
+def write_case(root, number, labels=None, label_shape=None, label_spacing=SPACING):
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(number)
+    image = rng.integers(-100, 200, (8, 16, 16)).astype(np.int16)
+    io.save_array(image, SPACING, root / f"imagesTr/img{number:04d}.nii.gz")
+    if labels is None:
+        labels = np.zeros(label_shape or image.shape, np.uint8)
+        labels[2:5, 4:9, 4:9] = 6
+    if labels is not False:
+        io.save_array(labels, label_spacing, root / f"labelsTr/label{number:04d}.nii.gz", dtype=labels.dtype)
+
+
+def test_reads_images_and_labels_by_number(tmp_path):
+    for n in (1, 2, 3):
+        write_case(tmp_path, n)
+    cases = read_datalist(tmp_path)["training"]
+    assert [c.name for c in cases] == ["img0001", "img0002", "img0003"]
+    assert cases[1].label.name == "label0002.nii.gz"
+    volume, labels = load_case(cases[0])
+    assert volume.shape == (8, 16, 16) and labels.dtype == np.uint8 and labels.max() == 6
+
+
+def test_msd_and_monai_split_files(tmp_path):
+    for n in (1, 2, 3):
+        write_case(tmp_path, n)
+    entry = lambda n: {"image": f"imagesTr/img{n:04d}.nii.gz", "label": f"labelsTr/label{n:04d}.nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [entry(1), entry(2)]}))
+    assert [c.name for c in read_datalist(tmp_path)["training"]] == ["img0001", "img0002"]
+    (tmp_path / "dataset_0.json").write_text(json.dumps({"training": [entry(1), entry(3)], "validation": [entry(2)]}))
+    lists = read_datalist(tmp_path)
+    assert [c.name for c in lists["training"]] == ["img0001", "img0003"]
+    assert [c.name for c in lists["validation"]] == ["img0002"]
+
+
+def test_split_is_by_case_and_reproducible(tmp_path):
+    for n in range(1, 11):
+        write_case(tmp_path, n)
+    cases = read_datalist(tmp_path)["training"]
+    train, val = split_cases(cases, 0.2, seed=5)
+    assert len(val) == 2 and len(train) == 8
+    assert not {c.name for c in train} & {c.name for c in val}
+    assert split_cases(cases, 0.2, seed=5) == (train, val)
+    assert len(split_cases(cases, 3, seed=5)[1]) == 3
+    with pytest.raises(ValueError, match="val_cases=10"):
+        split_cases(cases, 10)
+
+
+def test_empty_folder_and_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="no cases found"):
+        read_datalist(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such dataset folder"):
+        read_datalist(tmp_path / "nope")
+
+
+def test_every_bad_case_is_named_before_training(tmp_path):
+    write_case(tmp_path, 1)  # good
+    write_case(tmp_path, 2, labels=False)  # missing label
+    write_case(tmp_path, 3, label_shape=(8, 16, 12))  # other grid
+    bad = np.zeros((8, 16, 16), np.uint8)
+    bad[0, 0, 0] = 20
+    write_case(tmp_path, 4, labels=bad)  # label outside 0..13
+    write_case(tmp_path, 5)
+    (tmp_path / "imagesTr/img0005.nii.gz").write_bytes(b"\x1f\x8b not really gzip")  # unreadable
+    write_case(tmp_path, 6, label_spacing=(5.0, 4.0, 3.0))  # same shape, other affine
+    cases = read_datalist(tmp_path)["training"]
+    with pytest.raises(ValueError) as info:
+        prepare_cases(cases, get_config("unetrpp_tiny"))
+    message = str(info.value)
+    assert "5 of 6 cases are unusable" in message
+    assert "case img0002: label file missing" in message
+    assert "case img0003: image grid (8, 16, 16)" in message and "(8, 16, 12)" in message
+    assert "case img0004: label values [20]" in message
+    assert "case img0005: cannot read image" in message
+    assert "case img0006: image grid" in message
+    assert "img0001" not in message
+
+
+def test_prepared_case_is_resampled_normalised_and_padded(tmp_path):
+    write_case(tmp_path, 1)
+    config = get_config("unetrpp_tiny")
+    (case,) = prepare_cases(read_datalist(tmp_path)["training"], config)
+    # 8 x 16 x 16 voxels at 5 x 4 x 4 mm -> 10 x 26 x 26 at 4 x 2.5 x 2.5 mm, padded to the patch
+    assert case.image.shape == (1, 32, 64, 64) and case.label.shape == (1, 32, 64, 64)
+    assert case.image.dtype == np.float32 and abs(case.image[0, :10, :26, :26].mean()) < 2
+    assert set(np.unique(case.label)) == {0, 6}

@@ -1,0 +1,81 @@
+"""Dice and HD95 on hand-made masks with known answers, the empty-organ conventions, and the CLI."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from unetrpp import io
+from unetrpp.cli import main
+from unetrpp.evaluate import dice, evaluate_case, hd95
+
+
+def test_dice_known_overlap():
+    truth = np.zeros((8, 8, 8), bool)
+    truth[2:6, 2:6, 2:6] = True  # 64 voxels
+    pred = np.zeros_like(truth)
+    pred[2:4, 2:6, 2:6] = True  # 32 voxels, all inside
+    assert dice(pred, truth) == pytest.approx(2 * 32 / 96)
+    assert dice(truth, truth) == 1.0
+    assert dice(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+    assert dice(np.zeros_like(truth), truth) == 0.0
+
+
+def test_hd95_uses_the_spacing():
+    truth = np.zeros((10, 6, 6), bool)
+    pred = np.zeros_like(truth)
+    truth[2], pred[5] = True, True  # parallel slabs 3 slices apart
+    assert hd95(pred, truth, (2.5, 1.0, 1.0)) == pytest.approx(7.5)
+    assert hd95(pred, truth, (1.0, 1.0, 1.0)) == pytest.approx(3.0)
+    a, b = np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool)
+    a[0, 0, 0], b[0, 3, 4] = True, True  # single voxels 3 and 4 voxels apart in y and x
+    assert hd95(a, b, (1.0, 2.0, 1.5)) == pytest.approx(math.hypot(6.0, 6.0))
+    assert hd95(a, a, (1.0, 1.0, 1.0)) == 0.0
+
+
+def test_empty_conventions():
+    truth = np.zeros((6, 6, 6), np.int64)
+    pred = np.zeros_like(truth)
+    truth[1:3, 1:3, 1:3] = 1  # spleen only in truth
+    pred[3:5, 3:5, 3:5] = 2  # right kidney only in prediction
+    m = evaluate_case(pred, truth, (1.0, 1.0, 1.0))
+    assert m["spleen"]["dice"] == 0.0 and math.isnan(m["spleen"]["hd95"])
+    assert m["right kidney"]["dice"] == 0.0 and math.isnan(m["right kidney"]["hd95"])
+    assert m["liver"] == {"dice": 1.0, "hd95": 0.0}  # empty in both
+
+
+def test_cli_table_and_files(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    truth = np.zeros((10, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 6
+    pred = np.zeros_like(truth)
+    pred[2:4, 2:6, 2:6] = 6
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(pred, spacing, tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "liver" in out and "0.6667" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["cases"]["0001"]["liver"]["dice"] == pytest.approx(2 / 3)
+    assert result["cases"]["0001"]["liver"]["hd95"] > 0
+    # 12 organs empty in both (Dice 1) and the liver at 2/3
+    assert result["mean"]["mean"]["dice"] == pytest.approx((12 + 2 / 3) / 13)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--out", str(tmp_path / "r.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    liver = next(r for r in rows if r["case"] == "0001" and r["organ"] == "liver")
+    assert float(liver["dice"]) == pytest.approx(2 / 3)
+
+
+def test_cli_missing_prediction_is_an_error(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "truth/label0002.nii.gz", dtype=np.uint8)
+    io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 2
+    assert "no prediction for truth case(s) 0002" in capsys.readouterr().err

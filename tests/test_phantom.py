@@ -1,0 +1,99 @@
+"""The SYNTHETIC phantom: deterministic, all 13 organs, anatomically plausible in RAS."""
+
+import json
+
+import numpy as np
+import pytest
+
+from unetrpp import io
+from unetrpp.data.phantom import SIZES, generate_case, write_phantom_dataset
+from unetrpp.labels import BTCV_LABELS
+
+ID = {name: label for label, name in BTCV_LABELS.items()}
+
+
+def centroid(labels, label, spacing, shape):
+    """World (x, y, z) mm of a label: x right, y anterior, z superior, in-plane centred."""
+    z, y, x = np.nonzero(labels == label)
+    return np.array([(x.mean() - (shape[2] - 1) / 2) * spacing[2], (y.mean() - (shape[1] - 1) / 2) * spacing[1],
+                     (z.mean() + 0.5) * spacing[0]])
+
+
+def test_same_seed_same_bytes_other_seed_differs():
+    a_img, a_lab, _ = generate_case(7, 1, "small")
+    b_img, b_lab, _ = generate_case(7, 1, "small")
+    c_img, c_lab, _ = generate_case(8, 1, "small")
+    assert a_img.tobytes() == b_img.tobytes() and a_lab.tobytes() == b_lab.tobytes()
+    assert a_img.tobytes() != c_img.tobytes() and a_lab.tobytes() != c_lab.tobytes()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_all_organs_present_and_in_anatomical_places(seed):
+    image, labels, spacing = generate_case(seed, 1, "small")
+    shape = labels.shape
+    assert labels.dtype == np.uint8 and image.dtype == np.int16
+    assert set(np.unique(labels)) == set(range(14))  # one label per voxel, so organs never overlap
+    voxel_ml = np.prod(spacing) / 1000
+    counts = np.bincount(labels.ravel(), minlength=14)
+    assert counts[ID["liver"]] * voxel_ml > 800 * 0.4  # big organ
+    assert min(counts[1:]) * voxel_ml > 3  # even the adrenals are several mL
+    c = {name: centroid(labels, label, spacing, shape) for name, label in ID.items()}
+    x, y, z = 0, 1, 2
+    assert c["liver"][x] > 20 and c["gallbladder"][x] > 10 and c["spleen"][x] < -40  # RAS: x to patient's right
+    assert c["right kidney"][x] > 20 > -20 > c["left kidney"][x]
+    assert c["right adrenal gland"][x] > 0 > c["left adrenal gland"][x]
+    assert c["inferior vena cava"][x] > c["aorta"][x]
+    # vertebral body: bone voxels near the midline
+    _, yy, xx = np.nonzero(image > 400)
+    xs = (xx - (shape[2] - 1) / 2) * spacing[2]
+    spine_y = ((yy[np.abs(xs) < 15] - (shape[1] - 1) / 2) * spacing[1]).mean()
+    assert c["aorta"][y] > spine_y + 10  # anterior to the spine
+    assert c["right kidney"][y] < c["liver"][y] and c["left kidney"][y] < c["stomach"][y]  # posterior
+    assert c["gallbladder"][y] > 0 and c["stomach"][y] > 0  # anterior
+    for side in ("right", "left"):
+        kidney, adrenal = c[f"{side} kidney"], c[f"{side} adrenal gland"]
+        assert adrenal[z] > kidney[z] and abs(adrenal[x]) < abs(kidney[x])  # above, medial
+    assert c["esophagus"][z] > c["stomach"][z] > c["right kidney"][z]
+    # lungs: air-density voxels inside the body fill the top slices, not the bottom ones
+    body = np.abs(np.arange(shape[2]) - (shape[2] - 1) / 2) < shape[2] * 0.3
+    lungish = ((image > -950) & (image < -700))[:, :, body]
+    top, bottom = lungish[-3:].sum(), lungish[:3].sum()
+    assert top > 5 * max(bottom, 1)
+
+
+def test_shapes_vary_between_cases():
+    _, a, _ = generate_case(0, 1, "small")
+    _, b, _ = generate_case(0, 2, "small")
+    liver_a, liver_b = a == ID["liver"], b == ID["liver"]
+    overlap = 2 * (liver_a & liver_b).sum() / (liver_a.sum() + liver_b.sum())
+    assert 0.5 < overlap < 0.98  # same organ, same place, not the same shape
+
+
+def test_written_dataset_is_btcv_layout_and_says_synthetic(tmp_path):
+    out = write_phantom_dataset(tmp_path / "ph", cases=2, seed=3, size="small")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["synthetic"] is True and "SYNTHETIC" in meta["description"]
+    assert meta["labels"]["6"] == "liver" and meta["numTraining"] == 2
+    image = io.load(out / "imagesTr/img0002.nii.gz")
+    label = io.load(out / "labelsTr/label0002.nii.gz", dtype=None)
+    expected_image, expected_labels, spacing = generate_case(3, 2, "small")
+    assert image.shape == SIZES["small"][0] and np.allclose(image.spacing, spacing)
+    np.testing.assert_array_equal(image.array, expected_image)
+    np.testing.assert_array_equal(label.array, expected_labels)
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="valid sizes"):
+        generate_case(0, 1, "huge")
+    with pytest.raises(ValueError, match="cases=0"):
+        write_phantom_dataset(tmp_path, cases=0)
+
+
+def test_cli_writes_the_layout(tmp_path, capsys):
+    from unetrpp.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--seed", "5", "--size", "small"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert (tmp_path / "p/imagesTr/img0001.nii.gz").is_file() and (tmp_path / "p/labelsTr/label0001.nii.gz").is_file()
+    assert main(["phantom", "--out", str(tmp_path / "q"), "--cases", "0", "--size", "small"]) == 2
+    assert "cases=0" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+"""Training on tiny SYNTHETIC phantoms: the loss falls, Ctrl-C + resume reproduces an uninterrupted
+run, deep supervision, the saved inference model, and two-process gloo DDP under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unetrpp.data.phantom import write_phantom_dataset
+from unetrpp.model import UNETRPP
+from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train
+
+# A very small network and grid so a step takes a fraction of a second on one core.
+TINY = {"patch_size": [16, 32, 32], "preprocessing": {"spacing": [10.0, 6.0, 6.0]}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared 2-core machine two spinning OpenMP threads make steps 5-10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("ph") / "data", cases=3, seed=11, size="small")
+
+
+def options(data, out, **kw) -> TrainOptions:
+    base = {"data": str(data), "out": str(out), "config_overrides": TINY, "batch_size": 2, "lr": 3e-3,
+            "warmup_steps": 1, "val_cases": 1, "val_every": 1000, "log_every": 1, "checkpoint_every": 1000,
+            "samples_per_case": 4, "progress": False}
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_loss_falls_and_inference_model_is_saved(phantoms, tmp_path):
+    seen = []
+    result = train(options(phantoms, tmp_path / "run", max_steps=16, val_every=16), on_step=seen.append)
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert len(losses) == 16 and seen == result.history
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
+    assert "val_mean_dice" in result.history[-1] and set(result.history[-1]["val_dice"]) >= {"liver", "spleen"}
+    run = tmp_path / "run"
+    assert (run / "training_curve.png").stat().st_size > 1000
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    model = UNETRPP.from_pretrained(str(result.model_dir))
+    assert model.config.deep_supervision is False and tuple(model.config.patch_size) == (16, 32, 32)
+    assert model.config.preprocessing.spacing == (10.0, 6.0, 6.0)  # the override is recorded,
+    assert model.config.preprocessing.orientation == "RAS"  # merged into the preset's preprocessing
+    model.eval()
+    assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path):
+    train(options(phantoms, tmp_path / "a", max_steps=6))
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(phantoms, tmp_path / "b", max_steps=6), on_step=stop_at_3)
+    state = torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)
+    assert state["step"] == 3
+    assert int(state["optimizer"]["state"][0]["step"]) == 3  # AdamW's own step count
+    resumed = train(options(phantoms, tmp_path / "b", max_steps=6, resume=True))
+    assert resumed.step == 6
+    assert [h["step"] for h in resumed.history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    a = torch.load(tmp_path / "a/checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)
+    assert int(b["optimizer"]["state"][0]["step"]) == 6
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resume_without_checkpoint_is_an_error(phantoms, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(options(phantoms, tmp_path / "none", max_steps=2, resume=True))
+
+
+def test_deep_supervision_weights_and_poly_schedule():
+    label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    perfect = torch.full((1, 2, 8, 8, 8), -20.0)
+    perfect[:, 0] = 20.0
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append((tuple(out.shape[2:]), tuple(target.shape[2:])))
+        return out.new_tensor(float(len(calls)))
+
+    total = deep_supervision_loss([perfect, perfect[..., ::2, ::2, ::2], perfect[..., ::4, ::4, ::4]], label, loss_fn)
+    assert calls == [((8, 8, 8), (8, 8, 8)), ((4, 4, 4), (4, 4, 4)), ((2, 2, 2), (2, 2, 2))]
+    assert float(total) == pytest.approx(4 / 7 * 1 + 2 / 7 * 2 + 1 / 7 * 3)
+    assert poly_lr(0, 100, 10) == pytest.approx(0.1) and poly_lr(10, 100, 10) == pytest.approx(0.9**0.9)
+    assert poly_lr(100, 100, 0) == 0.0
+
+
+def test_torchrun_two_gloo_processes(phantoms, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unetrpp", "train", "--data", str(phantoms), "--out", str(tmp_path / "ddp"), "--device", "cpu",
+           "--max-steps", "3", "--batch-size", "2", "--log-every", "1", "--val-every", "3", "--val-cases", "1",
+           "--samples-per-case", "4", "--patch-size", "16", "32", "32", "--spacing", "10", "6", "6",
+           "--threads", "1", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # rank 0 alone writes
+    assert sum("val_mean_dice" in x for x in lines) == 1
+    assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
+
+
+def test_shipped_teaching_weights_segment_an_unseen_phantom(tmp_path):
+    """weights/unetrpp_tiny_phantom on a phantom from a seed never used in training (small grid)."""
+    from unetrpp import io
+    from unetrpp.evaluate import evaluate_case
+    from unetrpp.inference import segment
+
+    data = write_phantom_dataset(tmp_path / "unseen", cases=1, seed=2001, size="small")
+    result = segment(str(data / "imagesTr/img0001.nii.gz"), weights="unetrpp_tiny_phantom", device="cpu")
+    truth = io.load(data / "labelsTr/label0001.nii.gz", dtype=None)
+    scores = {k: v["dice"] for k, v in evaluate_case(result.mask, truth.array.astype(int), truth.spacing,
+                                                     with_hd95=False).items()}
+    assert np.mean(list(scores.values())) > 0.75, scores
+    assert min(scores.values()) > 0.5, scores

@@ -1,0 +1,74 @@
+"""`python -m unetrpp train`: train a UNETR++ network on a BTCV-layout folder (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: use KEY=VALUE with a JSON value, e.g. --set 'patch_size=[32,64,64]'")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="BTCV-layout folder (imagesTr/labelsTr, dataset.json or dataset_0.json)")
+    parser.add_argument("--name", default="unetrpp_tiny", help="model preset (default unetrpp_tiny)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, training_curve.png, model/")
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--grad-clip", type=float, default=12.0)
+    parser.add_argument("--val-cases", type=float, default=0.2, help="held-out cases: a fraction (< 1) or a count")
+    parser.add_argument("--val-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--samples-per-case", type=int, default=8, help="patches per case per epoch")
+    parser.add_argument("--flip-prob", type=float, default=0.0, help="mirroring probability per axis (swaps left/right organs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="override preprocessing spacing (mm)")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the patch size")
+    parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field with a JSON value (repeatable); saved in the model's config.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from unetrpp.train import TrainOptions, build_config, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = dict(args.set)
+    if args.spacing:
+        overrides["preprocessing"] = {**overrides.get("preprocessing", {}), "spacing": list(args.spacing)}
+    if args.patch_size:
+        overrides["patch_size"] = list(args.patch_size)
+    build_config(args.name, overrides)  # fail now on a bad name or override
+    val = int(args.val_cases) if args.val_cases >= 1 else args.val_cases
+    options = TrainOptions(
+        data=args.data, out=args.out, name=args.name, config_overrides=overrides, max_steps=args.max_steps,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=val, val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, samples_per_case=args.samples_per_case,
+        flip_prob=args.flip_prob, seed=args.seed, device=args.device, resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = train(options)
+    if result.model_dir is not None:
+        vals = [h for h in result.history if "val_mean_dice" in h]
+        tail = f"; last validation mean Dice {vals[-1]['val_mean_dice']:.3f}" if vals else ""
+        print(f"trained {result.step} steps; model saved to {result.model_dir}{tail}")
+    return 0

@@ -1,0 +1,144 @@
+"""BTCV-layout datasets: find the cases (imagesTr/labelsTr, an MSD `dataset.json` or the MONAI
+tutorial split `dataset_0.json`), split them by case, and check every case before training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LAYOUT_HINT = ("expected imagesTr/img0001.nii.gz + labelsTr/label0001.nii.gz, an MSD dataset.json or a MONAI "
+               "dataset_0.json; `python -m unetrpp phantom --out DIR --cases 4` writes a SYNTHETIC example")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image and its label file; `name` identifies the case in messages (e.g. "img0003")."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _case_id(path: Path) -> str:
+    """"img0003", "label0003" and "img0003_seg" share the id "0003" (the last run of digits);
+    a name without digits is its own id."""
+    digits = re.findall(r"\d+", _stem(path))
+    return digits[-1] if digits else _stem(path)
+
+
+def _from_list(root: Path, entries: list) -> list[Case]:
+    cases = []
+    for entry in entries:
+        if isinstance(entry, str):  # MSD "test" entries are bare image paths
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise ValueError(f"{root}: datalist entry {entry!r} has no 'image'; entries look like "
+                             "{'image': './imagesTr/img0001.nii.gz', 'label': './labelsTr/label0001.nii.gz'}")
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        cases.append(Case(_stem(image), image, label))
+    return cases
+
+
+def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
+    """The cases of a dataset folder, as {"training": [...], "validation": [...]}.
+
+    Looks for `dataset_0.json` (MONAI split: "training" and "validation"), then `dataset.json`
+    (MSD: "training"), then pairs imagesTr/*.nii.gz with labelsTr/* by their trailing number.
+    "validation" is empty unless the split file gives one.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dataset folder; {LAYOUT_HINT}")
+    for name in ("dataset_0.json", "dataset.json"):
+        if (root / name).is_file():
+            try:
+                meta = json.loads((root / name).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{root / name}: not valid JSON ({exc}); fix or delete it") from exc
+            training = _from_list(root, meta.get("training", []))
+            validation = _from_list(root, meta.get("validation", []))
+            if training or validation:
+                return {"training": training, "validation": validation}
+    images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(NIFTI_SUFFIXES)) \
+        if (root / "imagesTr").is_dir() else []
+    if not images:
+        raise ValueError(f"{root}: no cases found; {LAYOUT_HINT}")
+    labels = {}
+    if (root / "labelsTr").is_dir():
+        labels = {_case_id(p): p for p in (root / "labelsTr").glob("*") if p.name.endswith(NIFTI_SUFFIXES)}
+    cases = [Case(_stem(p), p, labels.get(_case_id(p))) for p in images]
+    return {"training": cases, "validation": []}
+
+
+def split_cases(cases: list[Case], val_cases: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
+    """Split by case, never by patch: a shuffled `val_cases` count (int) or fraction (float) goes
+    to validation, at least one case when there are two or more."""
+    if isinstance(val_cases, float):
+        if not 0.0 <= val_cases < 1.0:
+            raise ValueError(f"val_cases={val_cases}: a fraction must be in [0, 1), e.g. 0.2")
+        count = max(1, round(len(cases) * val_cases)) if val_cases > 0 and len(cases) > 1 else 0
+    else:
+        count = int(val_cases)
+        if not 0 <= count < len(cases):
+            raise ValueError(f"val_cases={val_cases}: need 0 <= count < number of cases ({len(cases)})")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val = sorted((cases[i] for i in order[:count]), key=lambda c: c.name)
+    train = sorted((cases[i] for i in order[count:]), key=lambda c: c.name)
+    return train, val
+
+
+def load_case(case: Case, orientation: str = "RAS", num_classes: int = 14) -> tuple[io.Volume, np.ndarray]:
+    """Read one case and check it; returns the image `Volume` (Z, Y, X) and labels (Z, Y, X) uint8.
+
+    Raises ValueError naming the case when the label file is missing or unreadable, the grids
+    differ, or a label is outside 0..num_classes-1 or not an integer.
+    """
+    if case.label is None or not case.label.is_file():
+        raise ValueError(f"case {case.name}: label file missing ({case.label or 'none listed'}); every training "
+                         "image needs labelsTr/labelNNNN.nii.gz with the same number")
+    volumes = []
+    for kind, path, dtype in (("image", case.image, np.float32), ("label", case.label, None)):
+        try:
+            volumes.append(io.load(path, orientation=orientation, dtype=dtype))
+        except Exception as exc:  # nibabel raises many types for broken files; name the case
+            raise ValueError(f"case {case.name}: cannot read {kind} {path} ({type(exc).__name__}: {exc})") from exc
+    image, label = volumes
+    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
+        raise ValueError(f"case {case.name}: image grid {image.shape} at {np.round(image.spacing, 3).tolist()} mm "
+                         f"and label grid {label.shape} at {np.round(label.spacing, 3).tolist()} mm differ; the "
+                         "label must be on the image's grid (same shape and affine)")
+    values = np.unique(label.array)
+    bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
+    if bad.size:
+        raise ValueError(f"case {case.name}: label values {bad[:8].tolist()} outside the integers 0..{num_classes - 1}; "
+                         "use the BTCV label map (unetrpp.labels.BTCV_LABELS)")
+    return image, label.array.astype(np.uint8)
+
+
+def check_cases(cases: list[Case]) -> None:
+    """Fail early on an empty list or image files that do not exist (naming every such case)."""
+    if not cases:
+        raise ValueError(f"no training cases; {LAYOUT_HINT}")
+    missing = [f"case {c.name}: image file missing ({c.image})" for c in cases if not c.image.is_file()]
+    if missing:
+        raise ValueError("; ".join(missing))

@@ -1,0 +1,143 @@
+"""Per-organ Dice and HD95 (in mm, from the voxel spacing) of predicted masks against ground truth.
+
+Conventions: an organ empty in both prediction and truth scores Dice 1 and HD95 0 (as the original
+evaluation); empty in only one scores Dice 0 and HD95 nan (left out of the HD95 mean). HD95 follows
+medpy's `hd95`: the 95th percentile of both directed surface distances pooled, but in millimetres
+(the original papers report it in voxels, without the spacing).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from . import io
+from .data.btcv import NIFTI_SUFFIXES, _case_id
+from .labels import BTCV_LABELS
+
+log = logging.getLogger(__name__)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks of the same shape; 1.0 when both are empty."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """95th-percentile symmetric surface distance in mm between boolean masks (Z, Y, X) at
+    `spacing` (z, y, x); 0.0 when both are empty, nan when only one is."""
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return math.nan
+    box = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
+    box = tuple(slice(max(0, s.start - 2), s.stop + 2) for s in box)  # room for the distance transform
+    p, t = pred[box], truth[box]
+    sp, st = _surface(p), _surface(t)
+    to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return float(np.percentile(np.concatenate([to_truth[sp], to_pred[st]]), 95))
+
+
+def evaluate_case(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
+                  labels: dict[int, str] = BTCV_LABELS, with_hd95: bool = True) -> dict[str, dict[str, float]]:
+    """Per-label metrics of two label maps (Z, Y, X): {name: {"dice": d, "hd95": mm}}."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}; "
+                         "write predictions on the truth's grid (python -m unetrpp predict does)")
+    out = {}
+    for label, name in labels.items():
+        p, t = pred == label, truth == label
+        out[name] = {"dice": dice(p, t), "hd95": hd95(p, t, spacing) if with_hd95 else math.nan}
+    return out
+
+
+def mean_metrics(per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Average over cases per organ (nan-aware for HD95), plus a "mean" row over organs."""
+    names = list(next(iter(per_case.values())))
+    rows = {}
+    for name in names:
+        d = [per_case[c][name]["dice"] for c in per_case]
+        h = [per_case[c][name]["hd95"] for c in per_case]
+        rows[name] = {"dice": float(np.mean(d)), "hd95": _nanmean(h)}
+    rows["mean"] = {"dice": float(np.mean([r["dice"] for r in rows.values()])),
+                    "hd95": _nanmean([r["hd95"] for r in rows.values()])}
+    return rows
+
+
+def _nanmean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; give a folder of .nii/.nii.gz masks")
+    files = {_case_id(p): p for p in sorted(folder.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+    if not files:
+        raise ValueError(f"{folder}: no .nii/.nii.gz files; give a folder of label masks")
+    return files
+
+
+def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
+                     labels: dict[int, str] = BTCV_LABELS) -> dict:
+    """Match masks by their trailing case number (img0003 <-> label0003 <-> 0003) and score them.
+
+    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}.
+    Every truth case needs a prediction; the truth's spacing is used.
+    """
+    preds, truths = _nifti_files(Path(pred_dir)), _nifti_files(Path(truth_dir))
+    missing = sorted(set(truths) - set(preds))
+    if missing:
+        raise ValueError(f"no prediction for truth case(s) {', '.join(missing)} in {pred_dir}; predictions are "
+                         "matched to truth by the trailing number of their file names")
+    per_case = {}
+    for case_id, truth_path in truths.items():
+        truth = io.load(truth_path, dtype=None)
+        pred = io.load(preds[case_id], dtype=None)
+        if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-3):
+            raise ValueError(f"case {case_id}: prediction grid {pred.shape} differs from truth grid {truth.shape} "
+                             "(shape or affine); predict on the truth's image so the mask lands on its grid")
+        per_case[case_id] = evaluate_case(np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64),
+                                          truth.spacing, labels)
+        log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
+    return {"cases": per_case, "mean": mean_metrics(per_case)}
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    """A fixed-width text table of organ, Dice, HD95 (mm)."""
+    lines = [f"{'organ':<26}{'Dice':>8}{'HD95 mm':>10}"]
+    for name, m in summary.items():
+        lines.append(f"{name:<26}{m['dice']:>8.4f}{m['hd95']:>10.2f}")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, path: str | os.PathLike) -> Path:
+    """JSON (everything) or CSV (one row per case and organ, plus the means), by the file suffix."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "organ", "dice", "hd95_mm"])
+            for case, organs in result["cases"].items():
+                for name, m in organs.items():
+                    writer.writerow([case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"])
+            for name, m in result["mean"].items():
+                writer.writerow(["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"])
+    elif path.suffix.lower() == ".json":
+        path.write_text(json.dumps(result, indent=2, allow_nan=True))
+    else:
+        raise ValueError(f"--out {path}: unknown format; use a .csv or .json file name")
+    return path

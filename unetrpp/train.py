@@ -1,0 +1,302 @@
+"""Training loop (paper Sec. 4 training setup, nnU-Net style): class-balanced patches, Dice + CE with
+deep supervision weighted 4/7, 2/7, 1/7, AdamW or SGD with a polynomial schedule, AMP on CUDA,
+gradient clipping, sliding-window validation, resumable checkpoints, DDP under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+
+from .config import UNETRPPConfig, get_config
+from .data.btcv import check_cases, read_datalist, split_cases
+from .evaluate import dice
+from .model import UNETRPP
+from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
+from .train_utils import DistributedContext, plot_curves, save_atomic
+
+log = logging.getLogger(__name__)
+
+DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)  # full resolution, 1/stem, 1/(2 stem): the original's
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run needs; saved in every checkpoint and in RUN_DIR/options.json."""
+
+    data: str
+    out: str
+    name: str = "unetrpp_tiny"
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocessing": {"spacing": [4, 2.5, 2.5]}}
+    max_steps: int = 1000
+    batch_size: int = 2
+    optimizer: str = "adamw"  # or "sgd" (nnU-Net: momentum 0.99, nesterov)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 12.0
+    val_cases: float = 0.2  # fraction (float < 1) or count (>= 1) of cases held out, by case
+    val_every: int = 200
+    checkpoint_every: int = 100
+    log_every: int = 10
+    samples_per_case: int = 8
+    flip_prob: float = 0.0
+    seed: int = 0
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
+    resume: bool = False
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None  # RUN_DIR/model (save_pretrained folder) when the run finished
+    step: int
+    history: list[dict] = field(default_factory=list)
+
+
+def poly_lr(step: int, max_steps: int, warmup: int, exponent: float = 0.9) -> float:
+    """LR factor: linear warm-up, then nnU-Net's (1 - step / max_steps) ** 0.9."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1.0 - step / max_steps) ** exponent
+
+
+def deep_supervision_loss(outputs: list[torch.Tensor] | torch.Tensor, label: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+    """Weighted Dice+CE over the outputs [full, 1/2, 1/4]; the label (B, 1, Z, Y, X) is downsampled
+    (nearest) to each output grid."""
+    if isinstance(outputs, torch.Tensor):
+        return loss_fn(outputs, label)
+    weights = DEEP_SUPERVISION_WEIGHTS[: len(outputs)]
+    total = 0.0
+    for w, out in zip(weights, outputs):
+        target = label if out.shape[2:] == label.shape[2:] else F.interpolate(label.float(), size=out.shape[2:], mode="nearest")
+        total = total + w * loss_fn(out, target)
+    return total / sum(weights)
+
+
+def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, class_names: tuple[str, ...],
+             overlap: float = 0.25) -> dict[str, float]:
+    """Sliding-window Dice per organ on the prepared validation cases, averaged over cases."""
+    was_training, was_ds = model.training, model.deep_supervision
+    model.eval()
+    model.deep_supervision = False
+    scores = {name: [] for name in class_names[1:]}
+    try:
+        with torch.no_grad():
+            for case in cases:
+                image = torch.as_tensor(case.image)[None].to(device)  # (1, 1, Z, Y, X)
+                logits = sliding_window_inference(image, model.config.patch_size, 2, model, overlap=overlap, mode="gaussian")
+                pred = logits.argmax(1)[0].cpu().numpy()
+                for label, name in enumerate(class_names[1:], start=1):
+                    scores[name].append(dice(pred == label, case.label[0] == label))
+    finally:
+        model.train(was_training)
+        model.deep_supervision = was_ds
+    return {name: float(np.mean(v)) for name, v in scores.items()}
+
+
+def build_config(name: str, overrides: dict[str, Any]) -> UNETRPPConfig:
+    """The preset with `overrides` and deep supervision on; a partial "preprocessing" dict is merged
+    into the preset's preprocessing (so {"spacing": [...]} keeps its orientation and CT numbers)."""
+    overrides = dict(overrides)
+    if isinstance(overrides.get("preprocessing"), dict):
+        overrides["preprocessing"] = {**dataclasses.asdict(get_config(name).preprocessing), **overrides["preprocessing"]}
+    return get_config(name, **{**overrides, "deep_supervision": True})
+
+
+def _build(options: TrainOptions, config: UNETRPPConfig, device: torch.device, max_steps: int):
+    model = UNETRPP(config).to(device)
+    if options.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    elif options.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=0.99, nesterov=True,
+                              weight_decay=options.weight_decay)
+    else:
+        raise ValueError(f"optimizer={options.optimizer!r}: use 'adamw' or 'sgd'")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr(s, max_steps, options.warmup_steps))
+    return model, opt, sched
+
+
+def _check_options(o: TrainOptions) -> None:
+    for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "samples_per_case"):
+        if not (isinstance(getattr(o, name), int) and getattr(o, name) > 0):
+            raise ValueError(f"{name}={getattr(o, name)!r}: must be a positive integer")
+    if not o.lr > 0:
+        raise ValueError(f"lr={o.lr}: must be positive, e.g. 2e-3 for AdamW or 1e-2 for SGD")
+
+
+def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `options.name` on the BTCV-layout folder `options.data`; write RUN_DIR = `options.out`.
+
+    RUN_DIR gets options.json, metrics.jsonl (one JSON object per logged step / validation),
+    training_curve.png, checkpoint.pt (resume with `resume=True`) and, at the end, model/ (a
+    `save_pretrained` folder that `unetrpp.pretrained.load_pretrained` and inference read).
+    `on_step(record)` is called on rank 0 with each logged record ({"step", "loss", "lr", ...};
+    validation records carry "val_dice" and "val_mean_dice"). Ctrl-C saves a checkpoint, then
+    re-raises KeyboardInterrupt.
+    """
+    _check_options(options)
+    ctx = DistributedContext.from_env(options.device)
+    run_dir = Path(options.out)
+    ckpt_path = run_dir / CHECKPOINT
+    start_step, state = 0, None
+    if options.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"{ckpt_path}: nothing to resume; run once without --resume first")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = dict(state["options"])
+        for key in ("max_steps", "device", "resume", "progress"):  # may change on resume
+            saved[key] = getattr(options, key)
+        options = TrainOptions(**saved)
+        start_step = int(state["step"])
+    config = build_config(options.name, options.config_overrides)
+    torch.manual_seed(options.seed + ctx.rank)
+    torch.set_flush_denormal(True)  # layer scale starts at 1e-6: denormal gradients make CPU steps crawl
+
+    lists = read_datalist(options.data)
+    if lists["validation"]:
+        train_cases, val_cases = lists["training"], lists["validation"]
+    else:
+        count = int(options.val_cases) if options.val_cases >= 1 else float(options.val_cases)
+        train_cases, val_cases = split_cases(lists["training"], count, options.seed)
+    check_cases(train_cases + val_cases)
+    prepared = prepare_cases(train_cases + val_cases, config)  # every case checked before any step
+    train_data, val_data = prepared[: len(train_cases)], prepared[len(train_cases):]
+    log.info("rank %d: %d training and %d validation cases", ctx.rank, len(train_data), len(val_data))
+
+    model, opt, sched = _build(options, config, ctx.device, options.max_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+    net = ctx.wrap(model)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    dataset = PatchDataset(train_data, build_transforms(config, options.flip_prob), config.out_channels,
+                           options.samples_per_case, options.seed)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                  shuffle=True, seed=options.seed, drop_last=True)
+    per_epoch = max(1, len(sampler) // options.batch_size)
+
+    history: list[dict] = []
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(options), indent=2))
+        # On resume, forget what was logged after the checkpoint: those steps run again.
+        history = [h for h in _read_history(run_dir / "metrics.jsonl") if h["step"] <= start_step]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def checkpoint(step: int) -> None:
+        if ctx.is_main:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+                         "elapsed_s": time.time() - t0,
+                         "options": dataclasses.asdict(options), "config": config.to_dict()}, ckpt_path)
+
+    def record(entry: dict) -> None:
+        history.append(entry)
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if on_step is not None:
+            on_step(entry)
+
+    bar = None
+    if ctx.is_main and options.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=options.max_steps, initial=start_step, desc="train", unit="step")
+    # elapsed_s counts training time over all sessions of a resumed run
+    step, t0, running = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0), []
+    net.train()
+    try:
+        while step < options.max_steps:
+            epoch, offset = divmod(step, per_epoch)
+            sampler.set_epoch(epoch)
+            dataset.epoch = epoch
+            order = list(sampler)
+            for b in range(offset, per_epoch):
+                if step >= options.max_steps:
+                    break
+                items = [dataset[i] for i in order[b * options.batch_size:(b + 1) * options.batch_size]]
+                image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
+                label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
+                with torch.autocast(ctx.device.type, enabled=ctx.device.type == "cuda"):
+                    loss = deep_supervision_loss(net(image), label, loss_fn)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                running.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running[-1]:.3f}")
+                if ctx.is_main and (step % options.log_every == 0 or step == options.max_steps):
+                    record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
+                            "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
+                    running = []
+                if step % options.val_every == 0 or step == options.max_steps:
+                    if ctx.is_main and val_data:
+                        scores = validate(model, val_data, ctx.device, config.class_names)
+                        record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
+                        log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
+                        plot_curves(history, run_dir / "training_curve.png")
+                    ctx.barrier()
+                if step % options.checkpoint_every == 0:
+                    checkpoint(step)
+    except KeyboardInterrupt:
+        checkpoint(step)
+        log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint(step)
+    model_dir = None
+    if ctx.is_main:
+        plot_curves(history, run_dir / "training_curve.png")
+        model_dir = save_inference_model(model, run_dir / "model")
+    ctx.close()
+    return TrainResult(run_dir, model_dir, step, history)
+
+
+def save_inference_model(model: UNETRPP, folder: Path) -> Path:
+    """Save the trained network without the deep-supervision heads (an inference model) as a
+    Hugging Face folder (config.json + model.safetensors)."""
+    config = model.config.replace(deep_supervision=False)
+    clean = UNETRPP(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))}
+    clean.load_state_dict(state)
+    clean.save_pretrained(str(folder))
+    return folder
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steps_summary(history: list[dict]) -> dict[str, float]:
+    """Last training loss and best validation mean Dice seen in a history (for reports)."""
+    losses = [h["loss"] for h in history if "loss" in h]
+    vals = [h["val_mean_dice"] for h in history if "val_mean_dice" in h]
+    return {"last_loss": losses[-1] if losses else math.nan, "best_val_mean_dice": max(vals) if vals else math.nan}

@@ -1,0 +1,93 @@
+"""Training plumbing: the torchrun / DDP context, atomic checkpoint writes and the curve plot."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistributedContext:
+    """Rank, world size and device of this process. Under torchrun (WORLD_SIZE > 1) it joins the
+    process group: NCCL with one GPU per LOCAL_RANK on CUDA, gloo on the CPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> DistributedContext:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here; use --device cpu")
+        if dev.type == "cuda" and world > 1:
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            log.info("rank %d of %d on %s", rank, world, dev)
+        return cls(rank, world, dev)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: never a half-written checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and validation mean Dice against step, as a PNG.
+
+    Uses a bare matplotlib Figure, not pyplot: switching the global backend to Agg here would stop a
+    notebook that calls `train` from showing its own figures.
+    """
+    from matplotlib.figure import Figure
+
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    vals = [(h["step"], h["val_mean_dice"]) for h in history if "val_mean_dice" in h]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    if losses:
+        ax.plot(*zip(*losses), color="tab:blue", label="training loss (Dice + CE)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if vals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*vals), "o-", color="tab:orange", label="validation mean Dice")
+        ax2.set_ylabel("mean Dice")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
