@@ -85,16 +85,17 @@ NETWORKS = ("unetrpp", "unetr", "swin_unetr")
 
 
 def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_synapse",
-                  device: str | torch.device = "cpu") -> nn.Module:
+                  device: str | torch.device = "cpu", **overrides) -> nn.Module:
     """UNETR++ (`name` preset with its patch set to the input) or a MONAI peer at the same input and
-    widths as the paper compares: UNETR (feature_size 16, hidden 768) and Swin-UNETR (feature_size 48)."""
+    widths as the paper compares: UNETR (feature_size 16, hidden 768) and Swin-UNETR (feature_size 48).
+    `overrides` go to the UNETR++ config (e.g. deep_supervision=True)."""
     from monai.networks.nets import UNETR, SwinUNETR
 
     from .model import create_model
 
     b, c, *spatial = input_shape
     if kind == "unetrpp":
-        return create_model(name, patch_size=tuple(spatial), in_channels=c).eval()
+        return create_model(name, patch_size=tuple(spatial), in_channels=c, **overrides).eval()
     with torch.device(device):
         if kind == "unetr":
             return UNETR(c, 14, img_size=tuple(spatial), feature_size=16, hidden_size=768).eval()

@@ -34,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
     shape = tuple(args.input) if args.input else (1, cfg.in_channels, *cfg.patch_size)
     if args.network == "unetrpp":
         cfg.replace(patch_size=shape[2:], in_channels=shape[1])  # validates the input against the config
-    model = build_network(args.network, shape, name=args.name)
-    if args.network == "unetrpp":
-        model.deep_supervision = cfg.deep_supervision and hasattr(model, "out2")
+    extra = {"deep_supervision": cfg.deep_supervision} if args.network == "unetrpp" else {}
+    model = build_network(args.network, shape, name=args.name, **extra)
     params = parameter_breakdown(model) if args.network == "unetrpp" else {"all": sum(
         p.numel() for p in model.parameters())}
     flops, per_module = count_flops(model, shape)
