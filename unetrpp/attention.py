@@ -75,13 +75,10 @@ class EPA(nn.Module):
         x_ca = self.attn_drop(attn_ca) @ v_ca  # (B, h, d, N)
         x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
 
-        # Spatial attention: every token against P projected "summary tokens".
-        if self.training or self.store_attention:
-            attn_sa = (q.transpose(-2, -1) @ k_proj * self.temperature2).softmax(dim=-1)  # (B, h, N, P)
-            x_sa = self.attn_drop_2(attn_sa) @ v_proj.transpose(-2, -1)  # (B, h, N, d)
-        else:  # the same maths in one fused kernel, the temperature folded into the queries
-            x_sa = F.scaled_dot_product_attention(q.transpose(-2, -1) * self.temperature2, k_proj.transpose(-2, -1),
-                                                  v_proj.transpose(-2, -1), scale=1.0)  # (B, h, N, d)
+        # Spatial attention: every token against P projected "summary tokens". The temperature
+        # scales the (N, d) queries rather than the (N, P) scores: the same product, fewer multiplies.
+        attn_sa = (q.transpose(-2, -1) * self.temperature2 @ k_proj).softmax(dim=-1)  # (B, h, N, P)
+        x_sa = self.attn_drop_2(attn_sa) @ v_proj.transpose(-2, -1)  # (B, h, N, d)
         # Quirk of the original (its issue #62): permute to (B, d, h, N), then reshape straight to
         # (B, N, C), which mixes tokens and channels. The released weights were trained with it.
         x_sa = x_sa.permute(0, 3, 1, 2).reshape(B, N, C)

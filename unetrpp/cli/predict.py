@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes, slower)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: float32 on CPU, float16 autocast on CUDA; bf16: faster on CPUs with BF16 support")
     parser.add_argument("--largest-component", action="store_true",
                         help="keep only the largest connected component of each organ")
     parser.add_argument("--stats", metavar="FILE", default=None,
@@ -129,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
                     bar.set_postfix_str(message, refresh=True)
 
                 result = segment(source, model=model, device=device, overlap=args.overlap, tta=args.tta,
-                                 largest_component=args.largest_component, sw_batch_size=args.sw_batch_size,
-                                 progress=progress)
+                                 precision=args.precision, largest_component=args.largest_component,
+                                 sw_batch_size=args.sw_batch_size, progress=progress)
             result.save(target)
             seen.add(target.resolve())
         except (ValueError, TypeError, OSError) as exc:

@@ -1,0 +1,72 @@
+"""Inference-time rewrites compute the same function as the plain layers, and leave training alone."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unetrpp import create_model, load_original_checkpoint
+from unetrpp.fast import FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, optimize_for_inference
+
+from golden import FIXTURES, golden_state_dict, save_released_style
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv3d(8, 8, 3, padding=1, bias=False), (2, 8, 6, 10, 12)),
+    (nn.Conv3d(4, 16, (2, 4, 4), stride=(2, 4, 4)), (1, 4, 8, 16, 16)),
+    (nn.Conv3d(16, 14, 1), (3, 16, 5, 6, 7)),
+    (nn.Conv3d(1, 16, 1, bias=False), (2, 1, 5, 6, 7)),
+    (nn.ConvTranspose3d(32, 16, (2, 4, 4), stride=(2, 4, 4), bias=False), (2, 32, 3, 4, 5)),
+    (nn.ConvTranspose3d(8, 4, 2, stride=2), (1, 8, 3, 3, 3)),
+    (nn.ConvTranspose3d(8, 4, 3, stride=2, padding=1), (1, 8, 3, 3, 3)),  # not patchwise: plain path
+    (nn.InstanceNorm3d(6), (2, 6, 5, 6, 7)),
+])
+def test_fast_layers_compute_the_same_function(layer, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    fast = optimize_for_inference(copy.deepcopy(layer))
+    assert type(fast) in (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_optimized_model_keeps_parameters_and_still_trains():
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny", deep_supervision=True)
+    keys = list(model.state_dict())
+    optimize_for_inference(model)
+    assert list(model.state_dict()) == keys
+    model.train()
+    outs = model(torch.randn(1, 1, 32, 64, 64))
+    sum(o.mean() for o in outs).backward()  # the plain path runs under autograd
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_optimized_network_matches_the_golden_outputs(tmp_path):
+    g = np.load(FIXTURES / "official_synapse.npz")
+    path = save_released_style(golden_state_dict("synapse"), tmp_path / "synapse.model")
+    model = optimize_for_inference(load_original_checkpoint(path, deep_supervision=True))
+    x = torch.randn(tuple(int(s) for s in g["input_shape"]), generator=torch.Generator().manual_seed(2026))
+    with torch.inference_mode():
+        outs = model(x)
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out[:, :, 1::4, 1::4, 1::4].numpy(), g[f"out{i}_sub"], atol=1e-3, rtol=1e-4)
+
+
+def test_bf16_segmentation_agrees_with_float32_and_leaves_the_model_alone(tmp_path):
+    from unetrpp import io, segment
+    from unetrpp.data.phantom import generate_case
+    from unetrpp.pretrained import load_pretrained
+
+    image, _, spacing = generate_case(seed=7, size="small")
+    scan = io.save_array(image, spacing, tmp_path / "phantom.nii.gz")
+    model = load_pretrained("unetrpp_tiny_phantom")
+    full = segment(scan, model=model, precision="fp32")
+    half = segment(scan, model=model, precision="bf16")
+    assert next(model.parameters()).dtype == torch.float32
+    assert half.mask.shape == full.mask.shape
+    assert (half.mask == full.mask).mean() > 0.99
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        segment(scan, model=model, precision="fp8")
