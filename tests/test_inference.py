@@ -239,3 +239,12 @@ def test_resampling_is_nearest_along_the_coarse_axis():
     assert set(np.unique(up)) == {0.0, 1.0}  # no blending between slices 5 mm apart
     smooth = resample(array, (9, 8, 8), order=1, coarse_axis=None)
     assert len(np.unique(smooth)) > 2
+
+
+def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):
+    """A small header with absurd spacing (50 mm voxels) would become billions of voxels at 1 mm."""
+    affine = np.diag([50.0, 50.0, 50.0, 1.0])
+    path = write_nifti(tmp_path / "huge_spacing.nii.gz", np.zeros((64, 64, 64), np.int16), affine)
+    fine = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(0.5, 0.5, 0.5)))
+    with pytest.raises(ValueError, match="MAX_TARGET_VOXELS.*check the voxel spacing"):
+        segment(path, model=fine)

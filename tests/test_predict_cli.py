@@ -119,7 +119,7 @@ def test_bad_options_exit_2_without_output(args, words, tmp_path, weights, capsy
     status = predict(source, "-o", tmp_path / "out", *full)
     err = capsys.readouterr().err.strip()
     assert status == 2 and words in err and "Traceback" not in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_exits_2(tmp_path, weights, capsys):
@@ -138,3 +138,56 @@ def test_torchrun_ranks_share_the_files():
     assert distributed_share(files, {})[0] == files
     with pytest.raises(ValueError, match="RANK"):
         distributed_share(files, {"RANK": "3", "WORLD_SIZE": "3"})
+
+
+def test_outputs_never_overwrite_inputs_or_foreign_side_cars(tmp_path, weights, capsys):
+    """-o pointing at the input folder: a.nii's mask would be a.nii.gz (another input) and b's label
+    side-car b.json would replace the user's own JSON; both are refused, nothing is lost."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_nifti(folder / "a.nii", ct_like(1), AFFINE)
+    write_nifti(folder / "a.nii.gz", ct_like(2), AFFINE)
+    write_nifti(folder / "b.nii", ct_like(3), AFFINE)
+    (folder / "b.json").write_text('{"RepetitionTime": 2.0}')
+    before = {p.name: sha(p) for p in folder.iterdir()}
+    status = predict(folder, "-o", folder, "--weights", weights)
+    err = capsys.readouterr().err
+    assert status == 2 and "a.nii.gz would overwrite an input file" in err and "b.json would overwrite" in err
+    assert {p.name: sha(p) for p in folder.iterdir() if p.name in before} == before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.json").write_text('{"mine": true}')
+    assert predict(folder / "b.nii", "-o", out, "--weights", weights) == 2
+    assert "not a UNETR++ label table" in capsys.readouterr().err
+    assert (out / "b.json").read_text() == '{"mine": true}' and not (out / "b.nii.gz").exists()
+    (out / "b.json").unlink()
+    assert predict(folder / "b.nii", "-o", out, "--weights", weights) == 0
+    assert predict(folder / "b.nii", "-o", out, "--weights", weights) == 0  # a rerun replaces its own side-car
+
+
+def _broken_weights(kind: str, good, folder):
+    shutil.copytree(good, folder)
+    if kind == "truncated safetensors":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif kind == "missing safetensors":
+        (folder / "model.safetensors").unlink()
+    elif kind == "corrupt config":
+        (folder / "config.json").write_text('{"name": "unetrpp_tiny", ')
+    elif kind == "unknown preprocessing key":
+        text = (folder / "config.json").read_text().replace('"spacing"', '"spacings"', 1)
+        (folder / "config.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("kind, words", [("truncated safetensors", "model.safetensors: unreadable"),
+                                         ("missing safetensors", "no model.safetensors"),
+                                         ("corrupt config", "config.json: not a UNETR++ config"),
+                                         ("unknown preprocessing key", "unknown preprocessing keys ['spacings']")])
+def test_broken_weights_folder_is_one_line_and_writes_nothing(kind, words, tmp_path, weights, capsys):
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    broken = _broken_weights(kind, weights, tmp_path / "weights")
+    status = predict(source, "-o", tmp_path / "out", "--weights", broken)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert not (tmp_path / "out").exists()

@@ -128,3 +128,13 @@ def test_hub_repo_id_from_a_prefilled_cache_and_offline_error(tmp_path, tiny):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "OK unetrpp_tiny" in out.stdout, out.stderr
     assert "ERR could not get weights 'someone/not-cached'" in out.stdout and "HF_HUB_OFFLINE" in out.stdout
+
+
+def test_state_dict_that_is_not_tensors_is_refused(tmp_path):
+    path = tmp_path / "odd.model"
+    torch.save({"state_dict": {"a": [1, 2]}, "epoch": 3}, path)
+    with pytest.raises(ValueError, match="values that are not tensors"):
+        load_original_checkpoint(path)
+    torch.save({"state_dict": [1]}, path)
+    with pytest.raises(ValueError, match="without a 'state_dict'"):
+        load_original_checkpoint(path)

@@ -91,6 +91,9 @@ class UNETRPPConfig:
         for key in ("patch_size", "stem", "dims", "depths", "proj_sizes", "class_names"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         if isinstance(self.preprocessing, Mapping):
+            known = {f.name for f in dataclasses.fields(Preprocessing)}
+            if unknown := sorted(set(self.preprocessing) - known):
+                raise ValueError(f"unknown preprocessing keys {unknown}; valid keys: {sorted(known)}")
             object.__setattr__(self, "preprocessing", Preprocessing(**self.preprocessing))
         self._validate()
 

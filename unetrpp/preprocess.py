@@ -9,6 +9,7 @@ given order in the other two axes and with nearest neighbour along the coarse ax
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Union
 
@@ -20,6 +21,9 @@ from . import io
 from .config import Preprocessing
 
 ANISOTROPY_RATIO = 3.0
+# The network's grid holds (classes + 3) float32 values per voxel during inference (see inference.py):
+# 2**27 voxels is about 9 GB with 14 classes; a 512x512x1000 CT at 0.7 x 0.7 x 1 mm needs 75 M.
+MAX_TARGET_VOXELS = 2**27
 ImageLike = Union[str, os.PathLike, nib.Nifti1Image, io.Volume]
 
 
@@ -110,6 +114,11 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing) -> Prepared:
     """Resample `volume` to the target spacing (cubic, nnU-Net order: resample then normalise)."""
     target = preprocessing.spacing
     shape = target_shape(volume.shape, volume.spacing, target)
+    if math.prod(shape) > MAX_TARGET_VOXELS:
+        raise ValueError(f"at the weights' spacing {tuple(target)} mm the {volume.shape} scan with spacing "
+                         f"{tuple(round(v, 3) for v in volume.spacing)} mm becomes {shape} = {math.prod(shape):,} voxels, "
+                         f"above the limit of {MAX_TARGET_VOXELS:,} (unetrpp.preprocess.MAX_TARGET_VOXELS); "
+                         "check the voxel spacing in the header, or crop the scan")
     image = resample(volume.array, shape, order=3, coarse_axis=_coarse_axis(volume.spacing, target))
     return Prepared(normalize(image, preprocessing), volume.shape, volume.spacing, target)
 

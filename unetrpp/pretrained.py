@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -62,7 +63,9 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, maybe truncated ({reason}); {expected}") from None
-    if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
+        if not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+            raise ValueError(f"{path}: its state_dict holds values that are not tensors; {expected}")
         return dict(ckpt)
     if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"state_dict": dict(ckpt)}  # a bare state_dict, as some re-exports are
@@ -142,7 +145,7 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
             raise ValueError(f"{path}: no config.json; a weights folder holds config.json + model.safetensors "
                              "(make one with `python -m unetrpp convert`)")
         model = _from_folder(path)
-    elif path.is_file() and path.suffix == ".model":
+    elif path.is_file():  # a released checkpoint (model_final_checkpoint.model), whatever its name
         model = load_original_checkpoint(path)
     elif text in local_weights():
         model = _from_folder(local_weights()[text])
@@ -157,9 +160,24 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
 
 
 def _from_folder(path: Path) -> UNETRPP:
-    # huggingface_hub prints "Loading weights from local directory" to stdout; keep the CLI's output clean.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return UNETRPP.from_pretrained(path)
+    """A save_pretrained folder, every way it can be broken answered in one line."""
+    hint = "a weights folder holds config.json + model.safetensors (make one with `python -m unetrpp convert`)"
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"{path}: no model.safetensors; {hint}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        UNETRPPConfig.from_dict(config)  # names the field when the config is wrong
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {hint}") from None
+    try:
+        # huggingface_hub prints "Loading weights from local directory" to stdout; keep the CLI's output clean.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return UNETRPP.from_pretrained(path)
+    except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
+                         f"({reason}); {hint}") from None
 
 
 def _from_hub(repo_id: str) -> UNETRPP:

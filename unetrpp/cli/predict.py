@@ -66,6 +66,30 @@ def output_paths(files: list[Path], output: Path) -> list[Path]:
     return [output / f"{_stem(f)}.nii.gz" for f in files]
 
 
+def _is_label_table(path: Path) -> bool:
+    """Whether `path` is a label side-car this program wrote (safe to replace on a rerun)."""
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("description") == "UNETR++ segmentation label map"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def clobbers(target: Path, inputs: set[Path]) -> str | None:
+    """Why writing the mask `target` and its label side-car would destroy a file the user has, or None."""
+    from ..io import sidecar_path
+
+    side = sidecar_path(target)
+    for path, what in ((target, "mask"), (side, "label side-car")):
+        if path.resolve() in inputs:
+            return f"its {what} {path} would overwrite an input file; choose another output folder"
+    if side.exists() and not _is_label_table(side):
+        return (f"its label side-car {side} would overwrite an existing file that is not a UNETR++ label table; "
+                "choose another output folder")
+    return None
+
+
 def _line(kind: str, source: Path, text: str) -> str:
     """`kind: FILE: text`, without repeating the file when the text already starts with it."""
     return f"{kind}: {text}" if text.startswith(str(source)) else f"{kind}: {source}: {text}"
@@ -110,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
     if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per rank
     device = resolve_device(device)
+    model = load_pretrained(args.weights, device=device)  # before creating anything: bad weights leave no trace
     if targets and targets[0].parent == output:
         output.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained(args.weights, device=device)
+    inputs = {f.resolve() for f in files}
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
 
     failures, rows, seen = 0, [], set()
@@ -120,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
     for source, target in files_bar:
         try:
-            if target.resolve() in seen or target.resolve() == source.resolve():
-                what = "another result" if target.resolve() in seen else "the input"
-                raise ValueError(f"output {target} would overwrite {what}; "
+            if target.resolve() in seen:
+                raise ValueError(f"output {target} would overwrite another result; "
                                  "choose another output folder or rename the input")
+            if reason := clobbers(target, inputs):
+                raise ValueError(reason)
             with tqdm(total=100, desc=f"{tag}{source.name}", leave=False, disable=None,
                       bar_format="{l_bar}{bar}| {postfix}") as bar:
                 def progress(fraction: float, message: str) -> None:
