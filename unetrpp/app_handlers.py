@@ -148,7 +148,8 @@ def load_scan(path: str | os.PathLike | None) -> Session:
     except (FileNotFoundError, ValueError):
         raise
     except Exception as exc:  # nibabel raises several types for corrupt or non-NIfTI files
-        raise ValueError(f"{p.name}: not a readable NIfTI image ({type(exc).__name__}: {exc}); "
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{p.name}: not a readable NIfTI image ({type(exc).__name__}: {reason}); "
                          "upload a .nii or .nii.gz CT volume") from exc
     array = volume.array
     if array.ndim == 4 and array.shape[-1] == 1:
