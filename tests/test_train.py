@@ -119,16 +119,21 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
 
 
-def test_shipped_teaching_weights_segment_an_unseen_phantom(tmp_path):
-    """weights/unetrpp_tiny_phantom on a phantom from a seed never used in training (small grid)."""
+def test_shipped_teaching_weights_reach_the_acceptance_dice_on_unseen_phantoms(tmp_path):
+    """weights/unetrpp_tiny_phantom on default-size phantoms from a seed never used in training or in
+    the model card: the mean Dice over the 13 organs must reach 0.80 (issue acceptance)."""
     from unetrpp import io
-    from unetrpp.evaluate import evaluate_case
+    from unetrpp.evaluate import evaluate_case, mean_metrics
     from unetrpp.inference import segment
+    from unetrpp.pretrained import load_pretrained
 
-    data = write_phantom_dataset(tmp_path / "unseen", cases=1, seed=2001, size="small")
-    result = segment(str(data / "imagesTr/img0001.nii.gz"), weights="unetrpp_tiny_phantom", device="cpu")
-    truth = io.load(data / "labelsTr/label0001.nii.gz", dtype=None)
-    scores = {k: v["dice"] for k, v in evaluate_case(result.mask, truth.array.astype(int), truth.spacing,
-                                                     with_hd95=False).items()}
-    assert np.mean(list(scores.values())) > 0.75, scores
-    assert min(scores.values()) > 0.5, scores
+    data = write_phantom_dataset(tmp_path / "unseen", cases=2, seed=2001, size="default")
+    model = load_pretrained("unetrpp_tiny_phantom")
+    per_case = {}
+    for i in (1, 2):
+        result = segment(str(data / f"imagesTr/img000{i}.nii.gz"), model=model, device="cpu")
+        truth = io.load(data / f"labelsTr/label000{i}.nii.gz", dtype=None)
+        per_case[str(i)] = evaluate_case(result.mask, truth.array.astype(int), truth.spacing, with_hd95=False)
+    summary = mean_metrics(per_case)
+    assert summary["mean"]["dice"] >= 0.80, summary
+    assert min(v["dice"] for k, v in summary.items() if k != "mean") > 0.5, summary
