@@ -81,30 +81,35 @@ ORIENTATIONS = [(perm, flips) for perm in itertools.permutations(range(3))
                 for flips in itertools.product((1, -1), repeat=3)]  # all 48
 
 
-def _reoriented(data_ras: np.ndarray, perm, flips):
+def _reoriented(data_ras: np.ndarray, perm, flips, base=ISO):
     """The same world content stored with voxel axes permuted/flipped; returns data and affine."""
     ornt = np.array([[p, f] for p, f in zip(perm, flips)], float)  # RAS voxel axis a -> new axis perm[a]
     data = nib.orientations.apply_orientation(data_ras, ornt)
-    affine = ISO @ nib.orientations.inv_ornt_aff(ornt, data_ras.shape)
+    affine = base @ nib.orientations.inv_ornt_aff(ornt, data_ras.shape)
     return data, affine
 
 
-def _world_to_ras_index(affine: np.ndarray, shape) -> tuple[np.ndarray, ...]:
-    """For each voxel of a grid with `affine`, the (i, j, k) index of the same point on the ISO grid."""
+def _world_to_ras_index(affine: np.ndarray, shape, base=ISO) -> tuple[np.ndarray, ...]:
+    """For each voxel of a grid with `affine`, the (i, j, k) index of the same point on the `base` grid."""
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     world = ijk @ affine[:3, :3].T + affine[:3, 3]
-    ras = np.rint((world - ISO[:3, 3]) @ np.linalg.inv(ISO[:3, :3]).T).astype(int)
+    ras = np.rint((world - base[:3, 3]) @ np.linalg.inv(base[:3, :3]).T).astype(int)
     return tuple(ras.T)
 
 
-def test_same_world_content_in_48_orientations_gives_the_same_world_mask(tmp_path, model):
+ANISO = np.diag([2.0, 3.0, 4.5, 1.0])  # a different spacing on every axis: swapped spacings would show
+ANISO[:3, 3] = (-20.0, 10.0, 5.0)
+
+
+@pytest.mark.parametrize("base", [ISO, ANISO], ids=["isotropic", "anisotropic"])
+def test_same_world_content_in_48_orientations_gives_the_same_world_mask(tmp_path, model, base):
     data_ras = phantom_ras()
-    reference = segment(write_nifti(tmp_path / "ras.nii.gz", data_ras, ISO), model=model)
+    reference = segment(write_nifti(tmp_path / "ras.nii.gz", data_ras, base), model=model)
     ref_ijk = io.to_source_grid(reference.mask, reference.volume)  # on the RAS file's (i, j, k) grid
     assert len(np.unique(ref_ijk)) > 2  # a mask with structure, so a wrong flip would show
     for n, (perm, flips) in enumerate(ORIENTATIONS):
-        data, affine = _reoriented(data_ras, perm, flips)
-        index = _world_to_ras_index(affine, data.shape)
+        data, affine = _reoriented(data_ras, perm, flips, base)
+        index = _world_to_ras_index(affine, data.shape, base)
         np.testing.assert_array_equal(data.reshape(-1), data_ras[index])  # world content identical
         path = write_nifti(tmp_path / f"o{n}.nii.gz", data, affine)
         result = segment(path, model=model)
