@@ -77,7 +77,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         if session is None:
             return [*views(None), "", [], None, None, None, gr.CheckboxGroup(choices=[], value=[])]
         organs = H.organ_choices(session)
-        figure = None if session.mask is None else surface_figure(session.mask, session.spacing, session.class_names)
+        figure = None if session.mask is None else surface_figure(session.mask, session.spacing, session.class_names,
+                                                                      orientation=session.orientation)
         return [*views(session, *disp[:4], organs, disp[5]), H.legend_html(session),
                 H.statistics_rows(session.statistics), figure, *(session.files + [None, None])[:2],
                 gr.CheckboxGroup(choices=organs, value=organs)]

@@ -139,6 +139,10 @@ def test_organ_meshes_in_mm_and_colours():
     assert liver.color == "#%02x%02x%02x" % BTCV_COLORS[6] and liver.faces.max() < len(liver.vertices)
     fig = surface_figure(mask, spacing, NAMES)
     assert [t.name for t in fig.data] == ["spleen", "liver"]
+    lps = surface_figure(mask, spacing, NAMES, orientation="LPS")  # x and y point left and back: drawn in RAS
+    np.testing.assert_allclose(np.asarray(lps.data[1].x), -np.asarray(fig.data[1].x))
+    np.testing.assert_allclose(np.asarray(lps.data[1].y), -np.asarray(fig.data[1].y))
+    np.testing.assert_allclose(np.asarray(lps.data[1].z), np.asarray(fig.data[1].z))
 
 
 def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():

@@ -81,13 +81,20 @@ def organ_meshes(mask: np.ndarray, spacing: Sequence[float], class_names: Sequen
 
 def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequence[str],
                    colors: Mapping[int, Sequence[int]] | None = None, max_voxels: int = 300_000,
-                   title: str | None = None):
-    """A plotly Figure with one Mesh3d per organ of `mask` (Z, Y, X); axes in mm, equal aspect."""
+                   title: str | None = None, orientation: str = "RAS"):
+    """A plotly Figure with one Mesh3d per organ of `mask` (Z, Y, X); axes in mm, equal aspect.
+
+    `orientation` names where the mask's (x, y, z) axes point ("RAS", "LPS", ...): the surfaces are
+    drawn in RAS directions whatever it is, so the patient's right is always +x.
+    """
     import plotly.graph_objects as go
 
+    if len(orientation) != 3 or any(c not in "RLAPSI" for c in orientation.upper()):
+        raise ValueError(f"orientation={orientation!r}: need three axis codes such as 'RAS' or 'LPS'")
+    signs = np.array([-1.0 if c in "LPI" else 1.0 for c in orientation.upper()], np.float32)
     fig = go.Figure()
     for m in organ_meshes(mask, spacing, class_names, colors, max_voxels):
-        x, y, z = m.vertices.T
+        x, y, z = (m.vertices * signs).T
         i, j, k = m.faces.T
         fig.add_trace(go.Mesh3d(x=x, y=y, z=z, i=i, j=j, k=k, color=m.color, opacity=1.0, name=m.name,
                                 showlegend=True, flatshading=False, hovertemplate=f"{m.name}<extra></extra>",
