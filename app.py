@@ -118,9 +118,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
 
     def on_click(view):
         @friendly
-        def handler(session, *disp, evt: gr.SelectData):
-            H.click(session, view, *evt.index)
-            return views(session, *disp)
+        def handler(session, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
+            H.click(session, view, *evt.index)  # gradio passes the event after the inputs, by position
+            return views(session, preset, width, level, opacity, organs, contour)
         return handler
 
     @friendly

@@ -101,6 +101,8 @@ def test_viewer_end_to_end(page, tmp_path):
     page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.7)
     page.wait_for_function("old => document.querySelector('#position').innerText !== old", arg=before)
     assert page.locator("#position").inner_text() != before
+    page.wait_for_timeout(500)
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
 
     # Download the mask; it opens on the upload's grid.
     with page.expect_download() as info:
@@ -114,6 +116,7 @@ def test_viewer_end_to_end(page, tmp_path):
     page.locator("#attention-btn").click()
     page.locator("#attention-axial img").first.wait_for(timeout=60_000)
     page.get_by_text("Query voxel").first.wait_for()
+    page.get_by_text("channel attention, encoder stage 0").first.wait_for(timeout=30_000)  # the plotly matrices
     page.screenshot(path=str(ARTIFACTS / "03_attention.png"), full_page=True)
     page.get_by_role("tab", name="3D surfaces").click()
     page.locator("#surface .js-plotly-plot").first.wait_for(timeout=30_000)
