@@ -59,3 +59,19 @@ def save_released_style(state_dict: dict, path: Path, prefix: str = "") -> Path:
         "best_stuff": (999, np.float64(0.81), np.float64(0.82)),
     }, path)
     return path
+
+
+def as_numpy1_pickle(path: Path) -> Path:
+    """Rewrite a torch.save file so its numpy scalars are pickled as numpy 1 wrote them
+    (`numpy.core.multiarray.scalar`), as in the released checkpoints; numpy 2 writes `numpy._core`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                assert b"cnumpy._core.multiarray\nscalar\n" in data
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            z.writestr(info, data)
+    return path

@@ -13,7 +13,7 @@ import torch
 from unetrpp import UNETRPP, create_model, load_original_checkpoint
 from unetrpp.pretrained import identify_variant, load_pretrained
 
-from golden import save_released_style
+from golden import as_numpy1_pickle, save_released_style
 
 
 class _Exploit:
@@ -138,3 +138,12 @@ def test_state_dict_that_is_not_tensors_is_refused(tmp_path):
     torch.save({"state_dict": [1]}, path)
     with pytest.raises(ValueError, match="without a 'state_dict'"):
         load_original_checkpoint(path)
+
+
+def test_numpy1_pickled_checkpoint_loads(tmp_path):
+    """The released files were written under numpy 1: their scalars name numpy.core.multiarray."""
+    model = create_model("unetrpp_tumor", deep_supervision=True)
+    path = as_numpy1_pickle(save_released_style(model.state_dict(), tmp_path / "tumor.model"))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    loaded = load_original_checkpoint(path)
+    assert loaded.config.name == "unetrpp_tumor"
