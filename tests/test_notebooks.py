@@ -1,7 +1,6 @@
 """The teaching notebooks run top to bottom in fast mode and draw their figures; each .ipynb is
 paired with a jupytext percent .py of the same cells."""
 
-import os
 from pathlib import Path
 
 import jupytext

@@ -2,11 +2,9 @@
 
 import hashlib
 import os
-import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,6 +7,7 @@ This is the only module that knows about checkpoint formats, files and hubs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .config import PRESETS, UNETRPPConfig, get_config
+from .config import UNETRPPConfig, get_config
 from .model import UNETRPP
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,16 @@ def _from_hub(repo_id: str) -> UNETRPP:
                          "where the Hub is reachable (huggingface-cli download) and pass the folder") from None
 
 
+def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRPPConfig | None = None) -> Path:
+    """Save `model` as a weights folder (config.json + model.safetensors) without its deep-supervision
+    heads, which inference never uses; `config` replaces the model's (e.g. other preprocessing)."""
+    config = (config or model.config).replace(deep_supervision=False)
+    clean = UNETRPP(config)
+    clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
+    clean.save_pretrained(Path(folder))
+    return Path(folder)
+
+
 def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
                      **preprocessing: Any) -> Path:
     """Write a released checkpoint as a weights folder (config.json + model.safetensors) for inference.
@@ -201,11 +212,7 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     model = load_original_checkpoint(path, name=name, deep_supervision=False)
     cfg = model.config
     if preprocessing:
-        import dataclasses
         cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
-    clean = UNETRPP(cfg.replace(deep_supervision=False))
-    clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
-    out_dir = Path(out_dir)
-    clean.save_pretrained(out_dir)
-    log.info("wrote %s (%s) to %s", cfg.name, PRESETS[cfg.name].name if cfg.name in PRESETS else "custom", out_dir)
+    out_dir = save_for_inference(model, out_dir, cfg)
+    log.info("wrote %s to %s", cfg.name, out_dir)
     return out_dir

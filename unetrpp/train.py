@@ -24,6 +24,7 @@ from .config import UNETRPPConfig, get_config
 from .data.btcv import check_cases, read_datalist, split_cases
 from .evaluate import dice
 from .model import UNETRPP
+from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
 from .train_utils import DistributedContext, plot_curves, save_atomic
 
@@ -273,20 +274,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     model_dir = None
     if ctx.is_main:
         plot_curves(history, run_dir / "training_curve.png")
-        model_dir = save_inference_model(model, run_dir / "model")
+        model_dir = save_for_inference(model, run_dir / "model")
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
-
-
-def save_inference_model(model: UNETRPP, folder: Path) -> Path:
-    """Save the trained network without the deep-supervision heads (an inference model) as a
-    Hugging Face folder (config.json + model.safetensors)."""
-    config = model.config.replace(deep_supervision=False)
-    clean = UNETRPP(config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))}
-    clean.load_state_dict(state)
-    clean.save_pretrained(str(folder))
-    return folder
 
 
 def _read_history(path: Path) -> list[dict]:
