@@ -151,14 +151,8 @@ def load_scan(path: str | os.PathLike | None) -> Session:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{p.name}: not a readable NIfTI image ({type(exc).__name__}: {reason}); "
                          "upload a .nii or .nii.gz CT volume") from exc
-    array = volume.array
-    if array.ndim == 4 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3 or min(array.shape) < 1:
-        raise ValueError(f"{p.name}: image of shape {array.shape}; need a 3-D volume (one CT scan)")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{p.name}: the image holds NaN or infinite values; upload a CT in HU")
-    return Session(np.asarray(array, dtype=np.float32), tuple(volume.spacing), p.name, str(p))
+    # io.load has already refused non-3-D images and replaced NaN/Inf (with a warning in volume.warnings).
+    return Session(np.asarray(volume.array, dtype=np.float32), tuple(volume.spacing), p.name, str(p))
 
 
 def describe(session: Session) -> str:
