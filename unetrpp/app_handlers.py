@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import io
 from . import visualize as vis
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ SYNTHETIC_NOTICE = ("These weights were trained on **synthetic phantoms** (teach
 UNTRAINED_NOTICE = ("**UNTRAINED MODEL: random weights.** No weights were found (`--weights`, `UNETRPP_WEIGHTS`, "
                     "`weights/`), so the masks below are noise. Train the teaching weights or convert the "
                     "released synapse weights into `weights/`.")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # ---- weights --------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def _check_nifti_path(path: str | os.PathLike | None) -> Path:
     if not path:
         raise ValueError("no file given: upload a CT volume as .nii or .nii.gz")
     p = Path(path)
-    if not p.name.lower().endswith(NIFTI_SUFFIXES):
+    if not p.name.lower().endswith(io.NIFTI_SUFFIXES):
         raise ValueError(f"{p.name}: not a NIfTI file name; upload a .nii or .nii.gz CT volume")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file; upload the scan again")
@@ -140,7 +140,6 @@ def _check_nifti_path(path: str | os.PathLike | None) -> Path:
 
 def load_scan(path: str | os.PathLike | None) -> Session:
     """Read an uploaded NIfTI into a Session in RAS, so the scan shows before segmentation."""
-    from . import io
 
     p = _check_nifti_path(path)
     try:

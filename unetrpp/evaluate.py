@@ -19,7 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import io
-from .data.btcv import NIFTI_SUFFIXES, _case_id
+from .data.btcv import _case_id
+from .io import NIFTI_SUFFIXES
 from .labels import BTCV_LABELS
 
 log = logging.getLogger(__name__)

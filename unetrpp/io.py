@@ -261,12 +261,17 @@ def to_source_grid(array_zyx: np.ndarray, volume: Volume) -> np.ndarray:
 
 
 # ---- writing ------------------------------------------------------------------------------------
+def nifti_stem(path: str | os.PathLike) -> str | None:
+    """The file name without .nii.gz / .nii (any case), or None when it has neither."""
+    name = Path(path).name
+    return next((name[: -len(s)] for s in NIFTI_SUFFIXES if name.lower().endswith(s)), None)
+
+
 def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    raise ValueError(f"output {path}: the name must end with .nii.gz or .nii")
+    stem = nifti_stem(path)
+    if stem is None:
+        raise ValueError(f"output {path}: the name must end with .nii.gz or .nii")
+    return stem
 
 
 def sidecar_path(mask_path: str | os.PathLike) -> Path:

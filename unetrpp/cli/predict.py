@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,14 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write per-organ statistics of all files to this CSV")
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Files as given, plus every non-hidden file inside given folders (sorted); missing paths kept.
 
@@ -61,9 +52,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 def output_paths(files: list[Path], output: Path) -> list[Path]:
     """`output/<stem>.nii.gz` per file, or `output` itself for one file and a .nii/.nii.gz output."""
+    from ..io import NIFTI_SUFFIXES, nifti_stem
+
     if len(files) == 1 and output.name.lower().endswith(NIFTI_SUFFIXES):
         return [output]
-    return [output / f"{_stem(f)}.nii.gz" for f in files]
+    return [output / f"{nifti_stem(f) or f.stem}.nii.gz" for f in files]
 
 
 def _is_label_table(path: Path) -> bool:

@@ -16,7 +16,6 @@ from .. import io
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LAYOUT_HINT = ("expected imagesTr/img0001.nii.gz + labelsTr/label0001.nii.gz, an MSD dataset.json or a MONAI "
                "dataset_0.json; `python -m unetrpp phantom --out DIR --cases 4` writes a SYNTHETIC example")
 
@@ -31,11 +30,7 @@ class Case:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return io.nifti_stem(path) or path.name
 
 
 def _case_id(path: Path) -> str:
@@ -79,13 +74,13 @@ def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
             validation = _from_list(root, meta.get("validation", []))
             if training or validation:
                 return {"training": training, "validation": validation}
-    images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(NIFTI_SUFFIXES)) \
+    images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(io.NIFTI_SUFFIXES)) \
         if (root / "imagesTr").is_dir() else []
     if not images:
         raise ValueError(f"{root}: no cases found; {LAYOUT_HINT}")
     labels = {}
     if (root / "labelsTr").is_dir():
-        labels = {_case_id(p): p for p in (root / "labelsTr").glob("*") if p.name.endswith(NIFTI_SUFFIXES)}
+        labels = {_case_id(p): p for p in (root / "labelsTr").glob("*") if p.name.endswith(io.NIFTI_SUFFIXES)}
     cases = [Case(_stem(p), p, labels.get(_case_id(p))) for p in images]
     return {"training": cases, "validation": []}
 
