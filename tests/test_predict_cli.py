@@ -103,6 +103,14 @@ def test_single_file_to_a_named_output_with_options(tmp_path, weights, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_compile_and_batch_options_on_cpu_run_with_a_warning(tmp_path, weights, capsys):
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(2), AFFINE)
+    status = predict(source, "-o", tmp_path / "out", "--weights", weights, "--compile", "--sw-batch-size", "2")
+    err = capsys.readouterr().err
+    assert status == 0 and "warning:" in err and "compile=True is for CUDA" in err
+    assert (tmp_path / "out" / "ct.nii.gz").exists()
+
+
 def test_mri_prints_a_warning(tmp_path, weights, capsys, fixtures):
     status = predict(fixtures / "example_mr_sm.nii.gz", "-o", tmp_path, "--weights", weights)
     err = capsys.readouterr().err
@@ -110,7 +118,9 @@ def test_mri_prints_a_warning(tmp_path, weights, capsys, fixtures):
 
 
 @pytest.mark.parametrize("args, words", [(["--device", "cuda:7"], "CUDA"), (["--overlap", "1.5"], "overlap"),
-                                         (["--weights", "no/such/weights"], "not found")])
+                                         (["--weights", "no/such/weights"], "not found"),
+                                         (["--sw-batch-size", "0"], "sw-batch-size"),
+                                         (["--sw-batch-size", "many"], "positive integer or auto")])
 def test_bad_options_exit_2_without_output(args, words, tmp_path, weights, capsys):
     if "cuda" in args[-1] and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

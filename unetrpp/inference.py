@@ -8,6 +8,10 @@ in free GPU memory, otherwise on the CPU. Mapping back to the original grid then
 a time with a running maximum, so the peak is about (C + 3) x N' + 5 x N float32 values, where N'
 and N are the voxel counts of the target and the original grid. No second full-size probability
 volume is ever made.
+
+On CUDA the normalised image is copied to the GPU once, so windows are cut there (no per-window
+host-to-device copy), several windows go through each forward pass, and when the buffers stayed on
+the GPU the way back to the original grid runs there too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from . import io, postprocess
 from .fast import optimize_for_inference
 from .postprocess import organ_statistics, statistics_csv_text, write_text
-from .preprocess import ImageLike, Prepared, load_volume, prepare, restore
+from .preprocess import ImageLike, Prepared, _coarse_axis, load_volume, prepare, restore
 
 if TYPE_CHECKING:
     from .model import UNETRPP
@@ -62,6 +66,15 @@ class SegmentationResult:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# Windows per forward pass on CUDA when sw_batch_size is "auto" (or None), before the memory cap below.
+CUDA_SW_BATCH = 4
+# Rough GPU memory one window needs during a forward pass, per voxel of the window (autocast
+# activations of the full-resolution path, softmax and blending); only used to cap the auto batch.
+_BYTES_PER_WINDOW_VOXEL = 256
+# torch.compile mode for compile=True: the window shape never changes, so CUDA graphs (which
+# "reduce-overhead" adds to inductor's fused kernels) replay one recorded forward per batch without
+# launch overhead; "max-autotune" would spend minutes benchmarking kernels on every new process.
+COMPILE_MODE = "reduce-overhead"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -101,18 +114,97 @@ def ct_warning(array: np.ndarray) -> str | None:
     return None
 
 
-def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, amp: bool) -> torch.Tensor:
-    """Softmax probabilities (B, C, *patch) for windows (B, 1, *patch), averaged over mirrorings."""
+def auto_sw_batch_size(sw_batch_size: int | str | None, device: torch.device, patch: Sequence[int]) -> int:
+    """Windows per forward pass: an integer as given; None or "auto" gives 1 on the CPU (a larger
+    batch is not faster there) and on CUDA `CUDA_SW_BATCH`, fewer when free GPU memory is short."""
+    if sw_batch_size is None or sw_batch_size == "auto":
+        if device.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = int(0.25 * free) // (_BYTES_PER_WINDOW_VOXEL * math.prod(patch))
+        return max(1, min(CUDA_SW_BATCH, fits))
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size={sw_batch_size!r}: must be a positive integer or 'auto' "
+                         f"(1 on CPU, {CUDA_SW_BATCH} on a GPU)")
+    return sw_batch_size
+
+
+class _Compiled(torch.nn.Module):
+    """`torch.compile` of a network that falls back to the network itself, with one logged warning,
+    when compiling fails on the first call (no Triton, no C compiler, an unsupported Python)."""
+
+    def __init__(self, net: torch.nn.Module, mode: str = COMPILE_MODE):
+        super().__init__()
+        self.net = net
+        self.compiled = torch.compile(net, mode=mode, dynamic=False)
+        self.cudagraphs = "reduce-overhead" in mode
+        self.failed: str | None = None
+
+    def forward(self, x: torch.Tensor):
+        if self.failed is None:
+            try:
+                if self.cudagraphs:  # each call is a new step: the last outputs are already consumed
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(x)
+            except Exception as exc:  # compile errors come in many types; eager gives the same result
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.failed = f"torch.compile failed ({type(exc).__name__}: {first[:200]}); running without it"
+                logger.warning(self.failed)
+        return self.net(x)
+
+
+    @property
+    def config(self):
+        return self.net.config
+
+
+# Compiled wrappers by id of their network, kept (with the network) for the life of the process:
+# compiling takes tens of seconds, and an app segments many volumes with one network.
+_COMPILED: dict[int, _Compiled] = {}
+
+
+def _dynamo_supported() -> bool:
+    """Whether torch.compile can trace on this Python and platform (it raises at the first call otherwise)."""
+    from torch._dynamo import is_dynamo_supported
+
+    return is_dynamo_supported()
+
+
+def compile_network(net: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    """(`net` wrapped in torch.compile, None) on CUDA, or (`net`, why not) where compiling does not
+    apply. The wrapper is kept per network, so later calls reuse its compiled code and graphs."""
+    if device.type != "cuda":
+        return net, f"compile=True is for CUDA; running without torch.compile on {device.type}"
+    if not _dynamo_supported():
+        return net, "compile=True but torch.compile is not supported on this platform; running without it"
+    if id(net) not in _COMPILED:
+        _COMPILED[id(net)] = _Compiled(net)
+    return _COMPILED[id(net)], None
+
+
+def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,
+             pad_to: int = 0) -> torch.Tensor:
+    """Softmax probabilities (B, C, *patch) for windows (B, 1, *patch), averaged over mirrorings.
+
+    `autocast`: run the network under autocast to that dtype (CUDA); `pad_to`: pad a smaller batch
+    with zero windows up to this size, so a compiled network always sees one shape (every sample
+    is computed on its own, so the padding does not change the others).
+    """
     flips = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)] if tta else [()]
+    count = windows.shape[0]
+    if pad_to > count:
+        windows = torch.cat([windows, windows.new_zeros((pad_to - count, *windows.shape[1:]))])
+    dtype = next(model.parameters()).dtype
     total = None
     for axes in flips:
         x = windows.flip(axes) if axes else windows
-        x = x.to(next(model.parameters()).dtype)  # bfloat16 networks take bfloat16 windows
-        with torch.autocast(device_type=windows.device.type, dtype=torch.float16, enabled=amp):
+        x = x.to(dtype)  # bfloat16 networks take bfloat16 windows
+        with torch.autocast(device_type=windows.device.type, dtype=autocast or torch.float16,
+                            enabled=autocast is not None):
             logits = model(x)
         if isinstance(logits, (list, tuple)):  # deep supervision: full resolution first
             logits = logits[0]
-        p = torch.softmax(logits.float(), dim=1)
+        p = torch.softmax(logits[:count].float(), dim=1)
         p = p.flip(axes) if axes else p
         total = p if total is None else total.add_(p)
     return total / len(flips)
@@ -126,42 +218,99 @@ def _stitch_device(device: torch.device, voxels: int, channels: int) -> torch.de
     return device if (channels + 3) * voxels * 4 < 0.5 * free else torch.device("cpu")
 
 
+def _image_to(image: np.ndarray, device: torch.device, stitch: torch.device) -> torch.Tensor:
+    """The (1, 1, Z', Y', X') float32 input on the GPU when it takes under a tenth of its free memory,
+    so that MONAI cuts the windows there; else on the CPU (pinned, for faster copies to the GPU)."""
+    inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    if device.type != "cuda":
+        return inputs.to(stitch)
+    if stitch == device or 4 * image.size < 0.1 * torch.cuda.mem_get_info(device)[0]:
+        return inputs.to(device, non_blocking=True)
+    return inputs.pin_memory()
+
+
 def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, device: torch.device,
                                  overlap: float = 0.5, sw_batch_size: int = 1, tta: bool = False,
-                                 progress: Progress | None = None, amp: bool = False) -> torch.Tensor:
+                                 progress: Progress | None = None, autocast: torch.dtype | None = None,
+                                 static_batch: bool = False) -> torch.Tensor:
     """Blended softmax probabilities (C, Z', Y', X') float32 for a normalised (Z', Y', X') image.
 
     Windows of `model.config.patch_size` with Gaussian weights (sigma = patch / 8), padded with 0
-    (the normalised mean) where the image is smaller than a window.
+    (the normalised mean) where the image is smaller than a window. `static_batch` pads the last,
+    smaller batch of windows to `sw_batch_size` (for a compiled network: one shape throughout).
+    The result lies on `device` when it fitted there (see `_stitch_device`), else on the CPU.
     """
     from monai.inferers import sliding_window_inference
 
     patch = tuple(model.config.patch_size)
     total = count_windows(image.shape, patch, overlap)
     stitch = _stitch_device(device, image.size, model.config.out_channels)
+    pad_to = sw_batch_size if static_batch else 0
     done = 0
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         nonlocal done
-        probs = _predict(model, windows, tta, amp=amp)
+        probs = _predict(model, windows, tta, autocast=autocast, pad_to=pad_to)
         done += windows.shape[0]
         if progress is not None:
             fraction = _WINDOWS_START + (_WINDOWS_END - _WINDOWS_START) * min(done / total, 1.0)
             progress(fraction, f"window {min(done, total)}/{total}")
         return probs
 
-    inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(stitch)
+    inputs = _image_to(image, device, stitch)
     out = sliding_window_inference(inputs, patch, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
                                    sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
                                    device=stitch)
     return torch.as_tensor(out)[0]
 
 
+def _zoom_indices(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (lower, upper) and upper weights of `scipy.ndimage.zoom` along one axis
+    (grid_mode=False: corner voxel centres aligned; mode="nearest"; order 0 or 1), in float64 as scipy."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+    coords = np.arange(n_out, dtype=np.float64) * scale
+    if order == 0:
+        lower = np.floor(coords + 0.5).astype(np.int64)
+        weight = np.zeros(n_out)
+    else:
+        lower = np.floor(coords).astype(np.int64)
+        weight = coords - lower
+    lower = np.clip(lower, 0, n_in - 1)
+    return lower, np.minimum(lower + 1, n_in - 1), weight
+
+
+def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None) -> torch.Tensor:
+    """`preprocess.resample(..., order=1)` for tensors (..., Z, Y, X) on any device: linear, nearest along
+    `coarse_axis` when that axis changes size; equal to scipy's result to float32 rounding."""
+    out = array
+    for axis in range(3):
+        dim = out.ndim - 3 + axis
+        n_in, n_out = out.shape[dim], int(shape[axis])
+        if n_in == n_out:
+            continue
+        nearest = coarse_axis == axis
+        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in _zoom_indices(n_in, n_out, 0 if nearest else 1))
+        low = out.index_select(dim, lower)
+        if nearest:
+            out = low
+            continue
+        view = [1] * out.ndim
+        view[dim] = n_out
+        w = weight.to(out.dtype).view(view)
+        out = torch.lerp(low, out.index_select(dim, upper), w)
+    return out
+
+
 def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """Argmax on the original grid: each class map (Z', Y', X') resampled back (linear) in turn.
 
     Returns uint8 (Z, Y, X); equal to argmax over all resampled maps, without holding them all.
+    Probabilities on a GPU are resampled there, all classes at once (the same maths in torch).
     """
+    if probabilities.device.type == "cuda":
+        coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
+        restored = resample_torch(probabilities.float(), prepared.original_shape, coarse)
+        return restored.argmax(0).to(torch.uint8).cpu().numpy()
     best = None
     mask = np.zeros(prepared.original_shape, dtype=np.uint8)
     for c in range(probabilities.shape[0]):
@@ -195,37 +344,50 @@ def _resolve_model(model: Optional["UNETRPP"], weights: str | Path | None, devic
 
 def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | Path | None = None,
             device: str | torch.device | None = None, overlap: float = 0.5, tta: bool = False,
-            largest_component: bool = False, sw_batch_size: int = 1,
-            progress: Progress | None = None, precision: str = "auto") -> SegmentationResult:
+            largest_component: bool = False, sw_batch_size: int | str | None = "auto",
+            progress: Progress | None = None, precision: str = "auto", compile: bool = False) -> SegmentationResult:
     """Segment one volume (a path, a nibabel image or a `unetrpp.io.Volume`).
 
     `model` (a UNETRPP, moved to `device`) or `weights` (for `unetrpp.pretrained.load_pretrained`);
-    `device` None picks CUDA when present (with float16 autocast), else CPU; `overlap` in [0, 1)
-    between windows; `tta` averages the 8 mirrorings over (z, y, x); `largest_component` keeps
-    one connected component per organ; `progress(fraction, message)` is called as work proceeds.
-    `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32", or "bf16" (a
-    bfloat16 copy of the network: about 2x faster on CPUs with AVX512-BF16 or AMX, logits within
-    about 1e-2; see benchmarks/README.md for the measured agreement).
+    `device` None picks CUDA when present, else CPU; `overlap` in [0, 1) between windows; `tta`
+    averages the 8 mirrorings over (z, y, x); `largest_component` keeps one connected component
+    per organ; `progress(fraction, message)` is called as work proceeds.
+    `sw_batch_size`: windows per forward pass; "auto" (or None) is 1 on the CPU and
+    `CUDA_SW_BATCH` (4) on CUDA, fewer if free GPU memory is short.
+    `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32", or "bf16": on the
+    CPU a bfloat16 copy of the network (about 2x faster on CPUs with AVX512-BF16 or AMX, logits
+    within about 1e-2; see benchmarks/README.md), on CUDA bfloat16 autocast (no weight copy; matrix
+    work in bfloat16, reductions and softmax in float32, as fast as float16 on recent GPUs).
+    `compile`: wrap the network in `torch.compile` (mode `COMPILE_MODE`, CUDA graphs) on CUDA; the
+    first call compiles (tens of seconds), later calls with the same network reuse it. Off by
+    default, as where compiling is not possible (ZeroGPU Spaces, no Triton); elsewhere than CUDA,
+    or when compiling fails, it runs without and says so in `result.warnings`.
     Returns a `SegmentationResult` whose mask is (Z, Y, X) uint8 on the grid of `result.volume`.
     """
     start = time.perf_counter()
     if not 0.0 <= float(overlap) < 1.0:
         raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
-    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size={sw_batch_size!r}: must be a positive integer, e.g. 1 on CPU, 4 on a GPU")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r}: must be True or False")
     report = progress or (lambda fraction, message: None)
     dev = resolve_device(device)
     net = _resolve_model(model, weights, dev)
-    if precision == "bf16":  # a copy, so the caller's model keeps its float32 weights
+    batch = auto_sw_batch_size(sw_batch_size, dev, net.config.patch_size)
+    if precision == "bf16" and dev.type != "cuda":  # a copy, so the caller's model keeps its float32 weights
         net = copy.deepcopy(net).to(torch.bfloat16)
+    autocast = {"auto": torch.float16, "bf16": torch.bfloat16}.get(precision) if dev.type == "cuda" else None
+    runner, why_not = compile_network(net, dev) if compile else (net, None)
     config = net.config
     prep = config.preprocessing
 
     report(0.0, "reading")
     volume = load_volume(image, prep)
     warnings = list(volume.warnings)
+    if why_not:
+        warnings.append(why_not)
+        logger.warning(why_not)
     if prep.normalization == "ct" and (message := ct_warning(volume.array)):
         warnings.append(message)
         logger.warning(message)
@@ -236,13 +398,15 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     net.eval()
     try:
         with torch.inference_mode():
-            probabilities = sliding_window_probabilities(net, prepared.image, dev, float(overlap), sw_batch_size,
-                                                         tta, report, amp=dev.type == "cuda" and precision == "auto")
+            probabilities = sliding_window_probabilities(runner, prepared.image, dev, float(overlap), batch, tta,
+                                                         report, autocast=autocast, static_batch=runner is not net)
             report(_WINDOWS_END, "resampling back")
             mask = probabilities_to_mask(probabilities, prepared)
     finally:
         net.train(was_training)
     del probabilities
+    if isinstance(runner, _Compiled) and runner.failed and runner.failed not in warnings:
+        warnings.append(runner.failed)
     if largest_component:
         mask = postprocess.largest_component(mask)
     stats = organ_statistics(mask, volume.array, volume.spacing, config.class_names)

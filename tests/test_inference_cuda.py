@@ -1,0 +1,148 @@
+"""The CUDA speed options of `unetrpp.inference`, as far as a CPU can check them: the automatic
+windows-per-pass choice, torch.compile falling back cleanly, padded (static-shape) batches, and the
+way back to the original grid in torch. Tiny random networks and synthetic volumes only."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from test_inference import ISO, phantom_ras, small_model
+from test_io import write_nifti
+
+from unetrpp import inference
+from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, auto_sw_batch_size, compile_network,
+                               probabilities_to_mask, resample_torch, segment, sliding_window_probabilities)
+from unetrpp.preprocess import Prepared, resample
+
+CUDA = torch.device("cuda")  # only a name here: every CUDA query is patched
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model().eval()
+
+
+def free_gpu_memory(monkeypatch, gib: float) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(gib * 2**30), 141 * 2**30))
+
+
+# ---- windows per forward pass ----------------------------------------------------------------------
+def test_auto_batch_is_one_on_cpu_and_larger_on_cuda(monkeypatch):
+    patch = (64, 128, 128)
+    assert auto_sw_batch_size("auto", torch.device("cpu"), patch) == auto_sw_batch_size(None, torch.device("cpu"), patch) == 1
+    free_gpu_memory(monkeypatch, 100)
+    assert auto_sw_batch_size("auto", CUDA, patch) == auto_sw_batch_size(None, CUDA, patch) == CUDA_SW_BATCH > 1
+    free_gpu_memory(monkeypatch, 0.6)  # a nearly full GPU: fewer windows at once, never none
+    assert 1 <= auto_sw_batch_size("auto", CUDA, patch) < CUDA_SW_BATCH
+    free_gpu_memory(monkeypatch, 0.0)
+    assert auto_sw_batch_size("auto", CUDA, patch) == 1
+    assert auto_sw_batch_size(3, CUDA, patch) == 3  # a number is taken as given
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, "four", True, "4"])
+def test_bad_sw_batch_size_is_one_line(value, tmp_path, model):
+    with pytest.raises(ValueError, match=r"sw_batch_size=.*positive integer or 'auto'") as info:
+        segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model, sw_batch_size=value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_compile_is_refused(tmp_path, model):
+    with pytest.raises(ValueError, match="compile='yes': must be True or False"):
+        segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model, compile="yes")
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+def test_compile_on_cpu_changes_nothing_and_says_so(tmp_path, model, caplog):
+    path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
+    plain = segment(path, model=model)
+    with caplog.at_level(logging.WARNING, logger="unetrpp.inference"):
+        compiled = segment(path, model=model, compile=True)
+    np.testing.assert_array_equal(compiled.mask, plain.mask)
+    assert plain.warnings == [] and len(compiled.warnings) == 1 and "compile=True is for CUDA" in compiled.warnings[0]
+    assert "compile=True is for CUDA" in caplog.text
+
+
+def test_compile_unsupported_platform_runs_without(monkeypatch, model):
+    monkeypatch.setattr(inference, "_dynamo_supported", lambda: False)
+    net, why_not = compile_network(model, CUDA)
+    assert net is model and "not supported on this platform" in why_not
+
+
+def test_compiled_network_is_made_once_per_network(monkeypatch, model):
+    monkeypatch.setattr(inference, "_COMPILED", {})
+    first, why_not = compile_network(model, CUDA)  # torch.compile is lazy: nothing compiles here
+    assert why_not is None and isinstance(first, _Compiled) and first.config is model.config
+    assert compile_network(model, CUDA)[0] is first
+
+
+def test_failed_compile_falls_back_to_the_network_with_one_warning(model, caplog):
+    class Broken(torch.nn.Module):  # what a compiled network does where Inductor cannot build kernels
+        def forward(self, x):
+            raise RuntimeError("no working C compiler found\nmore detail")
+
+    runner = _Compiled(model)
+    runner.cudagraphs = False
+    runner.compiled = Broken()
+    x = torch.randn(1, 1, *model.config.patch_size)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="unetrpp.inference"):
+        torch.testing.assert_close(runner(x), model(x))
+        runner(x)
+    assert runner.failed == "torch.compile failed (RuntimeError: no working C compiler found); running without it"
+    assert caplog.text.count("torch.compile failed") == 1
+
+
+# ---- static shapes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tta", [False, True])
+def test_padded_batch_gives_the_same_probabilities(tta, model):
+    torch.manual_seed(1)
+    windows = torch.randn(3, 1, *model.config.patch_size)
+    with torch.inference_mode():
+        plain = _predict(model, windows, tta)
+        padded = _predict(model, windows, tta, pad_to=4)
+    assert padded.shape == plain.shape == (3, model.config.out_channels, *model.config.patch_size)
+    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_static_batch_pads_the_last_batch_and_keeps_the_result(model):
+    image = np.random.default_rng(0).normal(size=(36, 21, 21)).astype(np.float32)  # 4 windows
+    sizes = []
+    hook = model.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            plain = sliding_window_probabilities(model, image, torch.device("cpu"), sw_batch_size=3)
+            static = sliding_window_probabilities(model, image, torch.device("cpu"), sw_batch_size=3,
+                                                  static_batch=True)
+    finally:
+        hook.remove()
+    assert sizes == [3, 1, 3, 3]  # the last batch of one window went through padded to three
+    torch.testing.assert_close(static, plain, atol=1e-6, rtol=1e-5)
+
+
+# ---- back to the original grid in torch -------------------------------------------------------------
+@pytest.mark.parametrize("shape, coarse", [((5, 9, 7), None), ((5, 9, 7), 0), ((12, 4, 7), 1), ((1, 6, 6), None)])
+def test_torch_resampling_matches_scipy(shape, coarse):
+    array = np.random.default_rng(2).random((8, 13, 10), dtype=np.float32)
+    expected = resample(array, shape, order=1, coarse_axis=coarse)
+    got = resample_torch(torch.from_numpy(array)[None], shape, coarse)[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_torch_argmax_matches_the_class_by_class_mask():
+    probabilities = torch.rand(5, 16, 22, 18, generator=torch.Generator().manual_seed(3))
+    prepared = Prepared(np.zeros((16, 22, 18), np.float32), (6, 9, 7), (8.0, 2.0, 2.0), (2.0, 2.0, 2.0))
+    coarse = inference._coarse_axis(prepared.original_spacing, prepared.target_spacing)
+    assert coarse == 0  # anisotropic: nearest along z, linear in-plane
+    expected = probabilities_to_mask(probabilities, prepared)  # the CPU path: scipy, one class at a time
+    got = resample_torch(probabilities, prepared.original_shape, coarse).argmax(0).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got, expected)
