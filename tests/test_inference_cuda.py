@@ -146,3 +146,10 @@ def test_torch_argmax_matches_the_class_by_class_mask():
     expected = probabilities_to_mask(probabilities, prepared)  # the CPU path: scipy, one class at a time
     got = resample_torch(probabilities, prepared.original_shape, coarse).argmax(0).to(torch.uint8).numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_image_stays_on_the_cpu_when_the_gpu_is_full(monkeypatch):
+    image = np.zeros((4, 5, 6), np.float32)
+    assert inference._image_to(image, torch.device("cpu"), torch.device("cpu")).shape == (1, 1, 4, 5, 6)
+    free_gpu_memory(monkeypatch, 0.0)  # stitching on the CPU too: nothing may be moved to the GPU
+    assert inference._image_to(image, CUDA, torch.device("cpu")).device.type == "cpu"
