@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CUDA check of issue 7 in one command on the lent GPU machine: installs what the project needs
+# there, then prints every figure of benchmarks/gpu.py (a few minutes on an H200).
+#
+# That machine cannot download. Its python3 (3.12) has torch, numpy, scipy, scikit-image, einops,
+# safetensors, huggingface_hub, tqdm and matplotlib, but not monai or nibabel (both pure Python), so
+# carry them as wheels. Once, here, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl monai==1.6.1 nibabel==5.4.2
+# Then run it there with the wheels carried:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Arguments go to gpu.py (e.g. --compile-batches 4, or --budget 100 for a shorter run).
+# With $OUT set (the device tool sets it) the whole output is also written to $OUT/gpu.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("monai", "nibabel") if not u.find_spec(m)))')
+if [ -n "$missing" ]; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "gpu_check: $missing not installed and no wheels in .whl/; see the top of $0" >&2
+        exit 1
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c 'import monai, nibabel, unetrpp; print("monai", monai.__version__, " nibabel", nibabel.__version__)'
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+
+export PYTHONUNBUFFERED=1
+if [ -n "${OUT:-}" ]; then
+    "$PY" benchmarks/gpu.py "$@" 2>&1 | tee "$OUT/gpu.log"
+else
+    "$PY" benchmarks/gpu.py "$@"
+fi
