@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unetrpp import PRESETS, UNETRPP, create_model, get_config
-from unetrpp.attention import capture_attention
+from unetrpp.attention import EPA, capture_attention
 
 from golden import original_keys
 
@@ -90,6 +90,25 @@ def test_attention_capture_leaves_outputs_unchanged(name):
     with torch.no_grad():
         model(x)
     assert all(not b.epa_block.attention_maps for b in model.modules() if hasattr(b, "epa_block"))
+
+
+@pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
+                                                           ("single", "sum")])
+def test_fused_spatial_attention_equals_the_explicit_form(kv_projection, branch_fusion):
+    """Inference runs scaled_dot_product_attention; training and attention capture run the explicit
+    product-softmax-product; both must compute the same EPA."""
+    torch.manual_seed(0)
+    epa = EPA(tokens=512, dim=32, proj_size=16, heads=4, kv_projection=kv_projection, branch_fusion=branch_fusion,
+              attn_dropout=0.0).eval()
+    with torch.no_grad():
+        epa.temperature.uniform_(0.5, 2.0)
+        epa.temperature2.uniform_(0.5, 2.0)
+        x = torch.randn(2, 512, 32)
+        fused = epa(x)
+        epa.store_attention = True  # forces the explicit path
+        explicit = epa(x)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert epa.attention_maps["spatial"].shape == (2, 4, 512, 16)
 
 
 def test_presets_are_all_buildable():

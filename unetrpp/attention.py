@@ -54,31 +54,41 @@ class EPA(nn.Module):
         self.attention_maps: dict[str, torch.Tensor] = {}
 
     def project(self, t: torch.Tensor, which: str) -> torch.Tensor:
-        """Project the token axis N -> P: (B, h, d, N) -> (B, h, d, P)."""
+        """Project the token axis N -> P: (B, h, N, d) -> (B, h, P, d)."""
         if self.kv_projection == "single":
-            return torch.einsum("bhdn,nk->bhdk", t, self.EF)
-        return (self.E if which == "k" else self.F)(t)
+            return torch.einsum("bhnd,nk->bhkd", t, self.EF)
+        lin = self.E if which == "k" else self.F
+        return torch.matmul(lin.weight, t) + lin.bias[:, None]  # Linear over N: (P, N) @ (N, d) + b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v_ca, v_sa = rearrange(self.qkvv(x), "b n (four h d) -> four b h d n", four=4, h=self.heads)
-        # each (B, h, d, N): tokens last, so E/F act on the token axis.
+        qkvv = self.qkvv(x)  # (B, N, 4C)
+        q, k, v_ca, v_sa = rearrange(qkvv, "b n (four h d) -> four b h n d", four=4, h=self.heads)
+        # each (B, h, N, d), a view of the one product
 
         # The original projects k and v *before* normalising q and k; the released weights expect it.
-        k_proj = self.project(k, "k")  # (B, h, d, P)
-        v_proj = self.project(v_sa, "v")  # (B, h, d, P)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
+        k_proj = self.project(k, "k")  # (B, h, P, d)
+        v_proj = self.project(v_sa, "v")  # (B, h, P, d)
+        # Both branches use q and k normalised to unit length over the N tokens, channel by channel.
+        # That only scales whole channels, so the scales go onto the small (d, d) product and onto
+        # the temperature below, instead of two extra passes over the (N, d) tensors.
+        lengths = qkvv[..., :2 * C].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as F.normalize
+        q_len, k_len = rearrange(lengths, "b (two h d) -> two b h 1 d", two=2, h=self.heads)  # each (B, h, 1, d)
 
         # Channel attention: which channels go together, summed over all N tokens.
-        attn_ca = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, h, d, d)
-        x_ca = self.attn_drop(attn_ca) @ v_ca  # (B, h, d, N)
+        cosine = q.transpose(-2, -1) @ k / (q_len.transpose(-2, -1) * k_len)  # (B, h, d, d), normalised q.k
+        attn_ca = (cosine * self.temperature).softmax(dim=-1)  # (B, h, d, d)
+        x_ca = self.attn_drop(attn_ca) @ v_ca.transpose(-2, -1)  # (B, h, d, N)
         x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
 
         # Spatial attention: every token against P projected "summary tokens". The temperature
-        # scales the (N, d) queries rather than the (N, P) scores: the same product, fewer multiplies.
-        attn_sa = (q.transpose(-2, -1) * self.temperature2 @ k_proj).softmax(dim=-1)  # (B, h, N, P)
-        x_sa = self.attn_drop_2(attn_sa) @ v_proj.transpose(-2, -1)  # (B, h, N, d)
+        # scales the (N, d) normalised queries rather than the (N, P) scores: the same product.
+        q = q * (self.temperature2 / q_len)  # (B, h, N, d)
+        if self.store_attention or (self.training and self.attn_drop_2.p > 0):
+            attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
+            x_sa = self.attn_drop_2(attn_sa) @ v_proj  # (B, h, N, d)
+        else:  # the same product, softmax and product fused, without storing the (N, P) map
+            x_sa = F.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0)  # (B, h, N, d)
         # Quirk of the original (its issue #62): permute to (B, d, h, N), then reshape straight to
         # (B, N, C), which mixes tokens and channels. The released weights were trained with it.
         x_sa = x_sa.permute(0, 3, 1, 2).reshape(B, N, C)
