@@ -246,6 +246,22 @@ def test_resampling_is_nearest_along_the_coarse_axis():
     assert len(np.unique(smooth)) > 2
 
 
+@pytest.mark.parametrize("shape, order, coarse_axis", [
+    ((12, 40, 48), 3, 0),  # z keeps its size: slice by slice, as for a 3 mm CT going to 3 x 0.76 x 0.76 mm
+    ((12, 40, 48), 1, None),
+    ((10, 7, 9), 3, None),  # y keeps its size: slices along y
+    ((9, 14, 16), 3, None),  # no axis keeps its size: one 3-D zoom
+])
+def test_resampling_slice_by_slice_equals_one_3d_zoom(shape, order, coarse_axis):
+    from scipy import ndimage
+
+    array = np.random.default_rng(0).normal(size=(12, 7, 8)).astype(np.float32) * 300
+    factors = [n / m for n, m in zip(shape, array.shape)]
+    expected = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
+    np.testing.assert_allclose(resample(array, shape, order=order, coarse_axis=coarse_axis), expected,
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):
     """A small header with absurd spacing (50 mm voxels) would become billions of voxels at 1 mm."""
     affine = np.diag([50.0, 50.0, 50.0, 1.0])

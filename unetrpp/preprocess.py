@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import nibabel as nib
@@ -84,13 +85,37 @@ def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_
         return array
     factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape)]
     if order == 0 or coarse_axis is None or factors[coarse_axis] == 1.0:
-        out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
+        out = _zoom(array, factors, order)
     else:
         in_plane = [1.0 if axis == coarse_axis else f for axis, f in enumerate(factors)]
         along = [factors[coarse_axis] if axis == coarse_axis else 1.0 for axis in range(3)]
-        out = ndimage.zoom(array, in_plane, order=order, mode="nearest", grid_mode=False)
-        out = ndimage.zoom(out, along, order=0, mode="nearest", grid_mode=False)
+        out = _zoom(_zoom(array, in_plane, order), along, 0)
     assert out.shape == tuple(shape), (out.shape, shape)
+    return out
+
+
+def _zoom(array: np.ndarray, factors: list[float], order: int) -> np.ndarray:
+    """`ndimage.zoom` (corner centres aligned, edges repeated); slice by slice when an axis keeps its size.
+
+    A spline through the samples passes through them, so along an unchanged axis there is nothing to
+    interpolate: 2-D zooms of the slices give the same values as the 3-D zoom (16 instead of 64 taps
+    for cubic), and scipy releases the GIL, so the slices run in parallel threads.
+    """
+    if 1.0 not in factors:
+        return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
+    axis = factors.index(1.0)
+    plane = [f for a, f in enumerate(factors) if a != axis]
+    src = np.moveaxis(array, axis, 0)
+    out_shape = [round(n * f) for n, f in zip(array.shape, factors)]
+    out = np.empty(out_shape, dtype=np.float32)
+    dst = np.moveaxis(out, axis, 0)
+
+    def zoom_slice(i: int) -> None:
+        ndimage.zoom(src[i], plane, output=dst[i], order=order, mode="nearest", grid_mode=False)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=min(cores, 8)) as pool:
+        list(pool.map(zoom_slice, range(src.shape[0])))
     return out
 
 
