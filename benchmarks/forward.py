@@ -1,7 +1,7 @@
 """Median forward time of UNETR++ (synapse, 1x1x64x128x128, no deep supervision) on the CPU against
 MONAI's UNETR (feature_size=16, hidden_size=768) and Swin-UNETR (feature_size=48), same input, same run.
 
-    python benchmarks/forward.py [--threads 2] [--repeats 5] [--no-swin] [--bf16]
+    python benchmarks/forward.py [--threads 2] [--repeats 5] [--no-swin] [--bf16] [--plain-allocator]
 
 Prints one line per network: median seconds, ratio to UNETR fp32, peak RSS so far.
 """
@@ -9,6 +9,7 @@ Prints one line per network: median seconds, ratio to UNETR fp32, peak RSS so fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -20,9 +21,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def median_time(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_time(model: torch.nn.Module, x: torch.Tensor, repeats: int, reuse: bool) -> float:
+    from unetrpp.fast import reuse_freed_memory
+
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory() if reuse else contextlib.nullcontext():
         model(x)  # warm-up: oneDNN primitive creation, allocator
         for _ in range(repeats):
             t = time.perf_counter()
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-swin", action="store_true", help="skip Swin-UNETR (slow on CPU)")
     parser.add_argument("--bf16", action="store_true", help="also time UNETR++ with bfloat16 weights and input")
+    parser.add_argument("--plain-allocator", action="store_true",
+                        help="time every network without unetrpp.fast.reuse_freed_memory (segment() uses it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from monai.networks.nets import UNETR, SwinUNETR
@@ -45,23 +50,26 @@ def main() -> None:
     from unetrpp.fast import optimize_for_inference
 
     x = torch.randn(1, 1, 64, 128, 128)
+    reuse = not args.plain_allocator  # the same allocator setting for every network, peers included
     rows = []
     unetr = UNETR(1, 14, img_size=(64, 128, 128), feature_size=16, hidden_size=768).eval()
-    rows.append(("MONAI UNETR fp32", median_time(unetr, x, args.repeats)))
+    rows.append(("MONAI UNETR fp32", median_time(unetr, x, args.repeats, reuse)))
     del unetr
     ours = create_model("unetrpp_synapse").eval()
-    rows.append(("UNETR++ synapse fp32, plain", median_time(ours, x, args.repeats)))
+    rows.append(("UNETR++ synapse fp32, plain", median_time(ours, x, args.repeats, reuse)))
     optimize_for_inference(ours)  # what unetrpp.segment() runs
-    rows.append(("UNETR++ synapse fp32, optimized", median_time(ours, x, args.repeats)))
+    rows.append(("UNETR++ synapse fp32, optimized", median_time(ours, x, args.repeats, reuse)))
     if args.bf16:  # what segment(precision="bf16") runs: a bfloat16 copy of the optimized network
-        rows.append(("UNETR++ synapse bf16 weights, optimized", median_time(ours.to(torch.bfloat16),
-                                                                             x.to(torch.bfloat16), args.repeats)))
+        half = median_time(ours.to(torch.bfloat16), x.to(torch.bfloat16), args.repeats, reuse)
+        rows.append(("UNETR++ synapse bf16 weights, optimized", half))
     del ours
     if not args.no_swin:
         swin = SwinUNETR(in_channels=1, out_channels=14, feature_size=48).eval()
-        rows.append(("MONAI Swin-UNETR fp32", median_time(swin, x, max(1, args.repeats // 2))))
+        rows.append(("MONAI Swin-UNETR fp32", median_time(swin, x, max(1, args.repeats // 2), reuse)))
     base = rows[0][1]
-    print(f"torch {torch.__version__}, {args.threads} threads, input 1x1x64x128x128, median of {args.repeats}")
+    allocator = "plain allocator" if args.plain_allocator else "freed memory reused (unetrpp.fast.reuse_freed_memory)"
+    print(f"torch {torch.__version__}, {args.threads} threads, input 1x1x64x128x128, median of {args.repeats}, "
+          f"{allocator}")
     for name, t in rows:
         print(f"{name:42s} {t:7.3f} s   {t / base:5.2f}x UNETR")
     print(f"peak RSS {peak_rss_gb():.2f} GB")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from unetrpp import create_model  # noqa: E402
-from unetrpp.fast import optimize_for_inference  # noqa: E402
+from unetrpp.fast import optimize_for_inference, reuse_freed_memory  # noqa: E402
 from unetrpp.inference import segment  # noqa: E402
 
 
@@ -38,7 +38,9 @@ def one_forward_seconds(model: torch.nn.Module, device: torch.device, repeats: i
     """Median time of one forward pass on one window (after a warm-up pass), softmax included."""
     x = torch.randn(1, 1, *model.config.patch_size, device=device)
     times = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+    # as segment() runs it: with freed memory kept for reuse (unetrpp.fast.reuse_freed_memory)
+    with (torch.inference_mode(), reuse_freed_memory(),
+          torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")):
         for i in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()

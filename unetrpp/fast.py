@@ -10,11 +10,20 @@ same state_dict, training still works). Measured on 2 CPU cores (benchmarks/READ
   matrix product and a reshape: each input voxel paints its own output block;
 - instance norm becomes group norm with one channel per group (the same statistics, a faster kernel).
 Outputs agree with the plain network to float32 rounding (about 1e-6 relative).
+
+`reuse_freed_memory()` keeps the C library from handing large freed blocks back to the system while a
+volume is segmented: without it every full-resolution feature map (64 MB) is mapped afresh and faulted
+in page by page, which took half of each forward pass on 2 cores.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import sys
+import threading
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +97,51 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
                 swapped += 1
     log.debug("optimize_for_inference: %d layers swapped", swapped)
     return model
+
+
+# glibc's mallopt parameters (malloc.h) and their documented defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_lock = threading.Lock()
+_reuse_users = 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        libc.gnu_get_libc_version  # glibc only: musl and others have no such tunables
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Inside the block, freed memory stays with the process for reuse (glibc on Linux; elsewhere a no-op).
+
+    By default glibc gives every block above 32 MB its own mapping and unmaps it on free, so each
+    64 MB feature map of every window is faulted in again, 4 KB at a time. Here large blocks come from
+    the heap and stay there until the outermost block ends, when the memory goes back to the system
+    (`malloc_trim`). Nests and is safe across threads (the last one out restores the defaults).
+    """
+    global _reuse_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        _reuse_users += 1
+        if _reuse_users == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value an int holds
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_users -= 1
+            if _reuse_users == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import io, postprocess
-from .fast import optimize_for_inference
+from .fast import optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_text
 from .preprocess import ImageLike, Prepared, _coarse_axis, load_volume, prepare, restore
 
@@ -398,14 +398,15 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     was_training = net.training
     net.eval()
     try:
-        with torch.inference_mode():
+        # Feature maps are freed and allocated again for every window: keep the memory in between.
+        with torch.inference_mode(), reuse_freed_memory():
             probabilities = sliding_window_probabilities(runner, prepared.image, dev, float(overlap), batch, tta,
                                                          report, autocast=autocast, static_batch=runner is not net)
             report(_WINDOWS_END, "resampling back")
             mask = probabilities_to_mask(probabilities, prepared)
+            del probabilities
     finally:
         net.train(was_training)
-    del probabilities
     if isinstance(runner, _Compiled) and runner.failed and runner.failed not in warnings:
         warnings.append(runner.failed)
     if largest_component:
