@@ -23,6 +23,7 @@ from monai.losses import DiceCELoss
 from .config import UNETRPPConfig, get_config
 from .data.btcv import check_cases, read_datalist, split_cases
 from .evaluate import dice
+from .fast import reuse_freed_memory
 from .model import UNETRPP
 from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
@@ -224,52 +225,54 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     # elapsed_s counts training time over all sessions of a resumed run
     step, t0, running = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0), []
     net.train()
-    try:
-        while step < options.max_steps:
-            epoch, offset = divmod(step, per_epoch)
-            sampler.set_epoch(epoch)
-            dataset.epoch = epoch
-            order = list(sampler)
-            for b in range(offset, per_epoch):
-                if step >= options.max_steps:
-                    break
-                items = [dataset[i] for i in order[b * options.batch_size:(b + 1) * options.batch_size]]
-                image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
-                label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
-                with torch.autocast(ctx.device.type, enabled=ctx.device.type == "cuda"):
-                    loss = deep_supervision_loss(net(image), label, loss_fn)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                running.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running[-1]:.3f}")
-                if ctx.is_main and (step % options.log_every == 0 or step == options.max_steps):
-                    record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
-                            "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
-                    running = []
-                if step % options.val_every == 0 or step == options.max_steps:
-                    if ctx.is_main and val_data:
-                        scores = validate(model, val_data, ctx.device, config.class_names)
-                        record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
-                        log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
-                        plot_curves(history, run_dir / "training_curve.png")
-                    ctx.barrier()
-                if step % options.checkpoint_every == 0:
-                    checkpoint(step)
-    except KeyboardInterrupt:
-        checkpoint(step)
-        log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    # Every step frees and allocates the same large activations again: keep that memory in between.
+    with reuse_freed_memory():
+        try:
+            while step < options.max_steps:
+                epoch, offset = divmod(step, per_epoch)
+                sampler.set_epoch(epoch)
+                dataset.epoch = epoch
+                order = list(sampler)
+                for b in range(offset, per_epoch):
+                    if step >= options.max_steps:
+                        break
+                    items = [dataset[i] for i in order[b * options.batch_size:(b + 1) * options.batch_size]]
+                    image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
+                    label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
+                    with torch.autocast(ctx.device.type, enabled=ctx.device.type == "cuda"):
+                        loss = deep_supervision_loss(net(image), label, loss_fn)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    step += 1
+                    running.append(float(loss.detach()))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{running[-1]:.3f}")
+                    if ctx.is_main and (step % options.log_every == 0 or step == options.max_steps):
+                        record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
+                                "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
+                        running = []
+                    if step % options.val_every == 0 or step == options.max_steps:
+                        if ctx.is_main and val_data:
+                            scores = validate(model, val_data, ctx.device, config.class_names)
+                            record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
+                            log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
+                            plot_curves(history, run_dir / "training_curve.png")
+                        ctx.barrier()
+                    if step % options.checkpoint_every == 0:
+                        checkpoint(step)
+        except KeyboardInterrupt:
+            checkpoint(step)
+            log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
     checkpoint(step)
     model_dir = None
     if ctx.is_main:
