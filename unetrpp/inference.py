@@ -152,7 +152,6 @@ class _Compiled(torch.nn.Module):
                 logger.warning(self.failed)
         return self.net(x)
 
-
     @property
     def config(self):
         return self.net.config
