@@ -105,9 +105,12 @@ def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_sy
 
 
 def median_forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of `model(x)` under inference mode, after `warmup` untimed runs."""
+    """Median wall time of `model(x)` under inference mode, after `warmup` untimed runs, with freed memory
+    kept for reuse as `segment()` runs it (`unetrpp.fast.reuse_freed_memory`)."""
+    from .fast import reuse_freed_memory
+
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model(x)
