@@ -126,6 +126,15 @@ def test_segment_scan_rejects_bad_overlap(scan, tiny_model, tmp_path):
         H.segment_scan(scan, tiny_model, tmp_path, overlap=1.0)
 
 
+def test_segment_scan_runs_the_precision_it_is_given(scan, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        H.segment_scan(scan, tiny_model, tmp_path, precision="fp8")
+    full, _, _ = H.segment_scan(scan, tiny_model, tmp_path, write_csv=False)
+    half, _, _ = H.segment_scan(scan, tiny_model, tmp_path, write_csv=False, precision="bf16")
+    assert half.mask.shape == full.mask.shape and (half.mask == full.mask).mean() > 0.95
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the viewer's model stays float32
+
+
 def test_statistics_rows_skip_empty_and_round():
     rows = H.statistics_rows([{"label": 6, "name": "liver", "voxels": 10, "volume_ml": 1.23456, "mean_hu": 55.55},
                               {"label": 1, "name": "spleen", "voxels": 0, "volume_ml": 0.0, "mean_hu": float("nan")}])

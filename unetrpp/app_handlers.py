@@ -209,16 +209,18 @@ def position_text(session: Session) -> str:
 def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike, overlap: float = 0.5,
                  tta: bool = False, device: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
-                 write_csv: bool = True) -> tuple[Session, str, str | None]:
+                 write_csv: bool = True, precision: str = "auto") -> tuple[Session, str, str | None]:
     """Segment the NIfTI at `path`: the session with its mask, and the paths of the mask (.nii.gz,
     on the upload's exact grid) and statistics CSV (None unless `write_csv`) written in a fresh
-    folder under `out_dir`. Nothing else is written: the caller hands both files out (or deletes them)."""
+    folder under `out_dir`. Nothing else is written: the caller hands both files out (or deletes them).
+    `precision` as for `unetrpp.segment` ("auto", "fp32" or "bf16")."""
     from .inference import segment
 
     p = _check_nifti_path(path)
     if not 0.0 <= float(overlap) < 1.0:
         raise ValueError(f"overlap={overlap}: must be in [0, 1), e.g. 0.5")
-    result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress)
+    result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress,
+                     precision=precision)
     folder = Path(out_dir) / f"unetrpp-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True, exist_ok=False)
     stem = p.name[: -len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.name[: -len(".nii")]

@@ -77,6 +77,15 @@ _BYTES_PER_WINDOW_VOXEL = 256
 COMPILE_MODE = "reduce-overhead"
 
 
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where precision="bf16" pays;
+    elsewhere bfloat16 is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`device`, or CUDA when available, else CPU; refuses CUDA devices that are not there."""
     if device is None:
