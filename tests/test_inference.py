@@ -23,13 +23,7 @@ ISO = np.diag([3.0, 3.0, 3.0, 1.0])
 ISO[:3, 3] = (-20.0, 10.0, 5.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine are slower than one for these tiny networks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(spacing=(2.0, 2.0, 2.0), **overrides):

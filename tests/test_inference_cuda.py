@@ -14,18 +14,13 @@ from test_io import write_nifti
 
 from unetrpp import inference
 from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, auto_sw_batch_size, compile_network,
-                               probabilities_to_mask, resample_torch, segment, sliding_window_probabilities)
-from unetrpp.preprocess import Prepared, resample
+                               probabilities_to_mask, segment, sliding_window_probabilities)
+from unetrpp.preprocess import Prepared, _coarse_axis, resample, resample_torch
 
 CUDA = torch.device("cuda")  # only a name here: every CUDA query is patched
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +136,7 @@ def test_torch_resampling_matches_scipy(shape, coarse):
 def test_torch_argmax_matches_the_class_by_class_mask():
     probabilities = torch.rand(5, 16, 22, 18, generator=torch.Generator().manual_seed(3))
     prepared = Prepared(np.zeros((16, 22, 18), np.float32), (6, 9, 7), (8.0, 2.0, 2.0), (2.0, 2.0, 2.0))
-    coarse = inference._coarse_axis(prepared.original_spacing, prepared.target_spacing)
+    coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
     assert coarse == 0  # anisotropic: nearest along z, linear in-plane
     expected = probabilities_to_mask(probabilities, prepared)  # the CPU path: scipy, one class at a time
     got = resample_torch(probabilities, prepared.original_shape, coarse).argmax(0).to(torch.uint8).numpy()

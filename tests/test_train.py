@@ -19,13 +19,7 @@ from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train
 TINY = {"patch_size": [16, 32, 32], "preprocessing": {"spacing": [10.0, 6.0, 6.0]}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a shared 2-core machine two spinning OpenMP threads make steps 5-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
