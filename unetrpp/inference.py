@@ -31,7 +31,7 @@ import torch
 from . import io, postprocess
 from .fast import optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_text
-from .preprocess import ImageLike, Prepared, _coarse_axis, load_volume, prepare, restore
+from .preprocess import ImageLike, Prepared, load_volume, prepare, restore, restore_torch
 
 if TYPE_CHECKING:
     from .model import UNETRPP
@@ -273,43 +273,6 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
     return torch.as_tensor(out)[0]
 
 
-def _zoom_indices(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (lower, upper) and upper weights of `scipy.ndimage.zoom` along one axis
-    (grid_mode=False: corner voxel centres aligned; mode="nearest"; order 0 or 1), in float64 as scipy."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-    coords = np.arange(n_out, dtype=np.float64) * scale
-    if order == 0:
-        lower = np.floor(coords + 0.5).astype(np.int64)
-        weight = np.zeros(n_out)
-    else:
-        lower = np.floor(coords).astype(np.int64)
-        weight = coords - lower
-    lower = np.clip(lower, 0, n_in - 1)
-    return lower, np.minimum(lower + 1, n_in - 1), weight
-
-
-def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None) -> torch.Tensor:
-    """`preprocess.resample(..., order=1)` for tensors (..., Z, Y, X) on any device: linear, nearest along
-    `coarse_axis` when that axis changes size; equal to scipy's result to float32 rounding."""
-    out = array
-    for axis in range(3):
-        dim = out.ndim - 3 + axis
-        n_in, n_out = out.shape[dim], int(shape[axis])
-        if n_in == n_out:
-            continue
-        nearest = coarse_axis == axis
-        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in _zoom_indices(n_in, n_out, 0 if nearest else 1))
-        low = out.index_select(dim, lower)
-        if nearest:
-            out = low
-            continue
-        view = [1] * out.ndim
-        view[dim] = n_out
-        w = weight.to(out.dtype).view(view)
-        out = torch.lerp(low, out.index_select(dim, upper), w)
-    return out
-
-
 def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """Argmax on the original grid: each class map (Z', Y', X') resampled back (linear) in turn.
 
@@ -317,9 +280,7 @@ def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np
     Probabilities on a GPU are resampled there, all classes at once (the same maths in torch).
     """
     if probabilities.device.type == "cuda":
-        coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
-        restored = resample_torch(probabilities.float(), prepared.original_shape, coarse)
-        return restored.argmax(0).to(torch.uint8).cpu().numpy()
+        return restore_torch(probabilities.float(), prepared).argmax(0).to(torch.uint8).cpu().numpy()
     best = None
     mask = np.zeros(prepared.original_shape, dtype=np.uint8)
     for c in range(probabilities.shape[0]):

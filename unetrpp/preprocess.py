@@ -12,10 +12,11 @@ import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union
+from typing import Sequence, Union
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy import ndimage
 
 from . import io
@@ -152,3 +153,47 @@ def restore(array: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray
     """Map one (Z', Y', X') map on the target grid back to the original (Z, Y, X) grid (float32)."""
     coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
     return resample(array, prepared.original_shape, order=order, coarse_axis=coarse)
+
+
+def restore_torch(maps: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+    """`restore(..., order=1)` for a tensor (..., Z', Y', X') on any device (e.g. all class maps on a GPU)."""
+    coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
+    return resample_torch(maps, prepared.original_shape, coarse)
+
+
+def _zoom_indices(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (lower, upper) and upper weights of `scipy.ndimage.zoom` along one axis
+    (grid_mode=False: corner voxel centres aligned; mode="nearest"; order 0 or 1), in float64 as scipy."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+    coords = np.arange(n_out, dtype=np.float64) * scale
+    if order == 0:
+        lower = np.floor(coords + 0.5).astype(np.int64)
+        weight = np.zeros(n_out)
+    else:
+        lower = np.floor(coords).astype(np.int64)
+        weight = coords - lower
+    lower = np.clip(lower, 0, n_in - 1)
+    return lower, np.minimum(lower + 1, n_in - 1), weight
+
+
+def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None) -> torch.Tensor:
+    """`resample(..., order=1)` for tensors (..., Z, Y, X) on any device: linear, nearest along
+    `coarse_axis` when that axis changes size; equal to scipy's result to float32 rounding."""
+    out = array
+    for axis in range(3):
+        dim = out.ndim - 3 + axis
+        n_in, n_out = out.shape[dim], int(shape[axis])
+        if n_in == n_out:
+            continue
+        nearest = coarse_axis == axis
+        indices = _zoom_indices(n_in, n_out, 0 if nearest else 1)
+        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in indices)
+        low = out.index_select(dim, lower)
+        if nearest:
+            out = low
+            continue
+        view = [1] * out.ndim
+        view[dim] = n_out
+        w = weight.to(out.dtype).view(view)
+        out = torch.lerp(low, out.index_select(dim, upper), w)
+    return out
