@@ -1,7 +1,8 @@
 """Inference-time rewrites compute the same function as the plain layers, and leave training alone."""
 
 import copy
-import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +10,7 @@ import torch
 from torch import nn
 
 from unetrpp import create_model, load_original_checkpoint
-from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, _glibc, optimize_for_inference,
-                          reuse_freed_memory)
+from unetrpp.fast import FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, _glibc, optimize_for_inference
 
 from golden import FIXTURES, golden_state_dict, save_released_style
 
@@ -74,24 +74,32 @@ def test_bf16_segmentation_agrees_with_float32_and_leaves_the_model_alone(tmp_pa
         segment(scan, model=model, precision="fp8")
 
 
-def _page_faults_of_second_allocation() -> int:
-    """Minor page faults while a 64 MB tensor is allocated and written, after others were freed just before
-    (two: the very first block of a process can land where it is not reused)."""
-    for _ in range(2):
+# Run in a fresh interpreter: the allocator is process-wide, and large free blocks other tests left in
+# this process's heap would serve the allocation without any page fault.
+_PAGE_FAULTS = """
+import resource, torch
+from unetrpp.fast import reuse_freed_memory
+
+def second_allocation():  # minor faults of a 64 MB tensor allocated and written after two were freed
+    for _ in range(2):  # (the very first block of a process can land where it is not reused)
         torch.ones(16 * 2**20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+outside = second_allocation()
+with reuse_freed_memory():
+    with reuse_freed_memory():  # nested blocks: the outer one keeps the setting
+        pass
+    inside = second_allocation()
+print(outside, inside, second_allocation())
+"""
+
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc (Linux) only; elsewhere reuse_freed_memory does nothing")
 def test_freed_memory_is_reused_inside_the_block_and_returned_after_it():
-    outside = _page_faults_of_second_allocation()
-    with reuse_freed_memory():
-        with reuse_freed_memory():  # nested blocks: the outer one keeps the setting
-            pass
-        inside = _page_faults_of_second_allocation()
-    after = _page_faults_of_second_allocation()
+    run = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], capture_output=True, text=True, check=True)
+    outside, inside, after = map(int, run.stdout.split())
     assert outside > 1000  # 64 MB in 4 KB pages is 16384 faults (fewer with huge pages)
     assert inside < outside / 4
     assert after > outside / 2  # defaults restored: large blocks go back to the system again
