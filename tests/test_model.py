@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from unetrpp import PRESETS, UNETRPP, create_model, get_config
+from unetrpp import PRESETS, UNETRPP, attention, create_model, get_config
 from unetrpp.attention import EPA, capture_attention
 
 from golden import original_keys
@@ -94,9 +95,11 @@ def test_attention_capture_leaves_outputs_unchanged(name):
 
 @pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
                                                            ("single", "sum")])
-def test_fused_spatial_attention_equals_the_explicit_form(kv_projection, branch_fusion):
-    """Inference runs scaled_dot_product_attention; training and attention capture run the explicit
-    product-softmax-product; both must compute the same EPA."""
+def test_chunked_spatial_attention_equals_the_explicit_form(kv_projection, branch_fusion, monkeypatch):
+    """Inference runs the spatial attention in chunks of queries; training and attention capture run
+    the explicit product-softmax-product; both must compute the same EPA (and match PyTorch's own
+    attention), also when the chunks do not divide the tokens."""
+    monkeypatch.setattr(attention, "SPATIAL_CHUNK", 100)
     torch.manual_seed(0)
     epa = EPA(tokens=512, dim=32, proj_size=16, heads=4, kv_projection=kv_projection, branch_fusion=branch_fusion,
               attn_dropout=0.0).eval()
@@ -109,6 +112,9 @@ def test_fused_spatial_attention_equals_the_explicit_form(kv_projection, branch_
         explicit = epa(x)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     assert epa.attention_maps["spatial"].shape == (2, 4, 512, 16)
+    q, k, v = torch.randn(3, 2, 4, 512, 8).unbind()
+    torch.testing.assert_close(attention.spatial_attention_in_chunks(q, k[:, :, :16], v[:, :, :16]),
+                               F.scaled_dot_product_attention(q, k[:, :, :16], v[:, :, :16], scale=1.0).transpose(-2, -1))
 
 
 def test_presets_are_all_buildable():

@@ -13,11 +13,31 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from .layers import ResBlock
+
+
+# Queries per step of the spatial attention at inference: the (h, chunk, P) scores of one step
+# (4 MB for the synapse network's first stage) stay in the CPU cache between the two products.
+SPATIAL_CHUNK = 2048
+
+
+def spatial_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v for q (B, h, N, d) and k, v (B, h, P, d), returned transposed as (B, h, d, N)
+    (stored as (B, d, h, N), the layout EPA reshapes next), SPATIAL_CHUNK queries at a time.
+
+    The same maths as `scaled_dot_product_attention(q, k, v, scale=1)`, faster on the CPU for EPA's
+    shapes (d of 8 to 32, P of 32 to 64), where the fused kernel's small blocks cost more than the maths.
+    """
+    B, h, N, d = q.shape
+    out = q.new_empty(B, d, h, N).transpose(1, 2)  # (B, h, d, N)
+    k_t, v_t = k.transpose(-2, -1), v.transpose(-2, -1)  # (B, h, d, P)
+    for start in range(0, N, SPATIAL_CHUNK):
+        scores = (q[:, :, start:start + SPATIAL_CHUNK] @ k_t).softmax(dim=-1)  # (B, h, chunk, P)
+        out[..., start:start + SPATIAL_CHUNK] = v_t @ scores.transpose(-2, -1)  # (B, h, d, chunk)
+    return out
 
 
 class EPA(nn.Module):
@@ -71,7 +91,7 @@ class EPA(nn.Module):
         v_proj = self.project(v_sa, "v")  # (B, h, P, d)
         # Both branches use q and k normalised to unit length over the N tokens, channel by channel.
         # That only scales whole channels, so the scales go onto the small (d, d) product and onto
-        # the temperature below, instead of two extra passes over the (N, d) tensors.
+        # the projected keys below, instead of two extra passes over the (N, d) tensors.
         lengths = qkvv[..., :2 * C].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as F.normalize
         q_len, k_len = rearrange(lengths, "b (two h d) -> two b h 1 d", two=2, h=self.heads)  # each (B, h, 1, d)
 
@@ -81,17 +101,18 @@ class EPA(nn.Module):
         x_ca = self.attn_drop(attn_ca) @ v_ca.transpose(-2, -1)  # (B, h, d, N)
         x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
 
-        # Spatial attention: every token against P projected "summary tokens". The temperature
-        # scales the (N, d) normalised queries rather than the (N, P) scores: the same product.
-        q = q * (self.temperature2 / q_len)  # (B, h, N, d)
+        # Spatial attention: every token against P projected "summary tokens". The temperature and
+        # the 1/length of q's channels scale whole channels of q, so they go onto the (P, d) keys
+        # instead, the same q.k for every score.
+        k_proj = k_proj * (self.temperature2 / q_len)  # (B, h, P, d)
         if self.store_attention or (self.training and self.attn_drop_2.p > 0):
             attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
-            x_sa = self.attn_drop_2(attn_sa) @ v_proj  # (B, h, N, d)
-        else:  # the same product, softmax and product fused, without storing the (N, P) map
-            x_sa = F.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0)  # (B, h, N, d)
-        # Quirk of the original (its issue #62): permute to (B, d, h, N), then reshape straight to
-        # (B, N, C), which mixes tokens and channels. The released weights were trained with it.
-        x_sa = x_sa.permute(0, 3, 1, 2).reshape(B, N, C)
+            x_sa = v_proj.transpose(-2, -1) @ self.attn_drop_2(attn_sa).transpose(-2, -1)  # (B, h, d, N)
+        else:  # the same products, a few thousand queries at a time, without storing the (N, P) map
+            x_sa = spatial_attention_in_chunks(q, k_proj, v_proj)  # (B, h, d, N)
+        # Quirk of the original (its issue #62): the output goes to (B, d, h, N), then is reshaped
+        # straight to (B, N, C), which mixes tokens and channels. The released weights expect it.
+        x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
 
         if self.store_attention:
             self.attention_maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
