@@ -41,4 +41,6 @@ class UpBlock(nn.Module):
         self.decoder_block = nn.ModuleList([blocks])  # a list of one, for the original key names
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.decoder_block[0](self.transp_conv(x) + skip)
+        up = self.transp_conv(x)
+        up += skip  # in place: saves a full-resolution buffer, and the gradient does not need `up`
+        return self.decoder_block[0](up)
