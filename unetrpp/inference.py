@@ -215,7 +215,7 @@ def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast:
         p = torch.softmax(logits[:count].float(), dim=1)
         p = p.flip(axes) if axes else p
         total = p if total is None else total.add_(p)
-    return total / len(flips)
+    return total.div_(len(flips)) if len(flips) > 1 else total
 
 
 def _stitch_device(device: torch.device, voxels: int, channels: int) -> torch.device:
