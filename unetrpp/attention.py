@@ -13,6 +13,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -108,8 +109,10 @@ class EPA(nn.Module):
         if self.store_attention or (self.training and self.attn_drop_2.p > 0):
             attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
             x_sa = v_proj.transpose(-2, -1) @ self.attn_drop_2(attn_sa).transpose(-2, -1)  # (B, h, d, N)
-        else:  # the same products, a few thousand queries at a time, without storing the (N, P) map
+        elif q.device.type == "cpu":  # the same products, a few thousand queries at a time
             x_sa = spatial_attention_in_chunks(q, k_proj, v_proj)  # (B, h, d, N)
+        else:  # GPUs: one fused kernel, without storing the (N, P) map
+            x_sa = F.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0).transpose(-2, -1)  # (B, h, d, N)
         # Quirk of the original (its issue #62): the output goes to (B, d, h, N), then is reshaped
         # straight to (B, N, C), which mixes tokens and channels. The released weights expect it.
         x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
