@@ -217,13 +217,11 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     from .inference import segment
 
     p = _check_nifti_path(path)
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap={overlap}: must be in [0, 1), e.g. 0.5")
     result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress,
                      precision=precision)
     folder = Path(out_dir) / f"unetrpp-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True, exist_ok=False)
-    stem = p.name[: -len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.name[: -len(".nii")]
+    stem = io.nifti_stem(p)  # _check_nifti_path has made sure the name ends in .nii or .nii.gz
     mask_path = folder / f"{stem}_unetrpp_mask.nii.gz"
     csv_path = folder / f"{stem}_unetrpp_statistics.csv"
     result.save(mask_path)

@@ -141,20 +141,18 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     a Hugging Face repo id "owner/name" (downloaded with huggingface_hub, honouring HF_HUB_OFFLINE)."""
     text = str(spec)
     path = Path(text).expanduser()
+    local = local_weights()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: no config.json; a weights folder holds config.json + model.safetensors "
-                             "(make one with `python -m unetrpp convert`)")
         model = _from_folder(path)
     elif path.is_file():  # a released checkpoint (model_final_checkpoint.model), whatever its name
         model = load_original_checkpoint(path)
-    elif text in local_weights():
-        model = _from_folder(local_weights()[text])
+    elif text in local:
+        model = _from_folder(local[text])
     elif text.count("/") == 1 and not path.exists():
         model = _from_hub(text)
     else:
         raise ValueError(f"weights {text!r} not found: give a weights folder, a .model checkpoint, a Hugging Face "
-                         f"repo id (owner/name), or one of the local weights {sorted(local_weights()) or '(none)'}")
+                         f"repo id (owner/name), or one of the local weights {sorted(local) or '(none)'}")
     model.deep_supervision = False
     model.eval()
     return model.to(device) if device is not None else model
@@ -163,8 +161,9 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
 def _from_folder(path: Path) -> UNETRPP:
     """A save_pretrained folder, every way it can be broken answered in one line."""
     hint = "a weights folder holds config.json + model.safetensors (make one with `python -m unetrpp convert`)"
-    if not (path / "model.safetensors").is_file():
-        raise ValueError(f"{path}: no model.safetensors; {hint}")
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path}: no {name}; {hint}")
     try:
         config = json.loads((path / "config.json").read_text())
         UNETRPPConfig.from_dict(config)  # names the field when the config is wrong
