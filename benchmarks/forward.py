@@ -9,29 +9,9 @@ Prints one line per network: median seconds, ratio to UNETR fp32, peak RSS so fa
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
-import statistics
-import time
+import functools
 
 import torch
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def median_time(model: torch.nn.Module, x: torch.Tensor, repeats: int, reuse: bool) -> float:
-    from unetrpp.fast import reuse_freed_memory
-
-    times = []
-    with torch.inference_mode(), reuse_freed_memory() if reuse else contextlib.nullcontext():
-        model(x)  # warm-up: oneDNN primitive creation, allocator
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,32 +27,35 @@ def main() -> None:
     from monai.networks.nets import UNETR, SwinUNETR
 
     from unetrpp import create_model
+    from unetrpp.complexity import median_forward_seconds, peak_rss_mb
     from unetrpp.fast import optimize_for_inference
 
     x = torch.randn(1, 1, 64, 128, 128)
-    reuse = not args.plain_allocator  # the same allocator setting for every network, peers included
+    # the same allocator setting for every network, peers included; one untimed warm-up pass each
+    median_time = functools.partial(median_forward_seconds, repeats=args.repeats,
+                                    reuse_memory=not args.plain_allocator)
     rows = []
     unetr = UNETR(1, 14, img_size=(64, 128, 128), feature_size=16, hidden_size=768).eval()
-    rows.append(("MONAI UNETR fp32", median_time(unetr, x, args.repeats, reuse)))
+    rows.append(("MONAI UNETR fp32", median_time(unetr, x)))
     del unetr
     ours = create_model("unetrpp_synapse").eval()
-    rows.append(("UNETR++ synapse fp32, plain", median_time(ours, x, args.repeats, reuse)))
+    rows.append(("UNETR++ synapse fp32, plain", median_time(ours, x)))
     optimize_for_inference(ours)  # what unetrpp.segment() runs
-    rows.append(("UNETR++ synapse fp32, optimized", median_time(ours, x, args.repeats, reuse)))
+    rows.append(("UNETR++ synapse fp32, optimized", median_time(ours, x)))
     if args.bf16:  # what segment(precision="bf16") runs: a bfloat16 copy of the optimized network
-        half = median_time(ours.to(torch.bfloat16), x.to(torch.bfloat16), args.repeats, reuse)
+        half = median_time(ours.to(torch.bfloat16), x.to(torch.bfloat16))
         rows.append(("UNETR++ synapse bf16 weights, optimized", half))
     del ours
     if not args.no_swin:
         swin = SwinUNETR(in_channels=1, out_channels=14, feature_size=48).eval()
-        rows.append(("MONAI Swin-UNETR fp32", median_time(swin, x, max(1, args.repeats // 2), reuse)))
+        rows.append(("MONAI Swin-UNETR fp32", median_time(swin, x, repeats=max(1, args.repeats // 2))))
     base = rows[0][1]
     allocator = "plain allocator" if args.plain_allocator else "freed memory reused (unetrpp.fast.reuse_freed_memory)"
     print(f"torch {torch.__version__}, {args.threads} threads, input 1x1x64x128x128, median of {args.repeats}, "
           f"{allocator}")
     for name, t in rows:
         print(f"{name:42s} {t:7.3f} s   {t / base:5.2f}x UNETR")
-    print(f"peak RSS {peak_rss_gb():.2f} GB")
+    print(f"peak RSS {peak_rss_mb() / 1024:.2f} GB")
 
 
 if __name__ == "__main__":

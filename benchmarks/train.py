@@ -12,7 +12,6 @@ slower than one thread.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from monai.losses import DiceCELoss
 from unetrpp import create_model
 from unetrpp.data.phantom import generate_case
 from unetrpp.fast import reuse_freed_memory
-from unetrpp.train import deep_supervision_loss
+from unetrpp.train import deep_supervision_loss, read_history
 
 
 def throughput(threads: int, steps: int, batch_size: int, name: str = "unetrpp_tiny") -> float:
@@ -52,11 +51,11 @@ def throughput(threads: int, steps: int, batch_size: int, name: str = "unetrpp_t
 
 
 def run_wall_time(run_dir: Path) -> str:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_history(run_dir / "metrics.jsonl")
     losses = [x for x in lines if "loss" in x]
     vals = [x for x in lines if "val_mean_dice" in x]
     last = losses[-1]
-    text = f"run {run_dir}: {last['step']} steps, {last['elapsed_s'] / 60:.1f} min of training in the last session"
+    text = f"run {run_dir}: {last['step']} steps, {last['elapsed_s'] / 60:.1f} min of training (all its sessions)"
     if vals:
         text += f", last validation mean Dice {vals[-1]['val_mean_dice']:.3f}"
     return text

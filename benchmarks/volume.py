@@ -13,7 +13,6 @@ wall / (windows x one forward) (goal: at most 1.2) and the peak resident memory 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from unetrpp import create_model  # noqa: E402
+from unetrpp.complexity import peak_rss_mb  # noqa: E402
 from unetrpp.fast import optimize_for_inference, reuse_freed_memory  # noqa: E402
 from unetrpp.inference import segment  # noqa: E402
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+from unetrpp.preprocess import target_shape  # noqa: E402
 
 
 def one_forward_seconds(model: torch.nn.Module, device: torch.device, repeats: int) -> float:
@@ -90,8 +85,7 @@ def run(device_name: str, image: Path, overlap: float, tta: bool, repeats: int) 
     for hook in hooks:
         hook.remove()
     passes = result.windows * (8 if tta else 1)
-    target = tuple(round(n * s / t) for n, s, t in
-                   zip(result.volume.shape, result.volume.spacing, model.config.preprocessing.spacing))
+    target = target_shape(result.volume.shape, result.volume.spacing, model.config.preprocessing.spacing)
     print(f"device {device}  threads {torch.get_num_threads()}  image {image.name} {result.volume.shape} "
           f"-> target grid {target}")
     print(f"  wall time           {wall:8.1f} s")
@@ -103,7 +97,7 @@ def run(device_name: str, image: Path, overlap: float, tta: bool, repeats: int) 
           f"({inside['seconds'] / max(inside['calls'], 1):.3f} s each)")
     print(f"  wall / time in network              {wall / max(inside['seconds'], 1e-9):6.2f}   "
           "(the same ratio, immune to load changes)")
-    print(f"  peak RSS            {peak_rss_gb():8.2f} GB   (goal < 4 GB)")
+    print(f"  peak RSS            {peak_rss_mb() / 1024:8.2f} GB   (goal < 4 GB)")
     if device.type == "cuda":
         print(f"  peak GPU memory     {torch.cuda.max_memory_allocated(device) / 1024**3:8.2f} GB")
 

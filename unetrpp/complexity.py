@@ -8,9 +8,12 @@ element-wise ops, which is why it reports 47.89 G for synapse where this gives 4
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import re
 import statistics
+import sys
 import time
 from collections import Counter
 from typing import Sequence
@@ -104,16 +107,27 @@ def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_sy
     raise ValueError(f"unknown network {kind!r}; valid: {', '.join(NETWORKS)}")
 
 
-def median_forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
+def median_forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3, warmup: int = 1,
+                           reuse_memory: bool = True) -> float:
     """Median wall time of `model(x)` under inference mode, after `warmup` untimed runs, with freed memory
-    kept for reuse as `segment()` runs it (`unetrpp.fast.reuse_freed_memory`)."""
+    kept for reuse as `segment()` runs it (`unetrpp.fast.reuse_freed_memory`) unless `reuse_memory` is False."""
     from .fast import reuse_freed_memory
 
     times = []
-    with torch.inference_mode(), reuse_freed_memory():
+    with torch.inference_mode(), reuse_freed_memory() if reuse_memory else contextlib.nullcontext():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model(x)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (NaN where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024**2 if sys.platform == "darwin" else 1024)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -201,7 +200,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(options), indent=2))
         # On resume, forget what was logged after the checkpoint: those steps run again.
-        history = [h for h in _read_history(run_dir / "metrics.jsonl") if h["step"] <= start_step]
+        history = [h for h in read_history(run_dir / "metrics.jsonl") if h["step"] <= start_step]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(step: int) -> None:
@@ -262,9 +261,10 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                             scores = validate(model, val_data, ctx.device, config.class_names)
                             record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
                             log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
-                            plot_curves(history, run_dir / "training_curve.png")
+                            if step < options.max_steps:  # the last step's plot and checkpoint come below
+                                plot_curves(history, run_dir / "training_curve.png")
                         ctx.barrier()
-                    if step % options.checkpoint_every == 0:
+                    if step % options.checkpoint_every == 0 and step < options.max_steps:
                         checkpoint(step)
         except KeyboardInterrupt:
             checkpoint(step)
@@ -282,14 +282,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     return TrainResult(run_dir, model_dir, step, history)
 
 
-def _read_history(path: Path) -> list[dict]:
+def read_history(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (training loss and validation Dice by step); [] if none."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def steps_summary(history: list[dict]) -> dict[str, float]:
-    """Last training loss and best validation mean Dice seen in a history (for reports)."""
-    losses = [h["loss"] for h in history if "loss" in h]
-    vals = [h["val_mean_dice"] for h in history if "val_mean_dice" in h]
-    return {"last_loss": losses[-1] if losses else math.nan, "best_val_mean_dice": max(vals) if vals else math.nan}

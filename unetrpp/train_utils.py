@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .io import atomic_write
+
 log = logging.getLogger(__name__)
+
+
+def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them; (0, 1, 0) in a plain run."""
+    env = os.environ if environ is None else environ
+    try:
+        rank, world, local = (int(env.get(key, default)) for key, default in
+                              (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    except ValueError:
+        raise ValueError("RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE (launch with torchrun)")
+    return rank, world, local
 
 
 @dataclass
@@ -27,14 +43,10 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device: str | None = None) -> DistributedContext:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available here; use --device cpu")
+        from .inference import resolve_device
+
+        rank, world, local = torchrun_ranks()
+        dev = resolve_device(device)
         if dev.type == "cuda" and world > 1:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
@@ -61,9 +73,7 @@ class DistributedContext:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: never a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

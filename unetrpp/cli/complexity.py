@@ -23,11 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import resource
 
     import torch
 
-    from ..complexity import build_network, count_flops, median_forward_seconds, parameter_breakdown
+    from ..complexity import build_network, count_flops, median_forward_seconds, parameter_breakdown, peak_rss_mb
     from ..config import get_config
 
     cfg = get_config(args.name, deep_supervision=not args.no_deep_supervision)
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         report["seconds"] = median_forward_seconds(model, torch.randn(shape), repeats=args.time)
         report["threads"] = torch.get_num_threads()
-        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report["peak_rss_mb"] = peak_rss_mb()
     if args.json:
         print(json.dumps({**report, "params_by_component": params, "flops_by_module": per_module}))
         return 0

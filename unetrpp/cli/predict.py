@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -111,14 +110,9 @@ def _line(kind: str, source: Path, text: str) -> str:
 
 def distributed_share(files: list, environ: dict | None = None) -> tuple[list, int, int, int]:
     """(files[rank::world_size], rank, world_size, local_rank) from torchrun's environment variables."""
-    env = os.environ if environ is None else environ
-    try:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local = int(env.get("LOCAL_RANK", 0))
-    except ValueError:
-        raise ValueError("RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE (launch with torchrun)")
+    from ..train_utils import torchrun_ranks
+
+    rank, world, local = torchrun_ranks(environ)
     return files[rank::world], rank, world, local
 
 

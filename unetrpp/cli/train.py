@@ -57,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.patch_size:
         overrides["patch_size"] = list(args.patch_size)
     build_config(args.name, overrides)  # fail now on a bad name or override
-    val = int(args.val_cases) if args.val_cases >= 1 else args.val_cases
     options = TrainOptions(
         data=args.data, out=args.out, name=args.name, config_overrides=overrides, max_steps=args.max_steps,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=val, val_every=args.val_every,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=args.val_cases, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, samples_per_case=args.samples_per_case,
         flip_prob=args.flip_prob, seed=args.seed, device=args.device, resume=args.resume,
         progress=not args.no_progress,
