@@ -19,8 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import io
-from .data.btcv import _case_id
-from .io import NIFTI_SUFFIXES
+from .data.btcv import nifti_files_by_case
 from .labels import BTCV_LABELS
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def _nanmean(values: list[float]) -> float:
 def _nifti_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; give a folder of .nii/.nii.gz masks")
-    files = {_case_id(p): p for p in sorted(folder.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+    files = nifti_files_by_case(folder)
     if not files:
         raise ValueError(f"{folder}: no .nii/.nii.gz files; give a folder of label masks")
     return files

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from .labels import BTCV_COLORS, BTCV_LABELS
@@ -167,7 +168,7 @@ def check_image(img: nib.Nifti1Image, name: str = "image") -> tuple[int, int, in
     if affine is None or not np.all(np.isfinite(affine)):
         raise ValueError(f"{name}: the affine is missing or not finite; "
                          "fix the header's sform/qform (e.g. re-save in 3D Slicer)")
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_sizes(affine)
     if spacing.min() <= 1e-6 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
         raise ValueError(f"{name}: the affine is singular (voxel spacing {tuple(np.round(spacing, 4).tolist())} mm); "
                          "fix pixdim/sform/qform in the header so each axis has a non-zero, independent direction")
@@ -207,13 +208,11 @@ def _replace_non_finite(data: np.ndarray, name: str) -> list[str]:
     return [message]
 
 
-def _to_orientation(data_ijk: np.ndarray, affine: np.ndarray,
-                    orientation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reorient an (i, j, k) array to `orientation`; returns the array, its affine and the transform."""
+def _to_orientation(data_ijk: np.ndarray, affine: np.ndarray, orientation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an (i, j, k) array to `orientation`; returns the array and its affine."""
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
     data = apply_orientation(data_ijk, transform)
-    new_affine = affine @ inv_ornt_aff(transform, data_ijk.shape)
-    return data, new_affine, transform
+    return data, affine @ inv_ornt_aff(transform, data_ijk.shape)
 
 
 def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
@@ -244,9 +243,9 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     warnings = _replace_non_finite(data, name)
     if len(img.shape) > 3:
         warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D")
-    data, new_affine, _ = _to_orientation(data, img.affine, orientation)
+    data, new_affine = _to_orientation(data, img.affine, orientation)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
-    spacing_xyz = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
+    spacing_xyz = voxel_sizes(new_affine)
     return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation.upper(), warnings)
 
 
@@ -280,6 +279,10 @@ def sidecar_path(mask_path: str | os.PathLike) -> Path:
     return path.with_name(_nifti_stem(path) + ".json")
 
 
+# Marks a label side-car as written by this package (predict may replace such a file on a rerun).
+LABEL_TABLE_DESCRIPTION = "UNETR++ segmentation label map"
+
+
 def label_table(label_names: Sequence[str]) -> dict:
     """JSON-ready label table: {"labels": [{"value", "name", "color"}, ...]}, background first."""
     btcv = tuple(label_names[1:]) == tuple(BTCV_LABELS.values())
@@ -289,7 +292,7 @@ def label_table(label_names: Sequence[str]) -> dict:
         if btcv and value in BTCV_COLORS:
             entry["color"] = list(BTCV_COLORS[value])
         labels.append(entry)
-    return {"description": "UNETR++ segmentation label map", "labels": labels}
+    return {"description": LABEL_TABLE_DESCRIPTION, "labels": labels}
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

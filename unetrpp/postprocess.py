@@ -19,19 +19,17 @@ from .io import atomic_write
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
 
 
-def largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep, for each label, only its largest 26-connected component; the rest becomes background.
 
-    `mask` (Z, Y, X) integer labels; `labels` to clean (default: every non-zero label present).
-    Returns a new array of the same shape and dtype.
+    `mask` (Z, Y, X) non-negative integer labels. Returns a new array of the same shape and dtype.
     """
     out = mask.copy()
     structure = np.ones((3, 3, 3), dtype=bool)
-    for label in labels if labels is not None else np.unique(mask[mask > 0]):
-        objects = ndimage.find_objects((mask == label).astype(np.uint8))
-        if not objects or objects[0] is None:
+    # one pass gives every label's bounding box; each label is then cleaned inside its own box
+    for label, box in enumerate(ndimage.find_objects(mask), start=1):
+        if box is None:
             continue
-        box = objects[0]  # work inside the label's bounding box only
         components, count = ndimage.label(mask[box] == label, structure=structure)
         if count > 1:
             sizes = np.bincount(components.ravel())

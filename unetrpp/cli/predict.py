@@ -83,8 +83,10 @@ def _is_label_table(path: Path) -> bool:
     """Whether `path` is a label side-car this program wrote (safe to replace on a rerun)."""
     import json
 
+    from ..io import LABEL_TABLE_DESCRIPTION
+
     try:
-        return json.loads(path.read_text()).get("description") == "UNETR++ segmentation label map"
+        return json.loads(path.read_text()).get("description") == LABEL_TABLE_DESCRIPTION
     except (OSError, ValueError, AttributeError):
         return False
 

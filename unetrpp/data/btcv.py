@@ -33,6 +33,13 @@ def _stem(path: Path) -> str:
     return io.nifti_stem(path) or path.name
 
 
+def nifti_files_by_case(folder: Path) -> dict[str, Path]:
+    """The .nii/.nii.gz files of `folder` by case id, in name order ({} when there is no such folder)."""
+    if not folder.is_dir():
+        return {}
+    return {_case_id(p): p for p in sorted(folder.iterdir()) if p.name.endswith(io.NIFTI_SUFFIXES)}
+
+
 def _case_id(path: Path) -> str:
     """"img0003", "label0003" and "img0003_seg" share the id "0003" (the last run of digits);
     a name without digits is its own id."""
@@ -78,9 +85,7 @@ def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
         if (root / "imagesTr").is_dir() else []
     if not images:
         raise ValueError(f"{root}: no cases found; {LAYOUT_HINT}")
-    labels = {}
-    if (root / "labelsTr").is_dir():
-        labels = {_case_id(p): p for p in (root / "labelsTr").glob("*") if p.name.endswith(io.NIFTI_SUFFIXES)}
+    labels = nifti_files_by_case(root / "labelsTr")
     cases = [Case(_stem(p), p, labels.get(_case_id(p))) for p in images]
     return {"training": cases, "validation": []}
 
