@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from unetrpp import create_model, load_original_checkpoint
-from unetrpp.fast import FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, _glibc, optimize_for_inference
+from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, FastLinear, _glibc,
+                          optimize_for_inference)
 
 from golden import FIXTURES, golden_state_dict, save_released_style
 
@@ -19,19 +20,26 @@ from golden import FIXTURES, golden_state_dict, save_released_style
     (nn.Conv3d(8, 8, 3, padding=1, bias=False), (2, 8, 6, 10, 12)),
     (nn.Conv3d(4, 16, (2, 4, 4), stride=(2, 4, 4)), (1, 4, 8, 16, 16)),
     (nn.Conv3d(16, 14, 1), (3, 16, 5, 6, 7)),
+    (nn.Conv3d(16, 14, 1), (1, 16, 5, 6, 7)),  # one sample: oneDNN's product
     (nn.Conv3d(1, 16, 1, bias=False), (2, 1, 5, 6, 7)),
     (nn.ConvTranspose3d(32, 16, (2, 4, 4), stride=(2, 4, 4), bias=False), (2, 32, 3, 4, 5)),
     (nn.ConvTranspose3d(8, 4, 2, stride=2), (1, 8, 3, 3, 3)),
+    (nn.ConvTranspose3d(32, 16, (2, 4, 4), stride=(2, 4, 4)), (1, 32, 3, 4, 5)),
     (nn.ConvTranspose3d(8, 4, 3, stride=2, padding=1), (1, 8, 3, 3, 3)),  # not patchwise: plain path
     (nn.InstanceNorm3d(6), (2, 6, 5, 6, 7)),
+    (nn.Linear(32, 128, bias=False), (1, 300, 32)),
+    (nn.Linear(32, 16), (2, 300, 32)),
 ])
 def test_fast_layers_compute_the_same_function(layer, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
     fast = optimize_for_inference(copy.deepcopy(layer))
-    assert type(fast) in (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d)
+    assert type(fast) in (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, FastLinear)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)
+        if isinstance(layer, nn.Linear):  # tokens that are a slice of wider rows take the plain path
+            wide = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+            torch.testing.assert_close(fast(wide), layer(wide), atol=1e-5, rtol=1e-5)
 
 
 def test_optimized_model_keeps_parameters_and_still_trains():
