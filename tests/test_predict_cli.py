@@ -151,8 +151,9 @@ def test_torchrun_ranks_share_the_files():
 
 
 def test_outputs_never_overwrite_inputs_or_foreign_side_cars(tmp_path, weights, capsys):
-    """-o pointing at the input folder: a.nii's mask would be a.nii.gz (another input) and b's label
-    side-car b.json would replace the user's own JSON; both are refused, nothing is lost."""
+    """-o pointing at the input folder: a.nii's mask would be a.nii.gz (another input, or alone a file
+    that is not a mask) and b's label side-car b.json would replace the user's own JSON; all are
+    refused, nothing is lost. Several inputs and a file name as the output are refused too."""
     folder = tmp_path / "scans"
     folder.mkdir()
     write_nifti(folder / "a.nii", ct_like(1), AFFINE)
@@ -164,6 +165,12 @@ def test_outputs_never_overwrite_inputs_or_foreign_side_cars(tmp_path, weights, 
     err = capsys.readouterr().err
     assert status == 2 and "a.nii.gz would overwrite an input file" in err and "b.json would overwrite" in err
     assert {p.name: sha(p) for p in folder.iterdir() if p.name in before} == before
+    assert predict(folder / "a.nii", "-o", folder, "--weights", weights) == 2  # a.nii.gz: not an input now
+    assert "a.nii.gz would overwrite an existing file that is not a UNETR++ mask" in capsys.readouterr().err
+    assert predict(folder / "a.nii", folder / "b.nii", "-o", tmp_path / "both.nii.gz", "--weights", weights) == 2
+    assert "2 inputs need an output folder" in capsys.readouterr().err
+    assert {p.name: sha(p) for p in folder.iterdir() if p.name in before} == before
+    assert not (tmp_path / "both.nii.gz").exists()
     out = tmp_path / "out"
     out.mkdir()
     (out / "b.json").write_text('{"mine": true}')

@@ -279,8 +279,9 @@ def sidecar_path(mask_path: str | os.PathLike) -> Path:
     return path.with_name(_nifti_stem(path) + ".json")
 
 
-# Marks a label side-car as written by this package (predict may replace such a file on a rerun).
+# Mark label side-cars and masks as written by this package (predict may replace them on a rerun).
 LABEL_TABLE_DESCRIPTION = "UNETR++ segmentation label map"
+MASK_DESCRIPTION = b"UNETR++ segmentation"
 
 
 def label_table(label_names: Sequence[str]) -> dict:
@@ -352,7 +353,7 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
         out.set_sform(volume.affine, 1)
     out.header["cal_min"], out.header["cal_max"] = 0, int(data.max(initial=0))
     out.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
-    out.header["descrip"] = b"UNETR++ segmentation"
+    out.header["descrip"] = MASK_DESCRIPTION
     table = None
     if label_names is not None:
         table = label_table(label_names)

@@ -74,8 +74,11 @@ def output_paths(files: list[Path], output: Path) -> list[Path]:
     """`output/<stem>.nii.gz` per file, or `output` itself for one file and a .nii/.nii.gz output."""
     from ..io import NIFTI_SUFFIXES, nifti_stem
 
-    if len(files) == 1 and output.name.lower().endswith(NIFTI_SUFFIXES):
-        return [output]
+    if output.name.lower().endswith(NIFTI_SUFFIXES):
+        if len(files) == 1:
+            return [output]
+        raise ValueError(f"-o {output}: {len(files)} inputs need an output folder, not a file name; "
+                         f"e.g. -o {output.parent / nifti_stem(output)}")
     return [output / f"{nifti_stem(f) or f.stem}.nii.gz" for f in files]
 
 
@@ -91,6 +94,20 @@ def _is_label_table(path: Path) -> bool:
         return False
 
 
+def _is_our_mask(path: Path) -> bool:
+    """Whether `path` is a mask this program wrote (safe to replace on a rerun): a NIfTI label map
+    with save_mask's description."""
+    import nibabel as nib
+
+    from ..io import MASK_DESCRIPTION
+
+    try:
+        header = nib.load(str(path)).header
+        return int(header["intent_code"]) == 1002 and bytes(header["descrip"]).rstrip(b"\0") == MASK_DESCRIPTION
+    except Exception:  # not a NIfTI file at all
+        return False
+
+
 def clobbers(target: Path, inputs: set[Path]) -> str | None:
     """Why writing the mask `target` and its label side-car would destroy a file the user has, or None."""
     from ..io import sidecar_path
@@ -99,6 +116,9 @@ def clobbers(target: Path, inputs: set[Path]) -> str | None:
     for path, what in ((target, "mask"), (side, "label side-car")):
         if path.resolve() in inputs:
             return f"its {what} {path} would overwrite an input file; choose another output folder"
+    if target.exists() and not _is_our_mask(target):
+        return (f"its mask {target} would overwrite an existing file that is not a UNETR++ mask; "
+                "choose another output folder")
     if side.exists() and not _is_label_table(side):
         return (f"its label side-car {side} would overwrite an existing file that is not a UNETR++ label table; "
                 "choose another output folder")
