@@ -106,6 +106,21 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         load_pretrained(tmp_path / "empty")
+    monkeypatch.chdir(tmp_path)  # weights/... before conversion is a missing folder, not a Hub repo id
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ValueError, match="no such folder.*unetrpp convert CHECKPOINT --out weights/unetrpp_synapse"):
+        load_pretrained("weights/unetrpp_synapse")
+
+
+def test_weights_folder_missing_tensors_is_refused(tmp_path, tiny):
+    """Layers without weights in model.safetensors must not keep their random initial values."""
+    from safetensors.torch import load_file, save_file
+
+    tiny.save_pretrained(tmp_path / "w")
+    tensors = load_file(tmp_path / "w" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "decoder2" not in k}, tmp_path / "w" / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: unreadable or not the weights of its config.json.*decoder2"):
+        load_pretrained(tmp_path / "w")
 
 
 def test_hub_repo_id_from_a_prefilled_cache_and_offline_error(tmp_path, tiny):

@@ -148,7 +148,11 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
         model = load_original_checkpoint(path)
     elif text in local:
         model = _from_folder(local[text])
-    elif text.count("/") == 1 and not path.exists():
+    elif _looks_like_path(text):
+        raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
+                         f"checkpoint with `python -m unetrpp convert CHECKPOINT --out {text}`, or give one of the "
+                         f"local weights {sorted(local) or '(none)'}")
+    elif text.count("/") == 1:
         model = _from_hub(text)
     else:
         raise ValueError(f"weights {text!r} not found: give a weights folder, a .model checkpoint, a Hugging Face "
@@ -156,6 +160,14 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     model.deep_supervision = False
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
+    suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
+    first = text.replace("\\", "/").split("/")[0]
+    return (text.startswith((".", "/", "~", "\\")) or text.endswith((".model", ".pth", ".pt", ".safetensors"))
+            or (first != "" and Path(first).expanduser().is_dir()))
 
 
 def _from_folder(path: Path) -> UNETRPP:
@@ -173,9 +185,9 @@ def _from_folder(path: Path) -> UNETRPP:
     try:
         # huggingface_hub prints "Loading weights from local directory" to stdout; keep the CLI's output clean.
         with contextlib.redirect_stdout(io.StringIO()):
-            return UNETRPP.from_pretrained(path)
+            return UNETRPP.from_pretrained(path, strict=True)  # a missing tensor is an error, not random values
     except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__  # one line, e.g. the missing keys
         raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
                          f"({reason}); {hint}") from None
 
@@ -184,7 +196,7 @@ def _from_hub(repo_id: str) -> UNETRPP:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
-        return UNETRPP.from_pretrained(repo_id)
+        return UNETRPP.from_pretrained(repo_id, strict=True)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}"
