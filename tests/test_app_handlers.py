@@ -170,6 +170,24 @@ def test_attention_view_on_the_tiny_model(scan, tiny_model):
     assert len(va.channel_figure(view.channel).data) == heads
 
 
+def test_attention_view_follows_the_window_orientation():
+    """Synapse weights see LPS windows: the attention views show them as the slice views do (patient's
+    left on the image's right, anterior up), and a click maps back through the same flips."""
+    window = np.full((8, 16, 16), -1000.0, np.float32)
+    window[:, :, 12:] = 300.0  # bright at large x: the patient's left in LPS, the right in RAS
+    spacing = (2.0, 1.5, 1.5)
+    sides = {}
+    for orientation in ("RAS", "LPS"):
+        view = va.AttentionView(window, np.zeros_like(window), np.ones((1, 2, 2)), (4, 8, 8), (2, 4, 4),
+                                spacing, "b", orientation)
+        image = va.render_attention(view, "axial").mean(-1)
+        sides[orientation] = "right" if image[:, image.shape[1] // 2:].mean() > image[:, :image.shape[1] // 2].mean() else "left"
+        y, x = va.window_click_to_voxel(view, "axial", 0, 0, (50, 50, 50), spacing, (100, 100, 100))[1:]
+        sides[orientation + " top-left click"] = (np.sign(y - 50), np.sign(x - 50))
+    assert sides == {"RAS": "left", "LPS": "right",  # radiological convention: patient's left on the right
+                     "RAS top-left click": (1, 1), "LPS top-left click": (-1, -1)}  # anterior, patient's right
+
+
 def test_attention_outputs_and_click_recentre(scan, tiny_model):
     session = H.load_scan(scan)
     with pytest.raises(ValueError, match="Show attention"):

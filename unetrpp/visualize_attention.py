@@ -25,6 +25,7 @@ class AttentionView:
     grid: tuple[int, int, int]  # the block's token grid (z, y, x)
     spacing: tuple[float, float, float]  # window spacing (z, y, x) mm
     block: str
+    orientation: str = "RAS"  # axis codes of the window (the model's), for display the right way round
 
 
 def attention_blocks(model) -> list[str]:
@@ -104,21 +105,21 @@ def compute_attention(model, volume: np.ndarray, spacing: Sequence[float], centr
     heat = F.interpolate(effective.reshape(1, 1, *grid), size=patch, mode="trilinear", align_corners=False)
     channel = m["channel"][0].float().cpu().numpy()
     return AttentionView(window, heat[0, 0].cpu().numpy(), channel, query, grid,
-                         tuple(cfg.preprocessing.spacing), block)
+                         tuple(cfg.preprocessing.spacing), block, cfg.preprocessing.orientation.upper())
 
 
 def render_attention(view_data: AttentionView, view: str, window: tuple[float, float] = vis.WINDOW_PRESETS["abdomen"],
                      min_side: int = 320) -> np.ndarray:
     """The heat-map over the window's slice through the query voxel, in one view -> RGB uint8."""
-    axis = vis.VIEW_AXIS[view]
+    axis, orientation = vis.VIEW_AXIS[view], view_data.orientation
     index = view_data.query[axis]
-    plane = vis.slice_2d(view_data.window_hu, view, index)
-    heat = vis.slice_2d(view_data.heat, view, index)
+    plane = vis.slice_2d(view_data.window_hu, view, index, orientation)
+    heat = vis.slice_2d(view_data.heat, view, index, orientation)
     size = vis.display_shape(plane.shape, vis.view_spacing(view_data.spacing, view), min_side=min_side)
     gray = vis.apply_window(vis.resize_linear(plane, size), *window)
     rgb = vis.heatmap_overlay(gray, vis.resize_linear(heat, size))
-    return vis.draw_crosshair(rgb, *vis.voxel_to_display(view, view_data.query, view_data.window_hu.shape, size),
-                              color=(0, 255, 120))
+    crosshair = vis.voxel_to_display(view, view_data.query, view_data.window_hu.shape, size, orientation)
+    return vis.draw_crosshair(rgb, *crosshair, color=(0, 255, 120))
 
 
 def window_click_to_voxel(view_data: AttentionView, view: str, col: float, row: float, centre: Sequence[int],
@@ -126,9 +127,9 @@ def window_click_to_voxel(view_data: AttentionView, view: str, col: float, row: 
                           min_side: int = 320) -> tuple[int, int, int]:
     """The volume voxel (z, y, x) under a click on an attention view of the window centred at `centre`."""
     axis = vis.VIEW_AXIS[view]
-    plane_shape = vis.slice_2d(view_data.window_hu, view, view_data.query[axis]).shape
+    plane_shape = vis.slice_2d(view_data.window_hu, view, view_data.query[axis]).shape  # flips keep the shape
     size = vis.display_shape(plane_shape, vis.view_spacing(view_data.spacing, view), min_side=min_side)
-    w = vis.display_to_voxel(view, row, col, view_data.query, view_data.window_hu.shape, size)
+    w = vis.display_to_voxel(view, row, col, view_data.query, view_data.window_hu.shape, size, view_data.orientation)
     # window voxel -> mm offset from the query -> volume voxel
     out = [c + (wi - q) * t / s
            for c, wi, q, t, s in zip(centre, w, view_data.query, view_data.spacing, volume_spacing)]
