@@ -205,6 +205,23 @@ def test_non_finite_voxels_are_replaced_by_the_minimum_and_reported(tmp_path):
     assert volume.array.min() == finite_min
     assert (volume.array == finite_min).sum() == (data == finite_min).sum() + 3
     assert any("3 non-finite" in w for w in volume.warnings)
+    # An uncompressed file opened as a read-only memory map: the replacement goes to a copy.
+    plain = write_nifti(tmp_path / "nan.nii", data)
+    before = sha(plain)
+    mapped = io.from_image(nib.load(str(plain), mmap="r"))
+    np.testing.assert_array_equal(mapped.array, volume.array)
+    assert sha(plain) == before
+
+
+@pytest.mark.parametrize("unit, scale", [("meter", 1e-3), ("micron", 1e3)])
+def test_spatial_units_other_than_millimetres_are_converted(unit, scale, tmp_path):
+    img = nib.Nifti1Image(_phantom().transpose(2, 1, 0), np.diag([2.5 * scale, 2.0 * scale, 3.0 * scale, 1.0]))
+    img.header.set_xyzt_units(unit)
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, str(path))
+    volume = io.load(path)
+    np.testing.assert_allclose(volume.spacing, (3.0, 2.0, 2.5))
+    assert any(f"distances in {unit}s; converted to millimetres" in w for w in volume.warnings)
 
 
 @pytest.mark.parametrize("encoding", ["int16", "int32", "float32", "float64", "scaled_int16", "nifti2", "plain_nii"])

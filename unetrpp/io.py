@@ -188,7 +188,9 @@ def _read_data(img: nib.Nifti1Image, shape: tuple[int, int, int], name: str, dty
         reason = str(exc).splitlines()[0]
         raise ValueError(f"{name}: the image data is truncated or corrupt ({reason}); "
                          "re-export or re-download the file") from None
-    return np.asarray(data).reshape(shape)
+    data = np.asarray(data).reshape(shape)
+    # A read-only memory map (nib.load(path, mmap="r")) is copied: NaN replacement writes in place.
+    return data if data.flags.writeable else data.copy()
 
 
 def _replace_non_finite(data: np.ndarray, name: str) -> list[str]:
@@ -200,7 +202,8 @@ def _replace_non_finite(data: np.ndarray, name: str) -> list[str]:
     if not count:
         return []
     if count == data.size:
-        raise ValueError(f"{name}: every voxel is NaN or Inf; give an image with finite intensities")
+        raise ValueError(f"{name}: every voxel is NaN or Inf (or beyond float32's range, 3.4e38); "
+                         "give an image with finite intensities")
     fill = float(data[~bad].min())
     data[bad] = fill
     message = f"{name}: {count} non-finite voxels (NaN/Inf) were replaced by the minimum finite value {fill:g}"
@@ -235,6 +238,10 @@ def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | No
     return volume
 
 
+# NIfTI spatial units other than millimetres (xyzt_units), as millimetres.
+_TO_MM = {"meter": 1000.0, "micron": 1e-3}
+
+
 def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype | None = np.float32,
                name: str = "image") -> Volume:
     """Like `load`, for a nibabel image already in memory."""
@@ -243,7 +250,12 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     warnings = _replace_non_finite(data, name)
     if len(img.shape) > 3:
         warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D")
-    data, new_affine = _to_orientation(data, img.affine, orientation)
+    affine = img.affine
+    unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
+    if unit in _TO_MM:  # the header's spatial unit: nibabel reports the affine in it
+        affine = np.diag([_TO_MM[unit]] * 3 + [1.0]) @ affine
+        warnings.append(f"{name}: the header gives distances in {unit}s; converted to millimetres")
+    data, new_affine = _to_orientation(data, affine, orientation)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
     spacing_xyz = voxel_sizes(new_affine)
     return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation.upper(), warnings)
