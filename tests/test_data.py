@@ -36,6 +36,23 @@ def test_reads_images_and_labels_by_number(tmp_path):
     assert volume.shape == (8, 16, 16) and labels.dtype == np.uint8 and labels.max() == 6
 
 
+def test_case_numbers_pair_images_with_labels_and_must_be_distinct(tmp_path):
+    """ACDC-style names pair by all their numbers (patient002_frame01 is not patient001_frame01);
+    two files with the same numbers are refused instead of one being dropped."""
+    for folder, suffix in (("imagesTr", ""), ("labelsTr", "_gt")):
+        (tmp_path / folder).mkdir()
+        for patient in (1, 2):
+            array = np.full((8, 16, 16), patient, np.uint8)
+            io.save_array(array, SPACING, tmp_path / f"{folder}/patient{patient:03d}_frame01{suffix}.nii.gz", dtype=np.uint8)
+    cases = read_datalist(tmp_path)["training"]
+    assert [(c.image.name, c.label.name) for c in cases] == [
+        ("patient001_frame01.nii.gz", "patient001_frame01_gt.nii.gz"),
+        ("patient002_frame01.nii.gz", "patient002_frame01_gt.nii.gz")]
+    io.save_array(np.zeros((8, 16, 16), np.uint8), SPACING, tmp_path / "labelsTr/p001_f01.nii.gz", dtype=np.uint8)
+    with pytest.raises(ValueError, match="p001_f01.nii.gz and patient001_frame01_gt.nii.gz .* same case number 001_01"):
+        read_datalist(tmp_path)
+
+
 def test_msd_and_monai_split_files(tmp_path):
     for n in (1, 2, 3):
         write_case(tmp_path, n)

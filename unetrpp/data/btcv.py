@@ -37,14 +37,21 @@ def nifti_files_by_case(folder: Path) -> dict[str, Path]:
     """The .nii/.nii.gz files of `folder` by case id, in name order ({} when there is no such folder)."""
     if not folder.is_dir():
         return {}
-    return {_case_id(p): p for p in sorted(folder.iterdir()) if p.name.endswith(io.NIFTI_SUFFIXES)}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(io.NIFTI_SUFFIXES):
+            if (case := _case_id(path)) in files:
+                raise ValueError(f"{files[case].name} and {path.name} in {folder} have the same case number {case}; "
+                                 "give each case's file a distinct number (e.g. img0001, img0002)")
+            files[case] = path
+    return files
 
 
 def _case_id(path: Path) -> str:
-    """"img0003", "label0003" and "img0003_seg" share the id "0003" (the last run of digits);
-    a name without digits is its own id."""
+    """"img0003", "label0003" and "img0003_seg" share the id "0003", "patient001_frame01" and
+    "patient001_frame01_gt" the id "001_01" (the runs of digits); a name without digits is its own id."""
     digits = re.findall(r"\d+", _stem(path))
-    return digits[-1] if digits else _stem(path)
+    return "_".join(digits) if digits else _stem(path)
 
 
 def _from_list(root: Path, entries: list) -> list[Case]:
