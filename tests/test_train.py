@@ -13,7 +13,7 @@ import torch
 
 from unetrpp.data.phantom import write_phantom_dataset
 from unetrpp.model import UNETRPP
-from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train
+from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train, training_split
 
 # A very small network and grid so a step takes a fraction of a second on one core.
 TINY = {"patch_size": [16, 32, 32], "preprocessing": {"spacing": [10.0, 6.0, 6.0]}}
@@ -52,6 +52,13 @@ def test_loss_falls_and_inference_model_is_saved(phantoms, tmp_path):
     assert model.config.preprocessing.orientation == "RAS"  # merged into the preset's preprocessing
     model.eval()
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
+
+
+def test_training_split_names_the_held_out_cases_again(phantoms, tmp_path):
+    train_cases, val_cases = training_split(options(phantoms, tmp_path, val_cases=1, seed=5))
+    assert len(val_cases) == 1 and len(train_cases) == 2
+    assert not {c.name for c in val_cases} & {c.name for c in train_cases}
+    assert training_split(options(phantoms, tmp_path, val_cases=1, seed=5))[1] == val_cases  # the same every time
 
 
 def test_interrupt_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path):

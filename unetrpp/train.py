@@ -20,7 +20,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from .config import UNETRPPConfig, get_config
-from .data.btcv import check_cases, read_datalist, split_cases
+from .data.btcv import Case, check_cases, read_datalist, split_cases
 from .evaluate import dice
 from .fast import reuse_freed_memory
 from .model import UNETRPP
@@ -168,12 +168,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     torch.manual_seed(options.seed + ctx.rank)
     torch.set_flush_denormal(True)  # layer scale starts at 1e-6: denormal gradients make CPU steps crawl
 
-    lists = read_datalist(options.data)
-    if lists["validation"]:
-        train_cases, val_cases = lists["training"], lists["validation"]
-    else:
-        count = int(options.val_cases) if options.val_cases >= 1 else float(options.val_cases)
-        train_cases, val_cases = split_cases(lists["training"], count, options.seed)
+    train_cases, val_cases = training_split(options)
     check_cases(train_cases + val_cases)
     prepared = prepare_cases(train_cases + val_cases, config)  # every case checked before any step
     train_data, val_data = prepared[: len(train_cases)], prepared[len(train_cases):]
@@ -280,6 +275,16 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         model_dir = save_for_inference(model, run_dir / "model")
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
+
+
+def training_split(options: TrainOptions) -> tuple[list[Case], list[Case]]:
+    """(training, validation) cases of a run: the data's own validation list, else `options.val_cases`
+    of its training cases drawn with `options.seed` (so a finished run's validation cases can be named)."""
+    lists = read_datalist(options.data)
+    if lists["validation"]:
+        return lists["training"], lists["validation"]
+    count = int(options.val_cases) if options.val_cases >= 1 else float(options.val_cases)
+    return split_cases(lists["training"], count, options.seed)
 
 
 def read_history(path: Path) -> list[dict]:
