@@ -13,8 +13,8 @@ from test_inference import ISO, phantom_ras, small_model
 from test_io import write_nifti
 
 from unetrpp import inference
-from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, auto_sw_batch_size, compile_network,
-                               probabilities_to_mask, segment, sliding_window_probabilities)
+from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, argmax_restored_torch, auto_sw_batch_size,
+                               compile_network, probabilities_to_mask, segment, sliding_window_probabilities)
 from unetrpp.preprocess import Prepared, _coarse_axis, resample, resample_torch
 
 CUDA = torch.device("cuda")  # only a name here: every CUDA query is patched
@@ -141,6 +141,10 @@ def test_torch_argmax_matches_the_class_by_class_mask():
     expected = probabilities_to_mask(probabilities, prepared)  # the CPU path: scipy, one class at a time
     got = resample_torch(probabilities, prepared.original_shape, coarse).argmax(0).to(torch.uint8).numpy()
     np.testing.assert_array_equal(got, expected)
+    for step in (1, 2, 4, 5):  # the GPU path, a few classes at a time (here on CPU tensors)
+        np.testing.assert_array_equal(argmax_restored_torch(probabilities, prepared, step).numpy(), expected)
+    tied = torch.ones(3, 16, 22, 18)  # ties go to the lowest class, as argmax
+    assert not argmax_restored_torch(tied, prepared, 2).any()
 
 
 def test_image_stays_on_the_cpu_when_the_gpu_is_full(monkeypatch):

@@ -5,9 +5,9 @@ optional mirror test-time augmentation, probabilities resampled back, argmax, st
 Memory: the sliding window stitches into one (C, Z', Y', X') float32 probability buffer on the
 target grid plus a one-channel weight map (MONAI), kept on the GPU only when it fits comfortably
 in free GPU memory, otherwise on the CPU. Mapping back to the original grid then goes one class at
-a time with a running maximum, so the peak is about (C + 3) x N' + 5 x N float32 values, where N'
-and N are the voxel counts of the target and the original grid. No second full-size probability
-volume is ever made.
+a time with a running maximum (on a GPU, four classes at a time), so the peak on the CPU is about
+(C + 3) x N' + 5 x N float32 values, where N' and N are the voxel counts of the target and the
+original grid. No second full-size probability volume is ever made.
 
 On CUDA the normalised image is copied to the GPU once, so windows are cut there (no per-window
 host-to-device copy), several windows go through each forward pass, and when the buffers stayed on
@@ -277,10 +277,10 @@ def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np
     """Argmax on the original grid: each class map (Z', Y', X') resampled back (linear) in turn.
 
     Returns uint8 (Z, Y, X); equal to argmax over all resampled maps, without holding them all.
-    Probabilities on a GPU are resampled there, all classes at once (the same maths in torch).
+    Probabilities on a GPU are resampled there (the same maths in torch), a few classes at a time.
     """
     if probabilities.device.type == "cuda":
-        return restore_torch(probabilities.float(), prepared).argmax(0).to(torch.uint8).cpu().numpy()
+        return argmax_restored_torch(probabilities, prepared).cpu().numpy()
     best = None
     mask = np.zeros(prepared.original_shape, dtype=np.uint8)
     for c in range(probabilities.shape[0]):
@@ -291,6 +291,24 @@ def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np
         better = p > best
         mask[better] = c
         np.maximum(best, p, out=best)
+    return mask
+
+
+def argmax_restored_torch(probabilities: torch.Tensor, prepared: Prepared, classes_per_step: int = 4) -> torch.Tensor:
+    """`probabilities_to_mask` in torch on the probabilities' device, `classes_per_step` class maps
+    resampled at a time (resampling holds about three copies of what it resamples on the original grid,
+    too much for a GPU with all 14 maps of a large CT); uint8 (Z, Y, X), ties to the lower class."""
+    best = mask = None
+    for start in range(0, probabilities.shape[0], classes_per_step):
+        maps = restore_torch(probabilities[start:start + classes_per_step].float(), prepared)  # (c, Z, Y, X)
+        value, index = maps.max(0)
+        index = index.to(torch.uint8) + start
+        if best is None:
+            best, mask = value, index
+            continue
+        better = value > best
+        mask = torch.where(better, index, mask)
+        best = torch.maximum(best, value)
     return mask
 
 
@@ -325,8 +343,8 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     `sw_batch_size`: windows per forward pass; "auto" (or None) is 1 on the CPU and
     `CUDA_SW_BATCH` (4) on CUDA, fewer if free GPU memory is short.
     `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32", or "bf16": on the
-    CPU a bfloat16 copy of the network (about 2x faster on CPUs with AVX512-BF16 or AMX, logits
-    within about 1e-2; see benchmarks/README.md), on CUDA bfloat16 autocast (no weight copy; matrix
+    CPU a bfloat16 copy of the network (about 1.5x faster on CPUs with AVX512-BF16; logits differ by
+    up to about 0.5, about 1.5 % of voxels change label; see benchmarks/README.md), on CUDA bfloat16 autocast (no weight copy; matrix
     work in bfloat16, reductions and softmax in float32, as fast as float16 on recent GPUs).
     `compile`: wrap the network in `torch.compile` (mode `COMPILE_MODE`, CUDA graphs) on CUDA; the
     first call compiles (tens of seconds), later calls with the same network reuse it. Off by
