@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from unetrpp.cli import main
@@ -44,3 +45,20 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model_final_checkpoint.model" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_lung_checkpoint_needs_its_preprocessing_numbers(tmp_path, capsys):
+    """The spec gives no lung preprocessing: converting without them would silently use the synapse CT ones."""
+    from unetrpp import create_model
+
+    ckpt = save_released_style(create_model("unetrpp_lung", deep_supervision=True).state_dict(), tmp_path / "lung.model")
+    out = tmp_path / "weights" / "unetrpp_lung"
+    assert main(["convert", str(ckpt), "--out", str(out), "--spacing", "1.5", "0.8", "0.8"]) == 2
+    assert "unetrpp_lung: the spec gives no preprocessing numbers" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--spacing --clip --mean --std"):
+        load_pretrained(ckpt)
+    assert main(["convert", str(ckpt), "--out", str(out), "--spacing", "1.5", "0.8", "0.8", "--clip", "-1000", "500",
+                 "--mean", "-300", "--std", "400"]) == 0
+    pre = load_pretrained(out).config.preprocessing
+    assert (pre.spacing, pre.clip, pre.mean, pre.std) == ((1.5, 0.8, 0.8), (-1000.0, 500.0), -300.0, 400.0)

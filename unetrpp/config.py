@@ -184,8 +184,8 @@ PRESETS: dict[str, UNETRPPConfig] = {
         preprocessing=_MRI,
     ),
     # MSD lung tumour CT. The spec gives no lung preprocessing numbers: these are the synapse CT
-    # ones as a placeholder; `python -m unetrpp convert` takes --spacing/--clip/--mean/--std from
-    # the checkpoint's plans.
+    # ones as a placeholder, so converting a lung checkpoint requires --spacing/--clip/--mean/--std
+    # (from the nnU-Net plans of its training run; see pretrained.UNKNOWN_PREPROCESSING).
     "unetrpp_lung": UNETRPPConfig(
         name="unetrpp_lung", out_channels=2, patch_size=(32, 192, 192), stem=(1, 4, 4),
         attn_dropout=0.1, kv_projection="separate", extra_conv=True,

@@ -146,6 +146,8 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
         model = _from_folder(path)
     elif path.is_file():  # a released checkpoint (model_final_checkpoint.model), whatever its name
         model = load_original_checkpoint(path)
+        if reason := _missing_preprocessing(model.config.name, ()):
+            raise ValueError(reason)
     elif text in local:
         model = _from_folder(local[text])
     elif _looks_like_path(text):
@@ -214,13 +216,30 @@ def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRP
     return Path(folder)
 
 
+# Presets whose preprocessing numbers are placeholders: their checkpoints are converted only with
+# these fields given (from the nnU-Net plans of the training run, model_final_checkpoint.model.pkl).
+UNKNOWN_PREPROCESSING = {"unetrpp_lung": ("spacing", "clip", "mean", "std")}
+
+
+def _missing_preprocessing(name: str, given: Any) -> str | None:
+    missing = [f for f in UNKNOWN_PREPROCESSING.get(name, ()) if f not in given]
+    if not missing:
+        return None
+    flags = " ".join(f"--{f}" for f in missing)
+    return (f"{name}: the spec gives no preprocessing numbers for these weights; convert the checkpoint with "
+            f"{flags} taken from the nnU-Net plans of its training run (model_final_checkpoint.model.pkl)")
+
+
 def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
                      **preprocessing: Any) -> Path:
     """Write a released checkpoint as a weights folder (config.json + model.safetensors) for inference.
 
-    `preprocessing` overrides fields of the preset's `Preprocessing` (spacing, clip, mean, std, ...).
+    `preprocessing` overrides fields of the preset's `Preprocessing` (spacing, clip, mean, std, ...);
+    the lung preset needs spacing, clip, mean and std (`UNKNOWN_PREPROCESSING`).
     """
     model = load_original_checkpoint(path, name=name, deep_supervision=False)
+    if reason := _missing_preprocessing(model.config.name, preprocessing):
+        raise ValueError(reason)
     cfg = model.config
     if preprocessing:
         cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
