@@ -40,6 +40,10 @@ def test_resolve_weights_order(tmp_path):
     spec, notice = H.resolve_weights(None, tmp_path)
     assert spec == str(tmp_path / "unetrpp_synapse") and "phantom" not in notice
     assert H.resolve_weights("user/repo", tmp_path)[0] == "user/repo"
+    (tmp_path / "zz_other" / "config.json").write_text('{"synthetic": true}')  # its config says so, not its name
+    assert H.resolve_weights("zz_other", tmp_path) == ("zz_other", H.SYNTHETIC_NOTICE)
+    (tmp_path / "unetrpp_synapse" / "config.json").write_text('{"synthetic": true}')
+    assert H.resolve_weights(None, tmp_path) == (str(tmp_path / "unetrpp_synapse"), H.SYNTHETIC_NOTICE)
 
 
 def test_model_holder_falls_back_to_untrained_tiny():

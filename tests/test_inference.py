@@ -61,6 +61,8 @@ def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
     assert result.mask.shape == result.volume.shape and result.warnings == []
     np.testing.assert_array_equal(result.affine, src.affine)
     assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
+    synthetic = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)), synthetic=True)
+    assert any("SYNTHETIC phantoms" in w for w in segment(source, model=synthetic).warnings)
 
 
 def test_anisotropic_volume_smaller_than_the_window(tmp_path, model):

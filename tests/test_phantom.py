@@ -80,6 +80,8 @@ def test_written_dataset_is_btcv_layout_and_says_synthetic(tmp_path):
     assert image.shape == SIZES["small"][0] and np.allclose(image.spacing, spacing)
     np.testing.assert_array_equal(image.array, expected_image)
     np.testing.assert_array_equal(label.array, expected_labels)
+    for volume in (image, label):  # a copied file still says what it is
+        assert bytes(volume.source.header["descrip"]).startswith(b"SYNTHETIC phantom")
 
 
 def test_bad_arguments_are_rejected(tmp_path):

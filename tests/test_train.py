@@ -50,6 +50,7 @@ def test_loss_falls_and_inference_model_is_saved(phantoms, tmp_path):
     assert model.config.deep_supervision is False and tuple(model.config.patch_size) == (16, 32, 32)
     assert model.config.preprocessing.spacing == (10.0, 6.0, 6.0)  # the override is recorded,
     assert model.config.preprocessing.orientation == "RAS"  # merged into the preset's preprocessing
+    assert model.config.synthetic is True  # trained on phantoms, and the weights say so
     model.eval()
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
 

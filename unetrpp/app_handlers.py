@@ -8,8 +8,8 @@ app.py shows in the page.
 
 from __future__ import annotations
 
-import csv
 import html
+import json
 import logging
 import os
 import threading
@@ -43,33 +43,39 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     Order: `spec` (from --weights / UNETRPP_WEIGHTS), else the best folder in `weights_dir` (real
     weights such as unetrpp_synapse before anything trained on phantoms), else random init.
     """
-    if spec:
-        synthetic = "phantom" in str(spec).lower()
-        return str(spec), (SYNTHETIC_NOTICE if synthetic else f"Weights: `{spec}`.")
     root = Path(weights_dir)
+    if spec:
+        folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
+        synthetic = "phantom" in str(spec).lower() or (folder is not None and _synthetic_folder(folder))
+        return str(spec), (SYNTHETIC_NOTICE if synthetic else f"Weights: `{spec}`.")
     folders = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
-    real = [p for p in folders if "phantom" not in p.name.lower()]
+    real = [p for p in folders if not _synthetic_folder(p)]
     real.sort(key=lambda p: (p.name != "unetrpp_synapse", p.name))
     if real:
         return str(real[0]), f"Weights: `{real[0]}`."
-    phantom = [p for p in folders if "phantom" in p.name.lower()]
+    phantom = [p for p in folders if _synthetic_folder(p)]
     if phantom:
         return str(phantom[0]), SYNTHETIC_NOTICE
     return None, UNTRAINED_NOTICE
 
 
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _synthetic_folder(folder: Path) -> bool:
+    """Weights trained on phantoms: config.json says so (`synthetic`), or the folder's name does."""
+    try:
+        flagged = json.loads((folder / "config.json").read_text()).get("synthetic") is True
+    except (OSError, ValueError, AttributeError):
+        flagged = False
+    return flagged or "phantom" in folder.name.lower()
 
 
 class ModelHolder:
     """Loads the model once, on first use (so the page starts without waiting), thread-safely."""
 
     def __init__(self, spec: str | None, notice: str, device: str | None = None, model=None) -> None:
+        from .inference import resolve_device
+
         self.spec, self.notice = spec, notice
-        self.device = device or pick_device()
+        self.device = device or str(resolve_device())
         self._model = None if model is None else model.eval().to(self.device)
         self._lock = threading.Lock()
 
@@ -287,15 +293,6 @@ def organ_choices(session: Session) -> list[str]:
         return []
     present = set(np.unique(session.mask).tolist())
     return [name for k, name in enumerate(session.class_names) if k > 0 and k in present]
-
-
-def write_statistics_csv(statistics: Sequence[dict], path: str | os.PathLike) -> Path:
-    """The per-organ table as CSV (used by tests and notebooks when no SegmentationResult is at hand)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(STAT_COLUMNS)
-        writer.writerows(statistics_rows(statistics))
-    return Path(path)
 
 
 def delete_session_files(session: Session | None) -> None:

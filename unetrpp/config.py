@@ -86,6 +86,7 @@ class UNETRPPConfig:
     deep_supervision: bool = False
     class_names: tuple[str, ...] = ("background",) + BTCV_CLASS_NAMES
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    synthetic: bool = False  # trained on SYNTHETIC data (phantoms): said wherever its masks are shown
 
     def __post_init__(self) -> None:
         for key in ("patch_size", "stem", "dims", "depths", "proj_sizes", "class_names"):

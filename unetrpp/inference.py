@@ -65,6 +65,8 @@ class SegmentationResult:
         return write_text(path, statistics_csv_text(self.statistics))
 
 
+SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "
+                             "illustrate the method and are not a segmentation of real anatomy")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Windows per forward pass on CUDA when sw_batch_size is "auto" (or None), before the memory cap below.
 CUDA_SW_BATCH = 4
@@ -379,6 +381,8 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     if prep.normalization == "ct" and (message := ct_warning(volume.array)):
         warnings.append(message)
         logger.warning(message)
+    if config.synthetic:
+        warnings.append(SYNTHETIC_WEIGHTS_WARNING)
 
     report(0.05, "resampling")
     prepared = prepare(volume, prep)

@@ -394,8 +394,10 @@ def read_label_names(mask_path: str | os.PathLike) -> tuple[str, ...] | None:
 
 
 def save_array(array_zyx: np.ndarray, spacing: tuple[float, float, float], path: str | os.PathLike,
-               origin: tuple[float, float, float] = (0.0, 0.0, 0.0), dtype: np.dtype = np.int16) -> Path:
-    """Write a (Z, Y, X) array in RAS with the given spacing (z, y, x) and world origin (x, y, z) in mm."""
+               origin: tuple[float, float, float] = (0.0, 0.0, 0.0), dtype: np.dtype = np.int16,
+               description: str = "") -> Path:
+    """Write a (Z, Y, X) array in RAS with the given spacing (z, y, x) and world origin (x, y, z) in mm;
+    `description` goes to the header's descrip field (at most 79 characters)."""
     path = Path(path)
     _nifti_stem(path)
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
@@ -403,5 +405,6 @@ def save_array(array_zyx: np.ndarray, spacing: tuple[float, float, float], path:
     img = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)).astype(dtype), affine)
     img.set_qform(affine, 1)
     img.set_sform(affine, 1)
+    img.header["descrip"] = description.encode()[:79]
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
     return path

@@ -20,7 +20,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from .config import UNETRPPConfig, get_config
-from .data.btcv import Case, check_cases, read_datalist, split_cases
+from .data.btcv import Case, check_cases, is_synthetic, read_datalist, split_cases
 from .evaluate import dice
 from .fast import reuse_freed_memory
 from .model import UNETRPP
@@ -165,6 +165,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         options = TrainOptions(**saved)
         start_step = int(state["step"])
     config = build_config(options.name, options.config_overrides)
+    if is_synthetic(options.data):  # the saved weights say so wherever they are used
+        config = config.replace(synthetic=True)
     torch.manual_seed(options.seed + ctx.rank)
     torch.set_flush_denormal(True)  # layer scale starts at 1e-6: denormal gradients make CPU steps crawl
 

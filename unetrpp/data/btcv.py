@@ -68,6 +68,14 @@ def _from_list(root: Path, entries: list) -> list[Case]:
     return cases
 
 
+def is_synthetic(root: str | os.PathLike) -> bool:
+    """Whether the dataset folder's dataset.json says its cases are synthetic (as phantom folders do)."""
+    try:
+        return json.loads((Path(root) / "dataset.json").read_text()).get("synthetic") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
     """The cases of a dataset folder, as {"training": [...], "validation": [...]}.
 
