@@ -253,9 +253,28 @@ def test_resampling_slice_by_slice_equals_one_3d_zoom(shape, order, coarse_axis)
 
     array = np.random.default_rng(0).normal(size=(12, 7, 8)).astype(np.float32) * 300
     factors = [n / m for n, m in zip(shape, array.shape)]
-    expected = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
+    expected = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    if order > 1:  # clipped as scikit-image's resize: to the volume's range, or each slice's in nnU-Net's separate z
+        if coarse_axis is None:
+            expected = np.clip(expected, array.min(), array.max())
+        else:
+            expected = np.stack([np.clip(e, a.min(), a.max()) for e, a in zip(expected, array)])
     np.testing.assert_allclose(resample(array, shape, order=order, coarse_axis=coarse_axis), expected,
                                rtol=1e-5, atol=1e-3)
+
+
+def test_resampling_maps_voxels_as_nnunet_does():
+    """nnU-Net v1 resamples with scikit-image's resize (order 3, edge mode, no anti-aliasing) in-plane and
+    nearest neighbour along an anisotropic z: voxels are cells, source = (i + 0.5) x n_in / n_out - 0.5."""
+    from skimage.transform import resize
+
+    ramp = np.arange(4, dtype=np.float32)[None, None]  # (1, 1, 4): 0, 1, 2, 3 along x
+    np.testing.assert_allclose(resample(ramp, (1, 1, 8), order=1)[0, 0],
+                               [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])
+    image = np.random.default_rng(1).normal(size=(5, 12, 14)).astype(np.float32) * 300
+    expected = np.stack([resize(s, (17, 9), order=3, mode="edge", anti_aliasing=False) for s in image])
+    expected = expected[np.clip(np.floor((np.arange(9) + 0.5) * 5 / 9), 0, 4).astype(int)]  # nearest along z
+    np.testing.assert_allclose(resample(image, (9, 17, 9), order=3, coarse_axis=0), expected, rtol=1e-4, atol=1e-2)
 
 
 def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):

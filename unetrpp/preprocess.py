@@ -1,7 +1,9 @@
 """Preprocessing driven by a config's `Preprocessing` (spec "Preprocessing", nnU-Net v1 scheme):
 reorientation, resampling to the target spacing, intensity normalisation, and the way back.
 
-Resampling uses `scipy.ndimage.zoom` (corner voxel centres aligned). As in nnU-Net, when either
+Resampling uses `scipy.ndimage.zoom` with voxels as cells (`grid_mode=True`: the grids' outer edges
+align, source coordinate = (i + 0.5) x n_in / n_out - 0.5, edge values repeated), as nnU-Net v1 resamples
+through scikit-image's `resize` and its own map_coordinates along z. As in nnU-Net, when either
 spacing is anisotropic (largest / smallest > `ANISOTROPY_RATIO`) the image is resampled with the
 given order in the other two axes and with nearest neighbour along the coarse axis.
 """
@@ -85,26 +87,31 @@ def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_
     if tuple(array.shape) == tuple(shape):
         return array
     factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape)]
-    if order == 0 or coarse_axis is None or factors[coarse_axis] == 1.0:
-        out = _zoom(array, factors, order)
-    else:
-        in_plane = [1.0 if axis == coarse_axis else f for axis, f in enumerate(factors)]
-        along = [factors[coarse_axis] if axis == coarse_axis else 1.0 for axis in range(3)]
-        out = _zoom(_zoom(array, in_plane, order), along, 0)
+    if order == 0 or coarse_axis is None:
+        return _zoom(array, factors, order)
+    # nnU-Net's "separate z": each slice in-plane (clipped to its own range), then nearest along the axis.
+    in_plane = [1.0 if axis == coarse_axis else f for axis, f in enumerate(factors)]
+    out = _zoom(array, in_plane, order, slice_axis=coarse_axis)
+    if factors[coarse_axis] != 1.0:
+        out = _zoom(out, [factors[coarse_axis] if axis == coarse_axis else 1.0 for axis in range(3)], 0)
     assert out.shape == tuple(shape), (out.shape, shape)
     return out
 
 
-def _zoom(array: np.ndarray, factors: list[float], order: int) -> np.ndarray:
-    """`ndimage.zoom` (corner centres aligned, edges repeated); slice by slice when an axis keeps its size.
+def _zoom(array: np.ndarray, factors: list[float], order: int, slice_axis: int | None = None) -> np.ndarray:
+    """`ndimage.zoom` (grids as cells, edges repeated), clipped to the input's range as scikit-image's
+    `resize` does (a cubic spline overshoots at edges); slice by slice when an axis keeps its size.
 
     A spline through the samples passes through them, so along an unchanged axis there is nothing to
     interpolate: 2-D zooms of the slices give the same values as the 3-D zoom (16 instead of 64 taps
-    for cubic), and scipy releases the GIL, so the slices run in parallel threads.
+    for cubic), and scipy releases the GIL, so the slices run in parallel threads. With `slice_axis`
+    (whose factor must be 1) the slices are 2-D images of their own, each clipped to its own range.
     """
+    low, high = (float(array.min()), float(array.max())) if order > 1 and array.size else (None, None)
     if 1.0 not in factors:
-        return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
-    axis = factors.index(1.0)
+        out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+        return out if low is None else np.clip(out, low, high, out=out)
+    axis = factors.index(1.0) if slice_axis is None else slice_axis
     plane = [f for a, f in enumerate(factors) if a != axis]
     src = np.moveaxis(array, axis, 0)
     out_shape = [round(n * f) for n, f in zip(array.shape, factors)]
@@ -112,7 +119,10 @@ def _zoom(array: np.ndarray, factors: list[float], order: int) -> np.ndarray:
     dst = np.moveaxis(out, axis, 0)
 
     def zoom_slice(i: int) -> None:
-        ndimage.zoom(src[i], plane, output=dst[i], order=order, mode="nearest", grid_mode=False)
+        ndimage.zoom(src[i], plane, output=dst[i], order=order, mode="nearest", grid_mode=True)
+        if low is not None:
+            bounds = (src[i].min(), src[i].max()) if slice_axis is not None else (low, high)
+            np.clip(dst[i], *bounds, out=dst[i])
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=min(cores, 8)) as pool:
@@ -162,18 +172,16 @@ def restore_torch(maps: torch.Tensor, prepared: Prepared) -> torch.Tensor:
 
 
 def _zoom_indices(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (lower, upper) and upper weights of `scipy.ndimage.zoom` along one axis
-    (grid_mode=False: corner voxel centres aligned; mode="nearest"; order 0 or 1), in float64 as scipy."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-    coords = np.arange(n_out, dtype=np.float64) * scale
+    """Source indices (lower, upper) and upper weights of `_zoom` along one axis (grid_mode=True,
+    mode="nearest": indices clamped to the edges; order 0 or 1), in float64 as scipy."""
+    coords = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     if order == 0:
         lower = np.floor(coords + 0.5).astype(np.int64)
         weight = np.zeros(n_out)
     else:
         lower = np.floor(coords).astype(np.int64)
         weight = coords - lower
-    lower = np.clip(lower, 0, n_in - 1)
-    return lower, np.minimum(lower + 1, n_in - 1), weight
+    return np.clip(lower, 0, n_in - 1), np.clip(lower + 1, 0, n_in - 1), weight
 
 
 def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None) -> torch.Tensor:
