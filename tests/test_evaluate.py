@@ -70,6 +70,11 @@ def test_cli_table_and_files(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     liver = next(r for r in rows if r["case"] == "0001" and r["organ"] == "liver")
     assert float(liver["dice"]) == pytest.approx(2 / 3)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--organs", "synapse8", "--out", str(tmp_path / "r8.json")]) == 0
+    mean8 = json.loads((tmp_path / "r8.json").read_text())["mean"]
+    assert "esophagus" not in mean8 and len(mean8) == 8 + 1  # the paper's 8 organs, and their mean
+    assert mean8["mean"]["dice"] == pytest.approx((7 + 2 / 3) / 8)
 
 
 def test_cli_missing_prediction_is_an_error(tmp_path, capsys):

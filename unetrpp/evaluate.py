@@ -93,7 +93,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
 
 def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                      labels: dict[int, str] = BTCV_LABELS) -> dict:
-    """Match masks by their trailing case number (img0003 <-> label0003 <-> 0003) and score them.
+    """Match masks by their case number (img0003 <-> label0003 <-> 0003) and score them.
 
     Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}.
     Every truth case needs a prediction; the truth's spacing is used.
@@ -102,7 +102,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
     missing = sorted(set(truths) - set(preds))
     if missing:
         raise ValueError(f"no prediction for truth case(s) {', '.join(missing)} in {pred_dir}; predictions are "
-                         "matched to truth by the trailing number of their file names")
+                         "matched to truth by the numbers in their file names")
     per_case = {}
     for case_id, truth_path in truths.items():
         truth = io.load(truth_path, dtype=None)

@@ -9,12 +9,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="folder of predicted masks (.nii/.nii.gz)")
     parser.add_argument("--truth", required=True, help="folder of ground-truth masks, e.g. DATA/labelsTr")
     parser.add_argument("--out", default=None, help="write the results to a .csv or .json file")
+    parser.add_argument("--organs", choices=("all", "synapse8"), default="all",
+                        help="all: the 13 BTCV organs; synapse8: the 8 of the Synapse protocol the paper reports "
+                             "(spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas)")
 
 
 def run(args: argparse.Namespace) -> int:
     from unetrpp.evaluate import evaluate_folders, format_table, write_results
+    from unetrpp.labels import BTCV_LABELS, SYNAPSE_EVAL_LABELS
 
-    result = evaluate_folders(args.pred, args.truth)
+    labels = {k: BTCV_LABELS[k] for k in SYNAPSE_EVAL_LABELS} if args.organs == "synapse8" else BTCV_LABELS
+    result = evaluate_folders(args.pred, args.truth, labels)
     print(f"{len(result['cases'])} case(s); HD95 in mm (nan: organ empty in only one of prediction / truth)")
     print(format_table(result["mean"]))
     if args.out:

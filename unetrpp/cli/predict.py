@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", default="auto",
                         help="windows per forward pass, or auto: 1 on CPU, 4 on a GPU (default auto)")
     parser.add_argument("--tta", action="store_true",
-                        help="mirror test-time augmentation: averages 8 mirrored passes, 8x the time")
+                        help="mirror test-time augmentation: averages 8 mirrored passes, 8x the time (the "
+                             "original's evaluation uses it; off by default for speed)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: float32 on CPU, float16 autocast on CUDA; bf16: bfloat16 weights on CPU "
                              "(faster on CPUs with BF16 support), bfloat16 autocast on CUDA")
