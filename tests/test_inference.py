@@ -277,6 +277,21 @@ def test_resampling_maps_voxels_as_nnunet_does():
     np.testing.assert_allclose(resample(image, (9, 17, 9), order=3, coarse_axis=0), expected, rtol=1e-4, atol=1e-2)
 
 
+def test_training_labels_are_resampled_as_nnunet_resizes_segmentations():
+    from skimage.transform import resize
+
+    from unetrpp.preprocess import resample_labels
+
+    labels = np.zeros((10, 12, 14), np.uint8)
+    labels[2:8, 3:9, 2:10], labels[4:6, 5:11, 6:13], labels[1:3, 1:4, 9:13] = 1, 2, 3
+    expected = np.zeros((13, 9, 20), np.uint8)
+    for value in (1, 2, 3):
+        expected[resize((labels == value).astype(float), (13, 9, 20), order=1, mode="edge", anti_aliasing=False) >= 0.5] = value
+    got = resample_labels(labels, (13, 9, 20), (1.0, 1.0, 1.0), (0.77, 1.33, 0.7))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):
     """A small header with absurd spacing (50 mm voxels) would become billions of voxels at 1 mm."""
     affine = np.diag([50.0, 50.0, 50.0, 1.0])

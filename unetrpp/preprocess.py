@@ -98,6 +98,19 @@ def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_
     return out
 
 
+def resample_labels(labels: np.ndarray, shape: tuple[int, int, int], spacing: Sequence[float],
+                    target_spacing: Sequence[float]) -> np.ndarray:
+    """A label map (Z, Y, X) at `spacing` resampled to `shape` as nnU-Net v1 resamples training labels:
+    each label's mask interpolated linearly (nearest along an anisotropic axis) and the label written
+    where it reaches 0.5, labels in increasing order. Returns uint8 `shape`."""
+    coarse = _coarse_axis(tuple(spacing), tuple(target_spacing))
+    out = np.zeros(shape, dtype=np.uint8)
+    for value in np.unique(labels):
+        if value:
+            out[resample((labels == value).astype(np.float32), shape, order=1, coarse_axis=coarse) >= 0.5] = value
+    return out
+
+
 def _zoom(array: np.ndarray, factors: list[float], order: int, slice_axis: int | None = None) -> np.ndarray:
     """`ndimage.zoom` (grids as cells, edges repeated), clipped to the input's range as scikit-image's
     `resize` does (a cubic spline overshoots at edges); slice by slice when an axis keeps its size.

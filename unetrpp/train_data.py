@@ -41,7 +41,7 @@ def prepare_cases(cases: list[Case], config: UNETRPPConfig) -> list[PreparedCase
             problems.append(str(exc))
             continue
         image = preprocess.prepare(volume, pre).image  # (Z', Y', X')
-        label = preprocess.resample(label, image.shape, order=0).astype(np.uint8)
+        label = preprocess.resample_labels(label, image.shape, volume.spacing, pre.spacing)
         pad = [(0, max(0, p - s)) for p, s in zip(config.patch_size, image.shape)]
         low = float(image.min())
         image = np.pad(image, pad, constant_values=low)
