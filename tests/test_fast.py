@@ -42,6 +42,20 @@ def test_fast_layers_compute_the_same_function(layer, shape):
             torch.testing.assert_close(fast(wide), layer(wide), atol=1e-5, rtol=1e-5)
 
 
+def test_a_refused_onednn_call_falls_back_to_torch(monkeypatch, caplog):
+    from unetrpp import fast
+
+    def refuse(*args):
+        raise RuntimeError("mkldnn::_linear_pointwise: unsupported")
+
+    monkeypatch.setattr(fast, "_onednn_linear", refuse)
+    layer = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimize_for_inference(copy.deepcopy(layer))(x), layer(x))
+    assert fast._onednn_linear is None and "oneDNN matrix product unavailable" in caplog.text
+
+
 def test_optimized_model_keeps_parameters_and_still_trains():
     torch.manual_seed(0)
     model = create_model("unetrpp_tiny", deep_supervision=True)

@@ -53,6 +53,19 @@ def _onednn_ok(*tensors: torch.Tensor) -> bool:
         t.dtype == torch.float32 and (t.is_contiguous() or t.mT.is_contiguous()) for t in tensors)
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias by oneDNN; should a PyTorch build refuse the call (the op is internal to
+    PyTorch's compiler), once a warning and from then on PyTorch's own linear."""
+    global _onednn_linear
+    if _onednn_linear is not None:
+        try:
+            return _onednn_linear(x, weight, bias, "none", [], "")
+        except RuntimeError as exc:
+            log.warning("oneDNN matrix product unavailable (%s); using torch's", str(exc).splitlines()[0])
+            _onednn_linear = None
+    return F.linear(x, weight, bias)
+
+
 def _mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight (O, C) applied to every voxel of x (B, C, ...) -> (B, O, N), one 2-D product per sample
     (a broadcast batched matmul would transpose and copy both operands first)."""
@@ -61,7 +74,7 @@ def _mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if C == 1:  # an outer product: a broadcast multiply is cheaper than a rank-1 matmul
         return weight.view(1, -1, 1) * flat
     if B == 1 and _onednn_ok(weight, flat[0]):  # (O, C) @ (C, N), as Linear(x=weight, w=flat^T)
-        return _onednn_linear(weight.contiguous(), flat[0].t(), None, "none", [], "").unsqueeze(0)
+        return _linear(weight.contiguous(), flat[0].t(), None).unsqueeze(0)
     out = flat.new_empty(B, weight.shape[0], flat.shape[-1])
     for b in range(B):
         torch.mm(weight, flat[b], out=out[b])
@@ -85,7 +98,7 @@ class FastConv3d(nn.Conv3d):
 class FastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_path(x) and x.is_contiguous() and _onednn_ok(x, self.weight):
-            return _onednn_linear(x, self.weight, self.bias, "none", [], "")
+            return _linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
