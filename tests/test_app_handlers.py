@@ -10,6 +10,7 @@ import torch
 
 from unetrpp import app_handlers as H
 from unetrpp import create_model, io
+from unetrpp import visualize as vis
 from unetrpp import visualize_attention as va
 
 
@@ -44,6 +45,15 @@ def test_resolve_weights_order(tmp_path):
     assert H.resolve_weights("zz_other", tmp_path) == ("zz_other", H.SYNTHETIC_NOTICE)
     (tmp_path / "unetrpp_synapse" / "config.json").write_text('{"synthetic": true}')
     assert H.resolve_weights(None, tmp_path) == (str(tmp_path / "unetrpp_synapse"), H.SYNTHETIC_NOTICE)
+
+
+def test_display_settings_keep_a_zero_level_and_refuse_an_empty_custom_width():
+    assert H.display_settings("custom", 350, 0, 0.4, None, False).window() == (350.0, 0.0)  # 0 HU is a level
+    with pytest.raises(ValueError, match="need a width > 0"):
+        H.display_settings("custom", 0, 40, 0.5, None, False).window()
+    with pytest.raises(ValueError, match="need a width > 0"):
+        H.display_settings("custom", None, 40, 0.5, None, False).window()  # an emptied number box
+    assert H.display_settings("lung", None, None, None, ["liver"], True).window() == vis.WINDOW_PRESETS["lung"]
 
 
 def test_model_holder_falls_back_to_untrained_tiny():

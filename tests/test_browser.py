@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,7 @@ def test_viewer_end_to_end(page, tmp_path):
     saved = tmp_path / "downloaded_mask.nii.gz"
     info.value.save_as(saved)
     assert nib.load(saved).shape == nib.load(EXAMPLE_CT).shape
+    np.testing.assert_allclose(nib.load(saved).affine, nib.load(EXAMPLE_CT).affine, atol=1e-5)
 
     # The attention tab: EPA spatial attention of the crosshair voxel and the channel matrices.
     page.get_by_role("tab", name="Attention").click()
@@ -128,8 +130,11 @@ def test_viewer_end_to_end(page, tmp_path):
     bad.write_bytes(b"this is not a NIfTI image")
     page.locator("#scan-upload button[aria-label='Clear']").first.click()
     page.locator("#scan-upload input[type=file]").set_input_files(str(bad))
-    page.get_by_text("not a NIfTI image").first.wait_for(timeout=30_000)
+    page.locator("#status").get_by_text("not a NIfTI image").wait_for(timeout=30_000)  # stays after the toast
     page.screenshot(path=str(ARTIFACTS / "05_bad_file_error.png"), full_page=True)
+    page.get_by_role("tab", name="Attention").click()  # the last scan's attention maps are gone with it
+    assert page.locator("#attention-axial img").count() == 0 and "Query voxel" not in page.content()
+    page.get_by_role("tab", name="Slices").click()
     page.get_by_text("example_ct_sm.nii.gz", exact=True).first.click()  # a bundled example
     page.locator("#status").get_by_text("Segmented").wait_for(timeout=120_000)
     page.locator("#legend .legend-item").first.wait_for(timeout=30_000)

@@ -123,14 +123,22 @@ class Display:
     """How the views are drawn: window (preset or custom W/L in HU), overlay opacity, shown organs."""
 
     preset: str = "abdomen"
-    width: float = 400.0
-    level: float = 40.0
+    width: float | None = 400.0  # custom window only
+    level: float | None = 40.0
     opacity: float = 0.5
     visible: Sequence[str] | None = None  # organ names to draw; None draws all
     contour_only: bool = False
 
     def window(self) -> tuple[float, float]:
         return vis.window_preset(self.preset, self.width, self.level)
+
+
+def display_settings(preset: str, width: float | None, level: float | None, opacity: float | None,
+                     organs: Sequence[str] | None, contour: bool) -> Display:
+    """The page's controls as a `Display`: an empty custom W/L stays empty (and is refused when drawn
+    with the custom window); 0 HU is a level like any other."""
+    return Display(preset, None if width is None else float(width), None if level is None else float(level),
+                   0.5 if opacity is None else float(opacity), organs, bool(contour))
 
 
 def _check_nifti_path(path: str | os.PathLike | None) -> Path:
