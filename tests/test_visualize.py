@@ -179,3 +179,15 @@ def test_plot_views_for_notebooks():
     fig = vis.plot_views(vol, (3.0, 1.0, 1.0), mask, class_names=NAMES, title="SYNTHETIC")
     assert [ax.get_title() for ax in fig.axes] == list(vis.VIEWS)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver"]
+
+
+def test_organ_colours_can_be_told_apart():
+    """No two organs share a hue a viewer could confuse (CIEDE2000 difference of at least 15)."""
+    import itertools
+
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    lab = {k: rgb2lab(np.array(rgb, float)[None, None] / 255)[0, 0] for k, rgb in BTCV_COLORS.items()}
+    closest = min(deltaE_ciede2000(lab[a], lab[b]) for a, b in itertools.combinations(lab, 2))
+    assert closest >= 15
+
