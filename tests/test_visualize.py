@@ -191,3 +191,13 @@ def test_organ_colours_can_be_told_apart():
     closest = min(deltaE_ciede2000(lab[a], lab[b]) for a, b in itertools.combinations(lab, 2))
     assert closest >= 15
 
+
+def test_views_carry_patient_directions_and_a_scale_bar_in_mm():
+    dark = np.zeros((400, 400, 3), np.uint8)
+    out = vis.annotate_view(dark, "axial", mm_per_pixel=1.0)
+    assert out.shape == dark.shape and not out[150:250, 100:300].any()  # the middle is left alone
+    white = lambda region: (region == 255).all(-1).any()
+    assert white(out[:30, 180:220]) and white(out[180:220, :30]) and white(out[180:220, -30:])  # A, R, L
+    bar = (out[400 - 12, 250:] == 255).all(-1).sum()  # 100 mm at 1 mm per pixel: 100 pixels
+    assert 98 <= bar <= 102
+    assert (vis.annotate_view(dark, "sagittal", 2.0)[400 - 12, 250:] == 255).all(-1).sum() in range(48, 53)  # 100 mm

@@ -185,7 +185,7 @@ def render(session: Session, view: str, display: Display) -> np.ndarray:
     """One view through the session's crosshair -> RGB (H, W, 3) uint8. Only this slice is computed."""
     return vis.render_view(session.volume, view, session.position, session.spacing, display.window(),
                            mask=session.mask, opacity=display.opacity, visible=visible_labels(session, display),
-                           contour_only=display.contour_only, orientation=session.orientation)
+                           contour_only=display.contour_only, orientation=session.orientation, annotate=True)
 
 
 def render_all(session: Session, display: Display) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -234,11 +234,12 @@ def render_view(volume: np.ndarray, view: str, position: Sequence[int], spacing:
                 window: tuple[float, float] = WINDOW_PRESETS["abdomen"], mask: np.ndarray | None = None,
                 opacity: float = 0.5, visible: Iterable[int] | None = None, contour_only: bool = False,
                 crosshair: bool = True, orientation: str = "RAS", colors: Mapping[int, Sequence[int]] | None = None,
-                min_side: int = 384, max_side: int = 768) -> np.ndarray:
+                min_side: int = 384, max_side: int = 768, annotate: bool = False) -> np.ndarray:
     """The slice of `volume` (Z, Y, X, HU) through `position` (z, y, x) in one view -> RGB (H, W, 3).
 
     Pixels are square in mm (aspect ratio from `spacing` (z, y, x) mm); `mask` (Z, Y, X) labels are
-    drawn with `blend_labels`; the crosshair marks `position`. Only this one slice is computed.
+    drawn with `blend_labels`; the crosshair marks `position`; `annotate` adds the patient directions
+    and a scale bar (`annotate_view`). Only this one slice is computed.
     """
     if mask is not None and mask.shape != volume.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume shape {volume.shape}")
@@ -252,7 +253,39 @@ def render_view(volume: np.ndarray, view: str, position: Sequence[int], spacing:
     rgb = blend_labels(gray, labels, opacity, visible, contour_only, colors)
     if crosshair:
         rgb = draw_crosshair(rgb, *voxel_to_display(view, position, volume.shape, size, orientation))
+    if annotate:
+        rgb = annotate_view(rgb, view, plane.shape[1] * view_spacing(spacing, view)[1] / size[1])
     return rgb
+
+
+# Patient directions at the (top, bottom, left, right) edges of each view in this module's display
+# convention (radiological: the patient's right on the image's left), whatever the file's orientation.
+VIEW_EDGES = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+
+
+def annotate_view(rgb: np.ndarray, view: str, mm_per_pixel: float) -> np.ndarray:
+    """The view with its patient directions at the edges and a scale bar in mm (bottom right) -> RGB."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = rgb.shape[:2]
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, min(h, w) // 24))
+    text = dict(font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    top, bottom, left, right = VIEW_EDGES[view]
+    pad = 4
+    draw.text((w / 2, pad), top, anchor="mt", **text)
+    draw.text((w / 2, h - pad), bottom, anchor="mb", **text)
+    draw.text((pad, h / 2), left, anchor="lm", **text)
+    draw.text((w - pad, h / 2), right, anchor="rm", **text)
+    fits = [mm for mm in (100, 50, 20, 10, 5, 2, 1) if mm / mm_per_pixel <= 0.3 * w]
+    if fits:  # the longest round length that takes at most 30 % of the width
+        bar = round(fits[0] / mm_per_pixel)
+        x1, y = w - 3 * pad, h - 3 * pad
+        draw.line([(x1 - bar, y), (x1, y)], fill=(0, 0, 0), width=5)
+        draw.line([(x1 - bar, y), (x1, y)], fill=(255, 255, 255), width=3)
+        draw.text((x1 - bar / 2, y - 4), f"{fits[0]} mm", anchor="mb", **text)
+    return np.asarray(image)
 
 
 def orthogonal_views(volume: np.ndarray, position: Sequence[int] | None = None, spacing: Sequence[float] = (1, 1, 1),

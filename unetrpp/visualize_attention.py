@@ -119,7 +119,8 @@ def render_attention(view_data: AttentionView, view: str, window: tuple[float, f
     gray = vis.apply_window(vis.resize_linear(plane, size), *window)
     rgb = vis.heatmap_overlay(gray, vis.resize_linear(heat, size))
     crosshair = vis.voxel_to_display(view, view_data.query, view_data.window_hu.shape, size, orientation)
-    return vis.draw_crosshair(rgb, *crosshair, color=(0, 255, 120))
+    rgb = vis.draw_crosshair(rgb, *crosshair, color=(0, 255, 120))
+    return vis.annotate_view(rgb, view, plane.shape[1] * vis.view_spacing(view_data.spacing, view)[1] / size[1])
 
 
 def window_click_to_voxel(view_data: AttentionView, view: str, col: float, row: float, centre: Sequence[int],
