@@ -7,6 +7,7 @@ plumbing, not anatomy. Volumes are synthetic phantoms built here, plus the real 
 from __future__ import annotations
 
 import itertools
+import json
 
 import nibabel as nib
 import numpy as np
@@ -62,7 +63,13 @@ def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
     np.testing.assert_array_equal(result.affine, src.affine)
     assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
     synthetic = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)), synthetic=True)
-    assert any("SYNTHETIC phantoms" in w for w in segment(source, model=synthetic).warnings)
+    made_up = segment(source, model=synthetic)
+    assert any("SYNTHETIC phantoms" in w for w in made_up.warnings)
+    made_up.save(tmp_path / "synthetic_mask.nii.gz")  # the files say so too, side-car and NIfTI extension
+    assert json.loads((tmp_path / "synthetic_mask.json").read_text())["synthetic"] is True
+    extension = nib.load(str(tmp_path / "synthetic_mask.nii.gz")).header.extensions[0].get_content()
+    assert json.loads(extension)["synthetic"] is True
+    assert "synthetic" not in json.loads((tmp_path / "mask.json").read_text())
 
 
 def test_anisotropic_volume_smaller_than_the_window(tmp_path, model):

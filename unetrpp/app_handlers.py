@@ -250,7 +250,8 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
                       warnings=list(result.warnings), orientation=result.volume.orientation)
     session.position = centre_of_mask(session.mask)
     session.summary = (f"{len(organ_choices(session))} organs found, {getattr(result, 'windows', '?')} windows in "
-                       f"{getattr(result, 'seconds', 0.0):.1f} s on {getattr(result, 'device', device)}")
+                       f"{getattr(result, 'seconds', 0.0):.1f} s on {getattr(result, 'device', device)}"
+                       + (" by SYNTHETIC teaching weights (not real anatomy)" if getattr(result, "synthetic", False) else ""))
     for w in session.warnings:
         logger.warning("%s: %s", p.name, w)
     return session, str(mask_path), str(csv_path) if write_csv else None

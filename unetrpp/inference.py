@@ -55,10 +55,12 @@ class SegmentationResult:
     device: str = "cpu"  # where the network ran
     windows: int = 0  # sliding-window positions evaluated
     seconds: float = 0.0
+    synthetic: bool = False  # made by weights trained on SYNTHETIC phantoms (config.synthetic)
 
     def save(self, path: str | Path) -> Path:
-        """Write the mask as NIfTI on the exact source grid, label names in `<name>.json` beside it."""
-        return io.save_mask(self.mask, self.volume, path, label_names=self.class_names)
+        """Write the mask as NIfTI on the exact source grid, label names in `<name>.json` beside it
+        (both saying "synthetic" when the weights were trained on phantoms)."""
+        return io.save_mask(self.mask, self.volume, path, label_names=self.class_names, synthetic=self.synthetic)
 
     def statistics_csv(self, path: str | Path) -> Path:
         """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu)."""
@@ -409,5 +411,5 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     logger.debug("segmented %s: %d windows on %s in %.1f s", volume.path or "image", windows, dev, seconds)
     report(1.0, "done")
     return SegmentationResult(volume, mask, tuple(config.class_names), stats, warnings, np.array(affine),
-                              str(dev), windows, seconds)
+                              str(dev), windows, seconds, config.synthetic)
 

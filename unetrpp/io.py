@@ -296,8 +296,9 @@ LABEL_TABLE_DESCRIPTION = "UNETR++ segmentation label map"
 MASK_DESCRIPTION = b"UNETR++ segmentation"
 
 
-def label_table(label_names: Sequence[str]) -> dict:
-    """JSON-ready label table: {"labels": [{"value", "name", "color"}, ...]}, background first."""
+def label_table(label_names: Sequence[str], synthetic: bool = False) -> dict:
+    """JSON-ready label table: {"labels": [{"value", "name", "color"}, ...]}, background first; with
+    `synthetic`, also {"synthetic": true, "note": ...} (a mask from weights trained on phantoms)."""
     btcv = tuple(label_names[1:]) == tuple(BTCV_LABELS.values())
     labels = []
     for value, name in enumerate(label_names):
@@ -305,7 +306,10 @@ def label_table(label_names: Sequence[str]) -> dict:
         if btcv and value in BTCV_COLORS:
             entry["color"] = list(BTCV_COLORS[value])
         labels.append(entry)
-    return {"description": LABEL_TABLE_DESCRIPTION, "labels": labels}
+    table = {"description": LABEL_TABLE_DESCRIPTION, "labels": labels}
+    if synthetic:
+        table.update(synthetic=True, note="made by weights trained on SYNTHETIC phantoms: not real anatomy")
+    return table
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -334,7 +338,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
-              label_names: Sequence[str] | None = None) -> Path:
+              label_names: Sequence[str] | None = None, synthetic: bool = False) -> Path:
     """Write a label mask (Z, Y, X) as uint8 on the exact grid, affine and codes of `volume`'s file.
 
     The header is the source's (qform/sform codes, pixdim, units unchanged) with the data type set
@@ -368,7 +372,7 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     out.header["descrip"] = MASK_DESCRIPTION
     table = None
     if label_names is not None:
-        table = label_table(label_names)
+        table = label_table(label_names, synthetic)
         out.header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps(table).encode()))
     atomic_write(path, lambda tmp: nib.save(out, str(tmp)))
     if table is not None:
