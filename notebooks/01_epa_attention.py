@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -58,7 +60,7 @@ available = local_weights()
 choice = next((n for n in ("unetrpp_synapse", "unetrpp_tiny_phantom") if n in available), None)
 if choice:
     model = load_pretrained(choice)
-    print(f"weights: {choice}" + (" (SYNTHETIC teaching weights, trained on phantoms)" if "phantom" in choice else ""))
+    print(f"weights: {choice}" + (" (SYNTHETIC teaching weights, trained on phantoms)" if model.config.synthetic else ""))
 else:
     model = unetrpp.create_model("unetrpp_tiny").eval()
     print("weights: none found, using a RANDOMLY INITIALISED unetrpp_tiny (the maps will be noise)")
@@ -79,9 +81,10 @@ x = torch.from_numpy(normalize(window_hu, cfg.preprocessing).astype(np.float32))
 print("scan (Z, Y, X):", volume.shape, "spacing", volume.spacing, "mm -> window", tuple(x.shape))
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-axes[0].imshow(apply_window(slice_2d(volume.array, "axial", centre[0]), 400, 40), cmap="gray")
+orientation = cfg.preprocessing.orientation  # the volume's axis codes: slice_2d turns them to the display's
+axes[0].imshow(apply_window(slice_2d(volume.array, "axial", centre[0], orientation), 400, 40), cmap="gray")
 axes[0].set_title(f"axial slice {centre[0]} of the scan ({volume.spacing[1]:.1f} mm pixels)")
-axes[1].imshow(apply_window(slice_2d(window_hu, "axial", cfg.patch_size[0] // 2), 400, 40), cmap="gray")
+axes[1].imshow(apply_window(slice_2d(window_hu, "axial", cfg.patch_size[0] // 2, orientation), 400, 40), cmap="gray")
 axes[1].set_title(f"the network's window, {cfg.preprocessing.spacing[1]} mm pixels")
 for ax in axes:
     ax.set_xlabel("patient's right ← → left (radiological)")
@@ -160,7 +163,7 @@ first = maps[names[0]]
 fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 3.2))
 for i, ax in enumerate(axes):
     im = ax.imshow(first["channel"][0, i].numpy(), cmap="viridis", vmin=0)
-    ax.set_title(f"head {i}")
+    ax.set_title(f"head {i + 1}")  # numbered from 1, as in the viewer
     ax.set_xlabel("value channel")
     ax.set_ylabel("output channel")
 fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
@@ -200,9 +203,9 @@ grid = first["grid"]
 rows = [0, 1, 2, 3, E.shape[0] // 2, E.shape[0] - 1]
 fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8))
 for ax, r in zip(axes, rows):
-    pattern = E[r].reshape(grid)[grid[0] // 2]
+    pattern = slice_2d(E[r].reshape(grid), "axial", grid[0] // 2, orientation)  # as the CT slices are shown
     lim = np.abs(pattern).max()
-    ax.imshow(pattern[:, ::-1], cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.imshow(pattern, cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_title(f"row {r} of E")
     ax.axis("off")
 fig.suptitle(f"Learned token projections E as spatial patterns (grid {grid}, axial middle slice)")

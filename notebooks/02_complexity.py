@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -71,8 +73,9 @@ for name, r in runs.items():
 
 # %% [markdown]
 # The paper's GFLOPs are for 64×128×128; in fast mode the input is 8× smaller, so MACs are roughly
-# 8× smaller too. Parameters do not depend on the input for UNETR and Swin-UNETR, but they do for
-# UNETR++: its positional embeddings and its E/F projections are sized by the number of tokens.
+# 8× smaller too. Parameters barely depend on the input for Swin-UNETR; UNETR's positional embedding
+# has one vector per 16³ patch (92.66 M at 32×64×64 against 92.83 M at 64×128×128), and UNETR++'s
+# positional embeddings and E/F projections are sized by the number of tokens, so its count changes most.
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -113,8 +116,8 @@ fig.show()
 #
 # UNETR turns a 16³-voxel patch into a token and runs full self-attention: its attention cost grows
 # with the square of the token count. EPA's channel attention is d×d and its spatial attention N×P
-# with a fixed P, so UNETR++ grows linearly. Here are the counted MACs of the attention-only part
-# (matrix products inside attention) and of the whole networks.
+# with a fixed P, so UNETR++ grows linearly. Here are the counted MACs of the whole networks; the
+# attention blocks alone follow in the next cell, in theory.
 
 # %%
 from unetrpp.complexity import build_network
