@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine, then run it.
-# Creates .venv (CPU PyTorch 2.13.0), installs requirements + test requirements + this package,
+# Creates .venv (PyTorch 2.13.0: the CPU build where one is installed or at hand, see README),
+# installs requirements + test requirements + this package,
 # installs Debian's Chromium for the browser test when running as root, then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
