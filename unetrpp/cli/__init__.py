@@ -24,7 +24,9 @@ EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """All commands appear in --help; only the one being run has its module imported."""
-    parser = argparse.ArgumentParser(prog="python -m unetrpp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m unetrpp", description="UNETR++ for 3-D medical segmentation: segment scans, convert released "
+        "checkpoints, train, evaluate. Not a medical device. `python -m unetrpp COMMAND --help` for each command.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if a in COMMANDS), None)
