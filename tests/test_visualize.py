@@ -155,18 +155,17 @@ def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():
         surface_step((4, 4, 4), (1, 1, 1), 0)
 
 
-def test_one_512_slice_renders_fast():
-    """A slider move re-renders one slice: it must feel live on a 512 x 512 CT slice."""
-    import time
-
+def test_a_512_slice_renders_at_full_size_with_only_its_slice_of_the_mask():
+    """A slider move re-renders one slice (about 10 ms on one idle core for 512 x 512; no timing here:
+    timings live in benchmarks/). Contours of the other slices must not leak in."""
     rng = np.random.default_rng(0)
     vol = rng.normal(0, 300, size=(3, 512, 512)).astype(np.float32)
-    mask = rng.integers(0, 14, size=vol.shape).astype(np.uint8)
-    vis.render_view(vol, "axial", (1, 256, 256), (3.0, 0.7, 0.7), mask=mask)  # warm-up
-    start = time.perf_counter()
-    img = vis.render_view(vol, "axial", (1, 256, 256), (3.0, 0.7, 0.7), mask=mask, contour_only=True)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[0], mask[1, 200:300, 200:300], mask[2] = 6, 6, 6  # only the middle slice has a small organ
+    img = vis.render_view(vol, "axial", (1, 256, 256), (3.0, 0.7, 0.7), mask=mask, contour_only=True, crosshair=False)
     assert img.shape == (512, 512, 3)
-    assert time.perf_counter() - start < 0.5  # about 10 ms on one idle core
+    outline = (img == BTCV_COLORS[6]).all(-1)
+    assert outline[200:300, 200:300].any() and not outline[:150].any()
 
 
 def test_plot_views_for_notebooks():
