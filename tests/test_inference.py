@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import types
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from test_io import write_nifti, write_scaled
 
 from unetrpp import Preprocessing, create_model, io
-from unetrpp.inference import count_windows, resolve_device, segment
+from unetrpp.inference import count_windows, resolve_device, segment, window_starts
 from unetrpp.postprocess import largest_component, organ_statistics
 from unetrpp.preprocess import normalize, prepare, resample
 
@@ -297,6 +298,45 @@ def test_training_labels_are_resampled_as_nnunet_resizes_segmentations():
     got = resample_labels(labels, (13, 9, 20), (1.0, 1.0, 1.0), (0.77, 1.33, 0.7))
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, expected)
+
+
+def _nnunet_steps(size: int, patch: int, step_size: float = 0.5) -> list[int]:
+    """nnU-Net v1's window starts along one axis (_compute_steps_for_sliding_window), as it writes them."""
+    num_steps = int(np.ceil((size - patch) / (patch * step_size))) + 1
+    actual = (size - patch) / (num_steps - 1) if num_steps > 1 else 99999999999
+    return [int(np.round(actual * i)) for i in range(num_steps)]
+
+
+@pytest.mark.parametrize("size, patch", [(112, 64), (400, 128), (483, 128), (64, 64), (65, 64), (200, 32),
+                                         (129, 128), (96, 64)])
+def test_windows_are_placed_as_nnunet_places_them(size, patch):
+    assert window_starts(size, patch, 0.5) == _nnunet_steps(size, patch)
+    assert window_starts(size, patch, 0.25) == _nnunet_steps(size, patch, 0.75)
+
+
+class _VoxelWise(torch.nn.Module):
+    """Logits that depend on each voxel's own value only (class c: c x value), so every window that
+    covers a voxel predicts the same there, and the blend must give softmax(c x value) back exactly."""
+
+    def __init__(self, patch):
+        super().__init__()
+        self.config = types.SimpleNamespace(patch_size=patch, out_channels=3)
+        self.scale = torch.nn.Parameter(torch.arange(3.0).view(1, 3, 1, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 25), (5, 30, 7)])  # the second is smaller than a window: padded
+def test_blended_windows_land_where_they_were_cut(shape):
+    from unetrpp.inference import sliding_window_probabilities
+
+    image = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    with torch.inference_mode():
+        probs = sliding_window_probabilities(_VoxelWise((8, 16, 16)), image, torch.device("cpu"), sw_batch_size=2)
+    expected = torch.softmax(torch.from_numpy(image)[None] * torch.arange(3.0).view(3, 1, 1, 1), dim=0)
+    assert probs.shape == (3, *shape)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):

@@ -3,7 +3,7 @@ and inference"): preprocessing from the weights' config, sliding window with Gau
 optional mirror test-time augmentation, probabilities resampled back, argmax, statistics.
 
 Memory: the sliding window stitches into one (C, Z', Y', X') float32 probability buffer on the
-target grid plus a one-channel weight map (MONAI), kept on the GPU only when it fits comfortably
+target grid plus a one-channel weight map, kept on the GPU only when it fits comfortably
 in free GPU memory, otherwise on the CPU. Mapping back to the original grid then goes one class at
 a time with a running maximum (on a GPU, four classes at a time), so the peak on the CPU is about
 (C + 3) x N' + 5 x N float32 values, where N' and N are the voxel counts of the target and the
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import io, postprocess
 from .fast import optimize_for_inference, reuse_freed_memory
@@ -107,14 +108,20 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Where the windows start along one axis of `size` voxels (at least `patch`), as nnU-Net v1 places
+    them: the fewest windows whose step is at most patch x (1 - overlap), spread evenly from the first
+    voxel to the last (so all steps are equal to within a voxel)."""
+    if size <= patch:
+        return [0]
+    count = math.ceil((size - patch) / (patch * (1.0 - overlap))) + 1
+    step = (size - patch) / (count - 1)
+    return [int(round(step * i)) for i in range(count)]
+
+
 def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
-    """Number of sliding-window positions MONAI uses for a (Z, Y, X) grid (padded up to the patch)."""
-    total = 1
-    for size, roi in zip(shape, patch):
-        size = max(size, roi)
-        step = roi if size == roi else max(int(roi * (1 - overlap)), 1)
-        total *= math.ceil((size - roi) / step) + 1
-    return total
+    """Number of sliding-window positions for a (Z, Y, X) grid (padded up to the patch)."""
+    return math.prod(len(window_starts(max(size, p), p, overlap)) for size, p in zip(shape, patch))
 
 
 def ct_warning(array: np.ndarray) -> str | None:
@@ -232,8 +239,8 @@ def _stitch_device(device: torch.device, voxels: int, channels: int) -> torch.de
 
 def _image_to(image: np.ndarray, device: torch.device, stitch: torch.device) -> torch.Tensor:
     """The (1, 1, Z', Y', X') float32 input on the GPU when it takes under a tenth of its free memory,
-    so that MONAI cuts the windows there, with no host-to-device copy per window; else on the CPU.
-    (Pinning it would not help: MONAI copies each window out of the image before moving it.)"""
+    so that the windows are cut there, with no host-to-device copy per window; else on the CPU.
+    (Pinning it would not help: each window is a strided slice, copied out before it moves.)"""
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     if device.type != "cuda":
         return inputs.to(stitch)
@@ -248,33 +255,40 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
                                  static_batch: bool = False) -> torch.Tensor:
     """Blended softmax probabilities (C, Z', Y', X') float32 for a normalised (Z', Y', X') image.
 
-    Windows of `model.config.patch_size` with Gaussian weights (sigma = patch / 8), padded with 0
-    (the normalised mean) where the image is smaller than a window. `static_batch` pads the last,
-    smaller batch of windows to `sw_batch_size` (for a compiled network: one shape throughout).
-    The result lies on `device` when it fitted there (see `_stitch_device`), else on the CPU.
+    Windows of `model.config.patch_size` placed as nnU-Net places them (`window_starts`), each
+    prediction weighted by a Gaussian (sigma = patch / 8, MONAI's importance map) and the sums divided
+    by the summed weights. Where the image is smaller than a window it is padded on both sides with 0
+    (the normalised mean). `static_batch` pads the last, smaller batch of windows to `sw_batch_size`
+    (for a compiled network: one shape throughout). The result lies on `device` when it fitted there
+    (see `_stitch_device`), else on the CPU.
     """
-    from monai.inferers import sliding_window_inference
+    from monai.data.utils import compute_importance_map
 
     patch = tuple(model.config.patch_size)
-    total = count_windows(image.shape, patch, overlap)
-    stitch = _stitch_device(device, image.size, model.config.out_channels)
+    pad = [max(p - n, 0) for p, n in zip(patch, image.shape)]
+    shape = tuple(n + p for n, p in zip(image.shape, pad))  # (Z', Y', X') padded up to the patch
+    starts = list(itertools.product(*(window_starts(n, p, overlap) for n, p in zip(shape, patch))))
+    stitch = _stitch_device(device, math.prod(shape), model.config.out_channels)
+    inputs = _image_to(image, device, stitch)  # (1, 1, Z', Y', X')
+    if any(pad):  # F.pad lists (before, after) from the last axis back
+        inputs = F.pad(inputs, [v for p in reversed(pad) for v in (p // 2, p - p // 2)], value=0.0)
+    gaussian = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=stitch)  # (pz, py, px)
+    total = torch.zeros((model.config.out_channels, *shape), device=stitch)  # weighted sum of probabilities
+    weights = torch.zeros(shape, device=stitch)
     pad_to = sw_batch_size if static_batch else 0
-    done = 0
-
-    def predictor(windows: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        probs = _predict(model, windows, tta, autocast=autocast, pad_to=pad_to)
-        done += windows.shape[0]
+    for first in range(0, len(starts), sw_batch_size):
+        batch = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts[first:first + sw_batch_size]]
+        windows = torch.cat([inputs[(..., *box)] for box in batch]).to(device)  # (b, 1, pz, py, px)
+        probs = _predict(model, windows, tta, autocast=autocast, pad_to=pad_to).to(stitch)  # (b, C, pz, py, px)
+        for box, p in zip(batch, probs):
+            total[(..., *box)].addcmul_(p, gaussian)
+            weights[box] += gaussian
         if progress is not None:
-            fraction = _WINDOWS_START + (_WINDOWS_END - _WINDOWS_START) * min(done / total, 1.0)
-            progress(fraction, f"window {min(done, total)}/{total}")
-        return probs
-
-    inputs = _image_to(image, device, stitch)
-    out = sliding_window_inference(inputs, patch, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
-                                   sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
-                                   device=stitch)
-    return torch.as_tensor(out)[0]
+            done = first + len(batch)
+            progress(_WINDOWS_START + (_WINDOWS_END - _WINDOWS_START) * done / len(starts),
+                     f"window {done}/{len(starts)}")
+    total /= weights
+    return total[(..., *(slice(p // 2, p // 2 + n) for p, n in zip(pad, image.shape)))]
 
 
 def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np.ndarray:
