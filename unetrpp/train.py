@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from .config import UNETRPPConfig, get_config
 from .data.btcv import Case, check_cases, is_synthetic, read_datalist, split_cases
 from .evaluate import dice
 from .fast import reuse_freed_memory
+from .inference import sliding_window_probabilities
 from .model import UNETRPP
 from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
@@ -91,7 +91,8 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | torch.Tensor, label: tor
 
 def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, class_names: tuple[str, ...],
              overlap: float = 0.25) -> dict[str, float]:
-    """Sliding-window Dice per organ on the prepared validation cases, averaged over cases."""
+    """Sliding-window Dice per organ on the prepared validation cases (blended as inference blends
+    them, `inference.sliding_window_probabilities`), averaged over cases."""
     was_training, was_ds = model.training, model.deep_supervision
     model.eval()
     model.deep_supervision = False
@@ -99,9 +100,8 @@ def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, cl
     try:
         with torch.no_grad():
             for case in cases:
-                image = torch.as_tensor(case.image)[None].to(device)  # (1, 1, Z, Y, X)
-                logits = sliding_window_inference(image, model.config.patch_size, 2, model, overlap=overlap, mode="gaussian")
-                pred = logits.argmax(1)[0].cpu().numpy()
+                probs = sliding_window_probabilities(model, case.image[0], device, overlap, sw_batch_size=2)
+                pred = probs.argmax(0).cpu().numpy()  # (Z, Y, X)
                 for label, name in enumerate(class_names[1:], start=1):
                     scores[name].append(dice(pred == label, case.label[0] == label))
     finally:
