@@ -143,6 +143,11 @@ def test_organ_meshes_in_mm_and_colours():
     np.testing.assert_allclose(np.asarray(lps.data[1].x), -np.asarray(fig.data[1].x))
     np.testing.assert_allclose(np.asarray(lps.data[1].y), -np.asarray(fig.data[1].y))
     np.testing.assert_allclose(np.asarray(lps.data[1].z), np.asarray(fig.data[1].z))
+    assert fig.layout.title.text is None  # every organ drawn: nothing to say
+    mask[0, 0, 0] = 13  # one voxel of left adrenal: no surface, but the figure says it is there
+    titled = surface_figure(mask, spacing, NAMES, title="organs (mm)")
+    assert [t.name for t in titled.data] == ["spleen", "liver"]
+    assert titled.layout.title.text == "organs (mm) · too small for a surface: left adrenal gland"
 
 
 def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():

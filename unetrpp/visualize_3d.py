@@ -93,7 +93,12 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
         raise ValueError(f"orientation={orientation!r}: need three axis codes such as 'RAS' or 'LPS'")
     signs = np.array([-1.0 if c in "LPI" else 1.0 for c in orientation.upper()], np.float32)
     fig = go.Figure()
-    for m in organ_meshes(mask, spacing, class_names, colors, max_voxels):
+    meshes = organ_meshes(mask, spacing, class_names, colors, max_voxels)
+    drawn = {m.label for m in meshes}
+    too_small = [class_names[v] for v in np.unique(mask) if 0 < v < len(class_names) and v not in drawn]
+    if too_small:  # say so rather than leave them out of the legend silently
+        title = (title + " · " if title else "") + "too small for a surface: " + ", ".join(too_small)
+    for m in meshes:
         x, y, z = (m.vertices * signs).T
         i, j, k = m.faces.T
         fig.add_trace(go.Mesh3d(x=x, y=y, z=z, i=i, j=j, k=k, color=m.color, opacity=1.0, name=m.name,
