@@ -342,7 +342,8 @@ def attention_outputs(model, session: Session, block: int | None, head: int | No
     label = va.block_label(name, view.grid)
     caption = (f"Query voxel (z, y, x) = {tuple(session.position)} at the centre of the "
                f"{' x '.join(map(str, view.window_hu.shape))} window; {label}; "
-               f"{'mean of heads' if head_index is None else f'head {head_index + 1}'}.")
+               f"{'mean of heads' if head_index is None else f'head {head_index + 1}'}. Heat-map: the query's "
+               "attention weight (no unit), from its minimum (clear) to its maximum in this window (bright yellow).")
     return [*(va.render_attention(view, v, window) for v in vis.VIEWS),
             va.channel_figure(view.channel, f"channel attention, {label}"), caption]
 
