@@ -84,3 +84,20 @@ def test_cli_missing_prediction_is_an_error(tmp_path, capsys):
     io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 2
     assert "no prediction for truth case(s) 0002" in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_first_and_writes_strict_json(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    truth = np.zeros((6, 8, 8), np.uint8)
+    truth[1:3, 1:3, 1:3] = 1  # a spleen the prediction misses: HD95 undefined
+    io.save_array(truth, (1, 1, 1), tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(np.zeros_like(truth), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    assert main([*args, "--out", str(tmp_path / "r.txt")]) == 2
+    assert "unknown format" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "nowhere" / "r.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text)["cases"]["0001"]["spleen"]["hd95"] is None

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -124,20 +125,36 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict, path: str | os.PathLike) -> Path:
-    """JSON (everything) or CSV (one row per case and organ, plus the means), by the file suffix."""
+def check_results_path(path: str | os.PathLike) -> Path:
+    """`path` if results can be written there (a .csv or .json name in an existing folder), checked
+    before any case is scored."""
     path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case", "organ", "dice", "hd95_mm"])
-            for case, organs in result["cases"].items():
-                for name, m in organs.items():
-                    writer.writerow([case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"])
-            for name, m in result["mean"].items():
-                writer.writerow(["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"])
-    elif path.suffix.lower() == ".json":
-        path.write_text(json.dumps(result, indent=2, allow_nan=True))
-    else:
+    if path.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out {path}: unknown format; use a .csv or .json file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {path}: the folder {path.parent} does not exist; create it or choose another")
+    return path
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(result: dict, path: str | os.PathLike) -> Path:
+    """JSON (everything; an undefined HD95 as null) or CSV (one row per case and organ, plus the means;
+    an undefined HD95 as nan), by the file suffix; written whole or not at all."""
+    path = check_results_path(path)
+    if path.suffix.lower() == ".csv":
+        rows = [["case", "organ", "dice", "hd95_mm"]]
+        rows += [[case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"]
+                 for case, organs in result["cases"].items() for name, m in organs.items()]
+        rows += [["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"] for name, m in result["mean"].items()]
+        text = StringIO()
+        csv.writer(text).writerows(rows)
+        content = text.getvalue()
+    else:
+        content = json.dumps(_nan_to_none(result), indent=2)
+    io.atomic_write(path, lambda tmp: tmp.write_text(content, newline=""))
     return path

@@ -15,9 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetrpp.evaluate import evaluate_folders, format_table, write_results
+    from unetrpp.evaluate import check_results_path, evaluate_folders, format_table, write_results
     from unetrpp.labels import BTCV_LABELS, SYNAPSE_EVAL_LABELS
 
+    if args.out:
+        check_results_path(args.out)  # before the scoring, not after it
     labels = {k: BTCV_LABELS[k] for k in SYNAPSE_EVAL_LABELS} if args.organs == "synapse8" else BTCV_LABELS
     result = evaluate_folders(args.pred, args.truth, labels)
     print(f"{len(result['cases'])} case(s); HD95 in mm (nan: organ empty in only one of prediction / truth)")
