@@ -327,6 +327,8 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise ValueError(f"cannot write to {parent} ({exc.strerror}); choose a writable output folder") from None
     try:
         write(Path(tmp))
+        with open(tmp, "r+b") as f:  # on disk before the rename: a power cut leaves the old file or the new one
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
