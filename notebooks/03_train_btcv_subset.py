@@ -34,6 +34,7 @@
 
 # %% tags=["parameters"]
 import os
+import time
 
 FAST = os.environ.get("UNETRPP_FAST", "0") == "1"
 BTCV_DIR = os.environ.get("BTCV_DIR", "")  # "" -> generate phantoms
@@ -119,7 +120,8 @@ def live_plot(record: dict) -> None:
     plt.close(fig)
 
 
-options = TrainOptions(data=str(data_dir), out=str(work / "run"), name="unetrpp_tiny", max_steps=MAX_STEPS,
+run_dir = work / time.strftime("run-%Y%m%d-%H%M%S")  # a new folder each time: train() never overwrites a run
+options = TrainOptions(data=str(data_dir), out=str(run_dir), name="unetrpp_tiny", max_steps=MAX_STEPS,
                        val_cases=1 if FAST else 2, val_every=MAX_STEPS if FAST else 400,
                        log_every=4 if FAST else 20, checkpoint_every=MAX_STEPS)
 result = train(options, on_step=live_plot)

@@ -3,6 +3,7 @@ run, deep supervision, the saved inference model, and two-process gloo DDP under
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,41 @@ def test_resume_without_checkpoint_is_an_error(phantoms, tmp_path):
         train(options(phantoms, tmp_path / "none", max_steps=2, resume=True))
 
 
+def test_a_run_is_never_overwritten_and_resume_keeps_its_options(phantoms, tmp_path, caplog):
+    train(options(phantoms, tmp_path / "run", max_steps=2))
+    before = (tmp_path / "run/checkpoint.pt").read_bytes(), (tmp_path / "run/metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a training run; add --resume"):
+        train(options(phantoms, tmp_path / "run", max_steps=1))
+    assert ((tmp_path / "run/checkpoint.pt").read_bytes(), (tmp_path / "run/metrics.jsonl").read_text()) == before
+    resumed = train(options(phantoms, tmp_path / "run", max_steps=3, resume=True, lr=0.5))
+    assert resumed.step == 3 and "lr=0.5 (the run has 0.003)" in caplog.text
+    assert json.loads((tmp_path / "run/options.json").read_text())["lr"] == 3e-3
+
+
+@pytest.mark.parametrize("change, words", [({"grad_clip": -1.0}, "grad_clip=-1.0: must be a positive"),
+                                           ({"flip_prob": 2.0}, "flip_prob=2.0"),
+                                           ({"batch_size": 1}, "too few for batch norm")])
+def test_options_that_would_wreck_training_are_refused(phantoms, tmp_path, change, words):
+    with pytest.raises(ValueError, match=words):
+        train(options(phantoms, tmp_path / "run", max_steps=2, **change))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_stops_after_the_step_with_a_whole_checkpoint(phantoms, tmp_path):
+    def press_ctrl_c_at_2(record):
+        if record.get("step") == 2 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the loop's bookkeeping
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(phantoms, tmp_path / "run", max_steps=6, val_every=2), on_step=press_ctrl_c_at_2)
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and int(state["optimizer"]["state"][0]["step"]) == 2
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mean_dice" in r] == [2]  # the step was finished, then it stopped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 def test_deep_supervision_weights_and_poly_schedule():
     label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     perfect = torch.full((1, 2, 8, 8, 8), -20.0)
@@ -119,6 +155,8 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # rank 0 alone writes
     assert sum("val_mean_dice" in x for x in lines) == 1
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
+    for rank in (0, 1):  # each rank's own random state, for a resume that continues exactly
+        assert torch.load(tmp_path / f"ddp/rng_rank{rank}.pt", weights_only=True)["step"] == 3
 
 
 def test_shipped_teaching_weights_reach_the_acceptance_dice_on_unseen_phantoms(tmp_path):

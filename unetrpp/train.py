@@ -1,12 +1,17 @@
-"""Training loop (paper Sec. 4 training setup, nnU-Net style): class-balanced patches, Dice + CE with
-deep supervision weighted 4/7, 2/7, 1/7, AdamW or SGD with a polynomial schedule, AMP on CUDA,
+"""Training loop in the nnU-Net style of the original: class-balanced patches, Dice + CE with deep
+supervision weighted 4/7, 2/7, 1/7 (as the original), AdamW (default, suited to short CPU runs) or
+SGD with Nesterov momentum 0.99 (the original's optimiser) with a polynomial schedule, AMP on CUDA,
 gradient clipping, sliding-window validation, resumable checkpoints, DDP under torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +49,7 @@ class TrainOptions:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocessing": {"spacing": [4, 2.5, 2.5]}}
     max_steps: int = 1000
     batch_size: int = 2
-    optimizer: str = "adamw"  # or "sgd" (nnU-Net: momentum 0.99, nesterov)
+    optimizer: str = "adamw"  # or "sgd" (the original's nnU-Net choice: momentum 0.99, Nesterov; lr 1e-2)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
@@ -92,7 +97,8 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | torch.Tensor, label: tor
 def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, class_names: tuple[str, ...],
              overlap: float = 0.25) -> dict[str, float]:
     """Sliding-window Dice per organ on the prepared validation cases (blended as inference blends
-    them, `inference.sliding_window_probabilities`), averaged over cases."""
+    them, `inference.sliding_window_probabilities`, at a cheaper overlap than inference's 0.5),
+    averaged over cases."""
     was_training, was_ds = model.training, model.deep_supervision
     model.eval()
     model.deep_supervision = False
@@ -138,17 +144,74 @@ def _check_options(o: TrainOptions) -> None:
             raise ValueError(f"{name}={getattr(o, name)!r}: must be a positive integer")
     if not o.lr > 0:
         raise ValueError(f"lr={o.lr}: must be positive, e.g. 2e-3 for AdamW or 1e-2 for SGD")
+    if not o.grad_clip > 0:  # a negative norm would reverse every gradient, zero would erase them
+        raise ValueError(f"grad_clip={o.grad_clip}: must be a positive gradient norm, e.g. 12")
+    if not o.weight_decay >= 0:
+        raise ValueError(f"weight_decay={o.weight_decay}: must be 0 or positive, e.g. 1e-4")
+    if not (isinstance(o.warmup_steps, int) and o.warmup_steps >= 0):
+        raise ValueError(f"warmup_steps={o.warmup_steps!r}: must be 0 or a positive integer, e.g. 20")
+    if not 0.0 <= o.flip_prob <= 1.0:
+        raise ValueError(f"flip_prob={o.flip_prob}: must be a probability in [0, 1]")
+    if not o.val_cases >= 0:
+        raise ValueError(f"val_cases={o.val_cases}: a count (>= 1) or a fraction in [0, 1) of the cases")
+
+
+def _check_batch_norm(config: UNETRPPConfig, batch_size: int) -> None:
+    """Batch norm in training needs more than one value per channel on the coarsest grid."""
+    if batch_size * math.prod(config.stage_grid(3)) < 2:
+        raise ValueError(f"batch_size={batch_size} with patch {config.patch_size}: the coarsest grid "
+                         f"{config.stage_grid(3)} then holds one value per channel, too few for batch norm; "
+                         "use a batch of 2 or more, or a larger patch")
+
+
+# Options a resumed run takes from its checkpoint; these may be given anew.
+_CHANGEABLE_ON_RESUME = ("max_steps", "device", "resume", "progress")
+
+
+def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
+    """The checkpoint's options with the changeable ones from `given`; says which others were ignored."""
+    ignored = [f"{k}={getattr(given, k)!r} (the run has {v!r})" for k, v in saved.items()
+               if k not in _CHANGEABLE_ON_RESUME and hasattr(given, k) and getattr(given, k) != v
+               and k not in ("data", "out")]
+    if ignored:
+        log.warning("resuming with the run's own options; these given ones differ and are ignored: %s",
+                    ", ".join(ignored))
+    return TrainOptions(**{**saved, **{k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME}, "data": given.data,
+                           "out": given.out})
+
+
+def _rng_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / f"rng_rank{rank}.pt"
+
+
+def _save_rng(ctx: DistributedContext, run_dir: Path, step: int) -> None:
+    """This rank's random states (CPU and CUDA: dropout, augmentation) for a resume that continues exactly."""
+    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+    save_atomic({"step": step, "cpu": torch.get_rng_state(), "cuda": cuda}, _rng_path(run_dir, ctx.rank))
+
+
+def _load_rng(ctx: DistributedContext, run_dir: Path, step: int, seed: int) -> None:
+    path = _rng_path(run_dir, ctx.rank)
+    state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if state is None or int(state["step"]) != step:
+        log.warning("rank %d: no random state saved at step %d; reseeding, so this run will not match an "
+                    "uninterrupted one exactly", ctx.rank, step)
+        torch.manual_seed(seed + ctx.rank + 1_000_003 * step)
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
 
 
 def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `options.name` on the BTCV-layout folder `options.data`; write RUN_DIR = `options.out`.
 
     RUN_DIR gets options.json, metrics.jsonl (one JSON object per logged step / validation),
-    training_curve.png, checkpoint.pt (resume with `resume=True`) and, at the end, model/ (a
-    `save_pretrained` folder that `unetrpp.pretrained.load_pretrained` and inference read).
-    `on_step(record)` is called on rank 0 with each logged record ({"step", "loss", "lr", ...};
-    validation records carry "val_dice" and "val_mean_dice"). Ctrl-C saves a checkpoint, then
-    re-raises KeyboardInterrupt.
+    training_curve.png, checkpoint.pt plus rng_rank<N>.pt (resume with `resume=True`; a folder that
+    holds a run is refused otherwise) and, at the end, model/ (a `save_pretrained` folder that
+    `unetrpp.pretrained.load_pretrained` and inference read). `on_step(record)` is called on rank 0
+    with each logged record ({"step", "loss", "lr", ...}; validation records carry "val_dice" and
+    "val_mean_dice"). Ctrl-C finishes the step, saves a checkpoint, then raises KeyboardInterrupt.
     """
     _check_options(options)
     ctx = DistributedContext.from_env(options.device)
@@ -159,12 +222,13 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: nothing to resume; run once without --resume first")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = dict(state["options"])
-        for key in ("max_steps", "device", "resume", "progress"):  # may change on resume
-            saved[key] = getattr(options, key)
-        options = TrainOptions(**saved)
+        options = _resumed_options(options, dict(state["options"]))
         start_step = int(state["step"])
+    elif ckpt_path.is_file() or (run_dir / "metrics.jsonl").is_file():
+        raise ValueError(f"{run_dir} already holds a training run; add --resume to continue it, "
+                         "or give another --out folder (nothing was changed)")
     config = build_config(options.name, options.config_overrides)
+    _check_batch_norm(config, options.batch_size)
     if is_synthetic(options.data):  # the saved weights say so wherever they are used
         config = config.replace(synthetic=True)
     torch.manual_seed(options.seed + ctx.rank)
@@ -182,8 +246,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        if state["scaler"] and scaler.is_enabled():  # a CPU run saved none; a run moved to CPU needs none
+            scaler.load_state_dict(state["scaler"])
+        _load_rng(ctx, run_dir, start_step, options.seed)
     net = ctx.wrap(model)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     dataset = PatchDataset(train_data, build_transforms(config, options.flip_prob), config.out_channels,
@@ -201,11 +266,13 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(step: int) -> None:
+        """Every rank saves its random state; rank 0 the rest (random state last, so a checkpoint
+        never points to a random state of another step)."""
         if ctx.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
-                         "elapsed_s": time.time() - t0,
+                         "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
                          "options": dataclasses.asdict(options), "config": config.to_dict()}, ckpt_path)
+        _save_rng(ctx, run_dir, step)
 
     def record(entry: dict) -> None:
         history.append(entry)
@@ -221,8 +288,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     # elapsed_s counts training time over all sessions of a resumed run
     step, t0, running = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0), []
     net.train()
+    whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
-    with reuse_freed_memory():
+    with reuse_freed_memory(), _stop_between_steps(ctx) as stop:
         try:
             while step < options.max_steps:
                 epoch, offset = divmod(step, per_epoch)
@@ -233,6 +301,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     if step >= options.max_steps:
                         break
                     items = [dataset[i] for i in order[b * options.batch_size:(b + 1) * options.batch_size]]
+                    whole_step = False
                     image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
                     label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
                     with torch.autocast(ctx.device.type, enabled=ctx.device.type == "cuda"):
@@ -245,6 +314,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     scaler.update()
                     sched.step()
                     step += 1
+                    whole_step = True
                     running.append(float(loss.detach()))
                     if bar is not None:
                         bar.update(1)
@@ -263,9 +333,14 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                         ctx.barrier()
                     if step % options.checkpoint_every == 0 and step < options.max_steps:
                         checkpoint(step)
+                    if stop["asked"]:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
-            checkpoint(step)
-            log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+            if whole_step:
+                checkpoint(step)
+                log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+            else:
+                log.warning("interrupted during step %d; no checkpoint taken (the last one stays valid)", step + 1)
             raise
         finally:
             if bar is not None:
@@ -277,6 +352,30 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         model_dir = save_for_inference(model, run_dir / "model")
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
+
+
+@contextlib.contextmanager
+def _stop_between_steps(ctx: DistributedContext):
+    """In a single process run from the main thread, Ctrl-C (or SIGTERM) asks the loop to stop after the
+    current step, so the checkpoint it then takes is a whole step; a second Ctrl-C stops at once.
+    Yields {"asked": bool}. Under torchrun every rank gets the signal itself: nothing is changed there."""
+    stop = {"asked": False}
+    if ctx.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        log.warning("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def training_split(options: TrainOptions) -> tuple[list[Case], list[Case]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Mapping
@@ -13,6 +14,8 @@ import torch
 from .io import atomic_write
 
 log = logging.getLogger(__name__)
+
+VALIDATION_TIMEOUT_MIN = 120  # process-group timeout: rank 0's validation of many large cases takes a while
 
 
 def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
@@ -51,7 +54,9 @@ class DistributedContext:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            # Other ranks wait at a barrier while rank 0 validates: allow more than NCCL's 10 minutes.
+            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(minutes=VALIDATION_TIMEOUT_MIN))
             log.info("rank %d of %d on %s", rank, world, dev)
         return cls(rank, world, dev)
 

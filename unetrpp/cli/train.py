@@ -21,11 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="unetrpp_tiny", help="model preset (default unetrpp_tiny)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, training_curve.png, model/")
     parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps and "
+                             "--device may change); without it an existing run folder is refused, never overwritten")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 for adamw, "
+                                                                "1e-2 for sgd)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="adamw (default, suited to short runs) or sgd (Nesterov momentum 0.99, as the original)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--grad-clip", type=float, default=12.0)
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     build_config(args.name, overrides)  # fail now on a bad name or override
     options = TrainOptions(
         data=args.data, out=args.out, name=args.name, config_overrides=overrides, max_steps=args.max_steps,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else {"adamw": 2e-3, "sgd": 1e-2}[args.optimizer], weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=args.val_cases, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, samples_per_case=args.samples_per_case,
         flip_prob=args.flip_prob, seed=args.seed, device=args.device, resume=args.resume,
