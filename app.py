@@ -45,6 +45,13 @@ def user_message(exc: Exception, where: str = "") -> str:
     return f"unexpected error ({type(exc).__name__}: {exc}); please try another file"
 
 
+def failure(what: str, exc: Exception, where: str) -> str:
+    """Status-line text for a failed step (kept on the page), also shown in a passing toast."""
+    message = user_message(exc, where)
+    gr.Warning(message)
+    return f"**{what}**: {message}"
+
+
 def friendly(fn):
     """Show expected errors as a readable message in the page; the server keeps serving."""
     @functools.wraps(fn)
@@ -65,9 +72,6 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         spec, notice = f"given model ({net.config.name})", "Model given by the caller (tests)."
     model = H.ModelHolder(spec, notice, model=net)
 
-    def display(preset, width, level, opacity, organs, contour):
-        return H.display_settings(preset, width, level, opacity, organs, contour)
-
     def sliders(session):
         return [gr.Slider(minimum=0, maximum=n - 1, value=p, step=1, interactive=True)
                 for n, p in zip(session.volume.shape, session.position)]
@@ -75,7 +79,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def views(session, *disp):
         if session is None:
             return [None, None, None, "", *[gr.Slider(0, 1, value=0, interactive=False) for _ in range(3)]]
-        return [*H.render_all(session, display(*disp)), H.position_text(session), *sliders(session)]
+        return [*H.render_all(session, H.display_settings(*disp)), H.position_text(session), *sliders(session)]
 
     def show(session, *disp):
         """Everything drawn from the session: views, legend, table, 3-D surfaces, files, organ boxes, and an
@@ -97,9 +101,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         try:
             session = H.load_scan(path)
         except Exception as exc:
-            message = user_message(exc, "on_file")
-            gr.Warning(message)
-            return None, f"**Could not load the file**: {message}"
+            return None, failure("Could not load the file", exc, "on_file")
         return session, f"Loaded **{session.name}**: {H.describe(session)}."
 
     @GPU
@@ -112,9 +114,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                           progress=lambda f, msg: progress(f, desc=msg),
                                           precision="bf16" if bf16 else "auto")
         except Exception as exc:
-            message = user_message(exc, "on_segment")
-            gr.Warning(message)
-            return session, f"**Could not segment the scan**: {message}"
+            return session, failure("Could not segment the scan", exc, "on_segment")
         for warning in result.warnings:
             gr.Warning(warning)
         return result, f"Segmented **{result.name}**: {result.summary}."
@@ -133,7 +133,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         @friendly
         def handler(session, index, *disp):
             H.set_slice(session, view, index)
-            return H.render(session, view, display(*disp)), H.position_text(session)
+            return H.render(session, view, H.display_settings(*disp)), H.position_text(session)
         return handler
 
     def on_click(view):

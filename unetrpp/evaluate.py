@@ -22,6 +22,7 @@ from scipy import ndimage
 from . import io
 from .data.btcv import nifti_files_by_case
 from .labels import BTCV_LABELS
+from .postprocess import write_text
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,6 @@ def write_results(result: dict, path: str | os.PathLike) -> Path:
                  for case, organs in result["cases"].items() for name, m in organs.items()]
         rows += [["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"] for name, m in result["mean"].items()]
         text = StringIO()
-        csv.writer(text).writerows(rows)
-        content = text.getvalue()
-    else:
-        content = json.dumps(_nan_to_none(result), indent=2)
-    io.atomic_write(path, lambda tmp: tmp.write_text(content, newline=""))
-    return path
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        return write_text(path, text.getvalue())
+    return write_text(path, json.dumps(_nan_to_none(result), indent=2))

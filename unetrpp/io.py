@@ -294,6 +294,20 @@ def sidecar_path(mask_path: str | os.PathLike) -> Path:
 # Mark label side-cars and masks as written by this package (predict may replace them on a rerun).
 LABEL_TABLE_DESCRIPTION = "UNETR++ segmentation label map"
 MASK_DESCRIPTION = b"UNETR++ segmentation"
+_NIFTI_INTENT_LABEL = 1002
+
+
+def written_by_save_mask(path: str | os.PathLike) -> bool:
+    """Whether `path` is a mask or label side-car that `save_mask` wrote (safe to replace on a rerun)."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(".json"):
+            return json.loads(path.read_text()).get("description") == LABEL_TABLE_DESCRIPTION
+        header = nib.load(str(path)).header
+        return (int(header["intent_code"]) == _NIFTI_INTENT_LABEL
+                and bytes(header["descrip"]).rstrip(b"\0") == MASK_DESCRIPTION)
+    except Exception:  # unreadable, not JSON, not NIfTI: someone else's file
+        return False
 
 
 def label_table(label_names: Sequence[str], synthetic: bool = False) -> dict:
@@ -370,7 +384,7 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
         out.set_qform(volume.affine, 1)
         out.set_sform(volume.affine, 1)
     out.header["cal_min"], out.header["cal_max"] = 0, int(data.max(initial=0))
-    out.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    out.header["intent_code"] = _NIFTI_INTENT_LABEL
     out.header["descrip"] = MASK_DESCRIPTION
     table = None
     if label_names is not None:

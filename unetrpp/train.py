@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)  # full resolution, 1/stem, 1/(2 stem): the original's
 CHECKPOINT = "checkpoint.pt"
+DEFAULT_LR = {"adamw": 2e-3, "sgd": 1e-2}  # peak learning rate by optimiser
 
 
 @dataclass
@@ -49,8 +50,8 @@ class TrainOptions:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocessing": {"spacing": [4, 2.5, 2.5]}}
     max_steps: int = 1000
     batch_size: int = 2
-    optimizer: str = "adamw"  # or "sgd" (the original's nnU-Net choice: momentum 0.99, Nesterov; lr 1e-2)
-    lr: float = 2e-3
+    optimizer: str = "adamw"  # or "sgd" (the original's nnU-Net choice: momentum 0.99, Nesterov)
+    lr: float = DEFAULT_LR["adamw"]
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     grad_clip: float = 12.0
@@ -143,7 +144,8 @@ def _check_options(o: TrainOptions) -> None:
         if not (isinstance(getattr(o, name), int) and getattr(o, name) > 0):
             raise ValueError(f"{name}={getattr(o, name)!r}: must be a positive integer")
     if not o.lr > 0:
-        raise ValueError(f"lr={o.lr}: must be positive, e.g. 2e-3 for AdamW or 1e-2 for SGD")
+        raise ValueError(f"lr={o.lr}: must be positive, e.g. {DEFAULT_LR['adamw']} for AdamW or "
+                         f"{DEFAULT_LR['sgd']} for SGD")
     if not o.grad_clip > 0:  # a negative norm would reverse every gradient, zero would erase them
         raise ValueError(f"grad_clip={o.grad_clip}: must be a positive gradient norm, e.g. 12")
     if not o.weight_decay >= 0:
@@ -164,20 +166,18 @@ def _check_batch_norm(config: UNETRPPConfig, batch_size: int) -> None:
                          "use a batch of 2 or more, or a larger patch")
 
 
-# Options a resumed run takes from its checkpoint; these may be given anew.
-_CHANGEABLE_ON_RESUME = ("max_steps", "device", "resume", "progress")
+# Options a resumed run takes as given (the data may have moved); all others come from its checkpoint.
+_CHANGEABLE_ON_RESUME = ("max_steps", "device", "resume", "progress", "data", "out")
 
 
 def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
     """The checkpoint's options with the changeable ones from `given`; says which others were ignored."""
     ignored = [f"{k}={getattr(given, k)!r} (the run has {v!r})" for k, v in saved.items()
-               if k not in _CHANGEABLE_ON_RESUME and hasattr(given, k) and getattr(given, k) != v
-               and k not in ("data", "out")]
+               if k not in _CHANGEABLE_ON_RESUME and getattr(given, k) != v]
     if ignored:
         log.warning("resuming with the run's own options; these given ones differ and are ignored: %s",
                     ", ".join(ignored))
-    return TrainOptions(**{**saved, **{k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME}, "data": given.data,
-                           "out": given.out})
+    return TrainOptions(**{**saved, **{k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME}})
 
 
 def _rng_path(run_dir: Path, rank: int) -> Path:

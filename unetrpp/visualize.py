@@ -254,13 +254,18 @@ def render_view(volume: np.ndarray, view: str, position: Sequence[int], spacing:
     if crosshair:
         rgb = draw_crosshair(rgb, *voxel_to_display(view, position, volume.shape, size, orientation))
     if annotate:
-        rgb = annotate_view(rgb, view, plane.shape[1] * view_spacing(spacing, view)[1] / size[1])
+        rgb = annotate_view(rgb, view, mm_per_pixel(plane.shape, spacing, view, size))
     return rgb
 
 
 # Patient directions at the (top, bottom, left, right) edges of each view in this module's display
 # convention (radiological: the patient's right on the image's left), whatever the file's orientation.
 VIEW_EDGES = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+
+
+def mm_per_pixel(plane_shape: Sequence[int], spacing: Sequence[float], view: str, size: Sequence[int]) -> float:
+    """Millimetres per display pixel of a slice of `plane_shape` shown at `size` (pixels are square in mm)."""
+    return plane_shape[1] * view_spacing(spacing, view)[1] / size[1]
 
 
 def annotate_view(rgb: np.ndarray, view: str, mm_per_pixel: float) -> np.ndarray:

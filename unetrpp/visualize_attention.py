@@ -120,7 +120,7 @@ def render_attention(view_data: AttentionView, view: str, window: tuple[float, f
     rgb = vis.heatmap_overlay(gray, vis.resize_linear(heat, size))
     crosshair = vis.voxel_to_display(view, view_data.query, view_data.window_hu.shape, size, orientation)
     rgb = vis.draw_crosshair(rgb, *crosshair, color=(0, 255, 120))
-    return vis.annotate_view(rgb, view, plane.shape[1] * vis.view_spacing(view_data.spacing, view)[1] / size[1])
+    return vis.annotate_view(rgb, view, vis.mm_per_pixel(plane.shape, view_data.spacing, view, size))
 
 
 def window_click_to_voxel(view_data: AttentionView, view: str, col: float, row: float, centre: Sequence[int],

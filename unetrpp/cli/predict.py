@@ -83,44 +83,18 @@ def output_paths(files: list[Path], output: Path) -> list[Path]:
     return [output / f"{nifti_stem(f) or f.stem}.nii.gz" for f in files]
 
 
-def _is_label_table(path: Path) -> bool:
-    """Whether `path` is a label side-car this program wrote (safe to replace on a rerun)."""
-    import json
-
-    from ..io import LABEL_TABLE_DESCRIPTION
-
-    try:
-        return json.loads(path.read_text()).get("description") == LABEL_TABLE_DESCRIPTION
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _is_our_mask(path: Path) -> bool:
-    """Whether `path` is a mask this program wrote (safe to replace on a rerun): a NIfTI label map
-    with save_mask's description."""
-    import nibabel as nib
-
-    from ..io import MASK_DESCRIPTION
-
-    try:
-        header = nib.load(str(path)).header
-        return int(header["intent_code"]) == 1002 and bytes(header["descrip"]).rstrip(b"\0") == MASK_DESCRIPTION
-    except Exception:  # not a NIfTI file at all
-        return False
-
-
 def clobbers(target: Path, inputs: set[Path]) -> str | None:
     """Why writing the mask `target` and its label side-car would destroy a file the user has, or None."""
-    from ..io import sidecar_path
+    from ..io import sidecar_path, written_by_save_mask
 
     side = sidecar_path(target)
     for path, what in ((target, "mask"), (side, "label side-car")):
         if path.resolve() in inputs:
             return f"its {what} {path} would overwrite an input file; choose another output folder"
-    if target.exists() and not _is_our_mask(target):
+    if target.exists() and not written_by_save_mask(target):
         return (f"its mask {target} would overwrite an existing file that is not a UNETR++ mask; "
                 "choose another output folder")
-    if side.exists() and not _is_label_table(side):
+    if side.exists() and not written_by_save_mask(side):
         return (f"its label side-car {side} would overwrite an existing file that is not a UNETR++ label table; "
                 "choose another output folder")
     return None

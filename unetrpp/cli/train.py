@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from unetrpp.train import TrainOptions, build_config, train
+    from unetrpp.train import DEFAULT_LR, TrainOptions, build_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(
         data=args.data, out=args.out, name=args.name, config_overrides=overrides, max_steps=args.max_steps,
         batch_size=args.batch_size, optimizer=args.optimizer,
-        lr=args.lr if args.lr is not None else {"adamw": 2e-3, "sgd": 1e-2}[args.optimizer], weight_decay=args.weight_decay,
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.optimizer], weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=args.val_cases, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, samples_per_case=args.samples_per_case,
         flip_prob=args.flip_prob, seed=args.seed, device=args.device, resume=args.resume,
