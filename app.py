@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -257,7 +258,15 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     return demo
 
 
-demo = build_demo(os.environ.get("UNETRPP_WEIGHTS"))
+def startup_demo(weights: str | None) -> gr.Blocks:
+    """build_demo for the command line and the Space: weights it cannot use end the program with one line."""
+    try:
+        return build_demo(weights)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+
+
+demo = startup_demo(os.environ.get("UNETRPP_WEIGHTS"))
 QUEUE = dict(max_size=int(os.environ.get("UNETRPP_QUEUE_SIZE", "24")), default_concurrency_limit=8)
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}")
@@ -269,6 +278,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.weights:
-        demo = build_demo(args.weights).queue(**QUEUE)
+        demo = startup_demo(args.weights).queue(**QUEUE)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)

@@ -1,6 +1,7 @@
 """The viewer's logic called directly, no server: weights choice, loading, clicks, segmentation files,
 tables and the attention view. Uses a random-init unetrpp_tiny and small synthetic volumes."""
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -45,6 +46,18 @@ def test_resolve_weights_order(tmp_path):
     assert H.resolve_weights("zz_other", tmp_path) == ("zz_other", H.SYNTHETIC_NOTICE)
     (tmp_path / "unetrpp_synapse" / "config.json").write_text('{"synthetic": true}')
     assert H.resolve_weights(None, tmp_path) == (str(tmp_path / "unetrpp_synapse"), H.SYNTHETIC_NOTICE)
+
+
+def test_resolve_weights_picks_only_single_channel_ct_weights_unasked(tmp_path):
+    """Converted BraTS (4 MRI channels) or ACDC (MRI) weights beside the teaching ones are never the default."""
+    for name, config in (("unetrpp_acdc", {"preprocessing": {"modality": "MRI"}}), ("unetrpp_tumor", {"in_channels": 4}),
+                         ("unetrpp_tiny_phantom", {"synthetic": True})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert H.resolve_weights(None, tmp_path) == (str(tmp_path / "unetrpp_tiny_phantom"), H.SYNTHETIC_NOTICE)
+    assert H.resolve_weights("unetrpp_acdc", tmp_path)[0] == "unetrpp_acdc"  # asked for by name: the user's choice
+    with pytest.raises(ValueError, match="takes 4 input channels, but the viewer shows one scan; use single-channel"):
+        H.resolve_weights("unetrpp_tumor", tmp_path)
 
 
 def test_display_settings_keep_a_zero_level_and_refuse_an_empty_custom_width():

@@ -1,5 +1,6 @@
 """The core commands: complexity and convert, as a user runs them."""
 
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,13 @@ def test_convert_writes_a_folder_that_reproduces_the_checkpoint(tmp_path):
     original.deep_supervision = False
     with torch.no_grad():
         assert torch.equal(model(x), original(x))
+    card = (out / "README.md").read_text()
+    assert "from `model_final_checkpoint.model`, a checkpoint released with UNETR++" in card and "spacing 3 x 0.8 x 0.8 mm" in card
+    assert "More Information Needed" not in card  # not the Hub's blank template
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable as config.json is
+    assert main(["convert", str(ckpt), "--out", str(out / "config.json")]) == 2  # an existing file as --out
 
 
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):

@@ -101,3 +101,20 @@ def test_cli_checks_the_output_first_and_writes_strict_json(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and json.loads(text)["cases"]["0001"]["spleen"]["hd95"] is None
+
+
+def test_cli_refuses_another_label_scheme_and_names_grids_as_files_store_them(tmp_path, capsys):
+    """Raw TotalSegmentator ids (liver 5, up to 117) scored as BTCV would give meaningless Dice."""
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    truth = np.zeros((6, 8, 10), np.uint8)
+    truth[1:3, 1:3, 1:3] = 117
+    io.save_array(truth, (1, 1, 1), tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(np.zeros_like(truth), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "case 0001: the truth" in err and "holds labels 0..117, outside 0..13" in err and len(err.splitlines()) == 1
+    io.save_array(np.zeros((6, 8, 9), np.uint8), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    assert main(args) == 2
+    assert "prediction grid (9, 8, 6) differs from truth grid (10, 8, 6)" in capsys.readouterr().err

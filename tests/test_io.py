@@ -213,6 +213,17 @@ def test_non_finite_voxels_are_replaced_by_the_minimum_and_reported(tmp_path):
     assert sha(plain) == before
 
 
+def test_a_header_without_orientation_codes_is_warned_about(tmp_path):
+    path = write_nifti(tmp_path / "ok.nii.gz", _phantom())
+    assert not any("qform_code" in w for w in io.load(path).warnings)
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header["qform_code"] = header["sform_code"] = 0  # nibabel then guesses from pixdim alone
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header), str(tmp_path / "nocodes.nii.gz"))
+    assert nib.load(str(tmp_path / "nocodes.nii.gz")).header["sform_code"] == 0
+    assert any("left and right may be swapped" in w for w in io.load(tmp_path / "nocodes.nii.gz").warnings)
+
+
 @pytest.mark.parametrize("unit, scale", [("meter", 1e-3), ("micron", 1e3)])
 def test_spatial_units_other_than_millimetres_are_converted(unit, scale, tmp_path):
     img = nib.Nifti1Image(_phantom().transpose(2, 1, 0), np.diag([2.5 * scale, 2.0 * scale, 3.0 * scale, 1.0]))

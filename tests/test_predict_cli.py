@@ -90,7 +90,7 @@ def test_single_bad_file_exits_2_with_one_line_and_writes_nothing(case, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert err[0].startswith(f"error: {path}: ") and words in err[0]
-    assert not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
     assert sha(path) == before
 
 
@@ -208,3 +208,41 @@ def test_broken_weights_folder_is_one_line_and_writes_nothing(kind, words, tmp_p
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_it_cannot_use_are_refused_once_before_any_work(tmp_path, capsys):
+    """Four-channel (BraTS-like) weights: one error line for the whole folder, and no output folder."""
+    folder = tmp_path / "tumor_like"
+    create_model("unetrpp_tiny", in_channels=4, patch_size=(16, 32, 32)).save_pretrained(folder)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        write_nifti(inputs / f"case{i}.nii.gz", ct_like(i), AFFINE)
+    status = predict(inputs, "-o", tmp_path / "out", "--weights", folder)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("error: weights 'unetrpp_tiny' expect 4 input channels") and "single-channel" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_nifti_files_points_to_the_subfolder_holding_them(tmp_path, weights, capsys):
+    root = tmp_path / "Task002_Synapse"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "dataset.json").write_text("{}")
+    write_nifti(root / "imagesTr" / "img0001.nii.gz", ct_like(0), AFFINE)
+    assert predict(root, "-o", tmp_path / "out", "--weights", weights) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {root}: no .nii/.nii.gz files in this folder (subfolders are not searched); "
+                   f"{root / 'imagesTr'} holds some, give that folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path, weights, capsys):
+    sources = [write_nifti(tmp_path / f"ct{i}.nii.gz", ct_like(i), AFFINE) for i in range(2)]
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert predict(*sources, "-o", taken, "--weights", weights) == 2
+    assert capsys.readouterr().err.strip() == f"error: -o {taken}: a file of that name exists; give a folder"
+    assert taken.read_text() == "mine"
+    assert predict(*sources, "-o", taken / "sub", "--weights", weights) == 2
+    assert "cannot create this folder" in capsys.readouterr().err

@@ -35,9 +35,10 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "not a readable PyTorch checkpoint"),
-    (b"hello, I am a text file\n", "not a readable"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a readable"),
+    (b"", "the file is empty"),
+    (b"hello, I am a text file\n", "not a PyTorch checkpoint \\(neither a zip archive nor a pickle\\)"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a PyTorch checkpoint"),
+    (b"PK\x03\x04" + bytes(64), "not a readable PyTorch checkpoint"),
 ])
 def test_files_that_are_not_checkpoints(tmp_path, content, message):
     path = tmp_path / "model_final_checkpoint.model"
@@ -56,18 +57,31 @@ def test_truncated_checkpoint(tmp_path, tiny):
 
 def test_checkpoint_of_another_network_is_named(tmp_path, tiny):
     path = save_released_style(tiny.state_dict(), tmp_path / "other.model")
-    with pytest.raises(ValueError, match="does not match any released UNETR\\+\\+ network.*unetrpp_synapse: "):
+    with pytest.raises(ValueError, match=r"other.model: not the weights of a released UNETR\+\+ network \(closest: "
+                                         r"unetrpp_\w+, \d+ tensor\(s\) missing, extra or of another shape; first: "):
         load_original_checkpoint(path)
-    with pytest.raises(ValueError, match="not a unetrpp_acdc checkpoint"):
+    with pytest.raises(ValueError, match="not a unetrpp_acdc checkpoint .*give no name .*to detect which network"):
         load_original_checkpoint(path, name="unetrpp_acdc")
+
+
+def test_folder_and_plans_file_are_pointed_to_the_checkpoint(tmp_path):
+    release = tmp_path / "release" / "fold_0"
+    release.mkdir(parents=True)
+    (release / "model_final_checkpoint.model").write_bytes(b"PK")
+    plans = release / "model_final_checkpoint.model.pkl"
+    plans.write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="is a folder; give the checkpoint file itself, e.g. .*fold_0/model_final"):
+        load_original_checkpoint(tmp_path / "release")
+    with pytest.raises(ValueError, match=r"plans file .*give the \.model file next to it \(model_final_checkpoint.model\)"):
+        load_original_checkpoint(plans)
 
 
 def test_bare_state_dict_with_module_prefix_and_variant_detection(tmp_path):
     with torch.device("meta"):
         sd = create_model("unetrpp_acdc", deep_supervision=True).state_dict()
     assert identify_variant(sd) == "unetrpp_acdc"
-    sd = {k: v for k, v in sd.items() if "conv52" not in k}
-    with pytest.raises(ValueError, match="unetrpp_acdc: missing key .*conv52"):
+    sd = {k: v for k, v in sd.items() if k != "decoder2.decoder_block.0.conv1.conv.weight"}
+    with pytest.raises(ValueError, match="closest: unetrpp_acdc, 1 tensor.*first: missing key decoder2.decoder_block"):
         identify_variant(sd)
 
 

@@ -41,14 +41,20 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     """Which weights the viewer loads, and the notice to show: (spec or None for random init, markdown).
 
     Order: `spec` (from --weights / UNETRPP_WEIGHTS), else the best folder in `weights_dir` (real
-    weights such as unetrpp_synapse before anything trained on phantoms), else random init.
+    weights such as unetrpp_synapse before anything trained on phantoms; only single-channel CT
+    weights, so converted ACDC or BraTS weights beside them are never picked), else random init.
+    A local `spec` whose network takes more than one channel is refused (ValueError).
     """
     root = Path(weights_dir)
     if spec:
         folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
+        if folder is not None and _config(folder).get("in_channels", 1) != 1:
+            raise ValueError(f"weights {spec}: the network takes {_config(folder)['in_channels']} input channels, "
+                             "but the viewer shows one scan; use single-channel CT weights such as unetrpp_synapse")
         synthetic = "phantom" in str(spec).lower() or (folder is not None and _synthetic_folder(folder))
         return str(spec), (SYNTHETIC_NOTICE if synthetic else f"Weights: `{spec}`.")
     folders = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+    folders = [p for p in folders if _single_channel_ct(p)]
     real = [p for p in folders if not _synthetic_folder(p)]
     real.sort(key=lambda p: (p.name != "unetrpp_synapse", p.name))
     if real:
@@ -59,13 +65,29 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     return None, UNTRAINED_NOTICE
 
 
+def _config(folder: Path) -> dict:
+    """The folder's config.json as a dict ({} when unreadable: loading it later says why)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _synthetic_folder(folder: Path) -> bool:
     """Weights trained on phantoms: config.json says so (`synthetic`), or the folder's name does."""
-    try:
-        flagged = json.loads((folder / "config.json").read_text()).get("synthetic") is True
-    except (OSError, ValueError, AttributeError):
-        flagged = False
-    return flagged or "phantom" in folder.name.lower()
+    return _config(folder).get("synthetic") is True or "phantom" in folder.name.lower()
+
+
+def _single_channel_ct(folder: Path) -> bool:
+    """Weights the viewer can use unasked: one input channel, CT preprocessing."""
+    config = _config(folder)
+    prep = config.get("preprocessing")
+    modality = prep.get("modality", "CT") if isinstance(prep, dict) else "CT"
+    usable = config.get("in_channels", 1) == 1 and modality == "CT"
+    if not usable:
+        logger.info("%s: not used by default (the viewer picks single-channel CT weights)", folder)
+    return usable
 
 
 class ModelHolder:

@@ -106,16 +106,29 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
         raise ValueError(f"no prediction for truth case(s) {', '.join(missing)} in {pred_dir}; predictions are "
                          "matched to truth by the numbers in their file names")
     per_case = {}
+    highest = max(max(labels), max(BTCV_LABELS))  # a subset of the organs still allows every BTCV label
     for case_id, truth_path in truths.items():
         truth = io.load(truth_path, dtype=None)
         pred = io.load(preds[case_id], dtype=None)
         if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-3):
-            raise ValueError(f"case {case_id}: prediction grid {pred.shape} differs from truth grid {truth.shape} "
-                             "(shape or affine); predict on the truth's image so the mask lands on its grid")
-        per_case[case_id] = evaluate_case(np.rint(pred.array).astype(np.int64), np.rint(truth.array).astype(np.int64),
-                                          truth.spacing, labels)
+            raise ValueError(f"case {case_id}: prediction grid {_file_shape(pred)} differs from truth grid "
+                             f"{_file_shape(truth)} (shape or affine); predict on the truth's image so the mask "
+                             "lands on its grid")
+        maps = {}
+        for what, volume in (("prediction", pred), ("truth", truth)):
+            maps[what] = np.rint(volume.array).astype(np.int64)
+            if maps[what].max(initial=0) > highest or maps[what].min(initial=0) < 0:
+                raise ValueError(f"case {case_id}: the {what} {volume.path} holds labels "
+                                 f"{maps[what].min()}..{maps[what].max()}, outside 0..{highest} of the organs scored; "
+                                 "map it to the BTCV labels first (unetrpp.labels.BTCV_LABELS lists them)")
+        per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], truth.spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
     return {"cases": per_case, "mean": mean_metrics(per_case)}
+
+
+def _file_shape(volume: io.Volume) -> tuple[int, ...]:
+    """The shape as the file stores it (what nibabel and other tools show), not our (Z, Y, X)."""
+    return tuple(volume.source.shape) if volume.source is not None else tuple(volume.shape[::-1])
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:

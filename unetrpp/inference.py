@@ -330,6 +330,14 @@ def argmax_restored_torch(probabilities: torch.Tensor, prepared: Prepared, class
     return mask
 
 
+def check_single_channel(config) -> None:
+    """ValueError unless the weights take one channel: a NIfTI volume is one image, and a multi-channel
+    network (unetrpp_tumor's four MRI sequences) cannot be fed from it."""
+    if config.in_channels != 1:
+        raise ValueError(f"weights {config.name!r} expect {config.in_channels} input channels, but one NIfTI volume "
+                         "is one channel; use single-channel weights such as unetrpp_synapse")
+
+
 def _resolve_model(model: Optional["UNETRPP"], weights: str | Path | None, device: torch.device) -> "UNETRPP":
     if model is None:
         if weights is None:
@@ -341,9 +349,7 @@ def _resolve_model(model: Optional["UNETRPP"], weights: str | Path | None, devic
     if config is None or not hasattr(config, "preprocessing"):
         raise TypeError(f"model of type {type(model).__name__} has no UNETRPPConfig .config; "
                         "give a UNETRPP from create_model() or load_pretrained()")
-    if config.in_channels != 1:
-        raise ValueError(f"weights {config.name!r} expect {config.in_channels} input channels; segment() takes one "
-                         "single-channel volume, so use single-channel weights such as unetrpp_synapse")
+    check_single_channel(config)
     # Same layers through faster CPU kernels; parameters, state_dict and training are unaffected.
     return optimize_for_inference(model.to(device))
 

@@ -250,6 +250,9 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     warnings = _replace_non_finite(data, name)
     if len(img.shape) > 3:
         warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D")
+    if isinstance(img, nib.Nifti1Pair) and int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+        warnings.append(f"{name}: the header does not say how the image lies in the body (qform_code and "
+                        "sform_code are 0), so left and right may be swapped; set them if the orientation is known")
     affine = img.affine
     unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
     if unit in _TO_MM:  # the header's spatial unit: nibabel reports the affine in it

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,11 +50,25 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     UNETR++ / nnU-Net v1 checkpoint (wrong file, truncated file, unexpected pickled objects).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.rglob("model_final_checkpoint.model"))
+        hint = f"e.g. {inside[0]}" if inside else "the model_final_checkpoint.model file of the release"
+        raise ValueError(f"{path} is a folder; give the checkpoint file itself, {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; expected a released model_final_checkpoint.model")
     expected = "expected a released UNETR++ model_final_checkpoint.model (a torch.save of a dict with 'state_dict')"
+    if path.name.endswith(".model.pkl"):
+        raise ValueError(f"{path} is the nnU-Net plans file that sits beside a checkpoint; give the .model file "
+                         f"next to it ({path.name[:-len('.pkl')]})")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        raise ValueError(f"{path}: the file is empty; {expected}")
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or a pickle (old format)
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); {expected}")
     try:
-        with torch.serialization.safe_globals(_numpy_allow_list()):
+        with torch.serialization.safe_globals(_numpy_allow_list()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's notes on old pickle protocols: the outcome is said below
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -95,14 +110,17 @@ def _first_mismatch(expected: Mapping[str, tuple], state_dict: Mapping[str, torc
 
 def identify_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Name of the original network whose keys and shapes `state_dict` has exactly."""
-    reasons = []
+    closest = []
     for name in ORIGINAL_VARIANTS:
-        mismatch = _first_mismatch(_expected_shapes(get_config(name, deep_supervision=True)), state_dict)
+        expected = _expected_shapes(get_config(name, deep_supervision=True))
+        mismatch = _first_mismatch(expected, state_dict)
         if mismatch is None:
             return name
-        reasons.append(f"{name}: {mismatch}")
-    raise ValueError("checkpoint does not match any released UNETR++ network (" + "; ".join(reasons)
-                     + "); pass name= for a custom layout")
+        agree = sum(tuple(state_dict[k].shape) == shape for k, shape in expected.items() if k in state_dict)
+        closest.append((len(expected) + len(state_dict) - 2 * agree, name, mismatch))  # tensors not in both alike
+    differences, name, mismatch = min(closest)
+    raise ValueError(f"not the weights of a released UNETR++ network (closest: {name}, {differences} tensor(s) "
+                     f"missing, extra or of another shape; first: {mismatch})")
 
 
 def load_original_checkpoint(path: str | os.PathLike, name: str | None = None,
@@ -113,11 +131,16 @@ def load_original_checkpoint(path: str | os.PathLike, name: str | None = None,
     With `deep_supervision` the forward returns the three decoder outputs, else the full-res logits.
     """
     state_dict = _strip_prefix(read_original_checkpoint(path)["state_dict"])
-    name = name or identify_variant(state_dict)
+    if name is None:
+        try:
+            name = identify_variant(state_dict)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     cfg = get_config(name, deep_supervision=True)  # released files always carry out2/out3
     mismatch = _first_mismatch(_expected_shapes(cfg), state_dict)
     if mismatch is not None:
-        raise ValueError(f"{path}: not a {name} checkpoint ({mismatch}); leave name=None to detect the variant")
+        raise ValueError(f"{path}: not a {name} checkpoint ({mismatch}); give no name (no --name in the command "
+                         "line) to detect which network it is")
     if cfg.kv_projection == "shared":
         for k in [k for k in state_dict if ".epa_block.E." in k]:
             if not torch.equal(state_dict[k], state_dict[k.replace(".E.", ".F.")]):
@@ -206,14 +229,28 @@ def _from_hub(repo_id: str) -> UNETRPP:
                          "where the Hub is reachable (huggingface-cli download) and pass the folder") from None
 
 
-def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRPPConfig | None = None) -> Path:
+def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRPPConfig | None = None,
+                       card: str | None = None) -> Path:
     """Save `model` as a weights folder (config.json + model.safetensors) without its deep-supervision
-    heads, which inference never uses; `config` replaces the model's (e.g. other preprocessing)."""
+    heads, which inference never uses; `config` replaces the model's (e.g. other preprocessing).
+    `card`: the folder's README.md (markdown after the Hub's metadata), instead of the Hub's blank template."""
     config = (config or model.config).replace(deep_supervision=False)
     clean = UNETRPP(config)
     clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
-    clean.save_pretrained(Path(folder))
-    return Path(folder)
+    folder = Path(folder)
+    clean.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.chmod(0o666 & ~_umask())  # safetensors writes 0600: others sharing the weights could not read them
+    if card is not None:
+        metadata = "library_name: unetrpp\ntags: [medical-imaging, segmentation, unetr-plus-plus, 3d]"
+        (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{card.strip()}\n")
+    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # Presets whose preprocessing numbers are placeholders: their checkpoints are converted only with
@@ -243,6 +280,22 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     cfg = model.config
     if preprocessing:
         cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
-    out_dir = save_for_inference(model, out_dir, cfg)
-    log.info("wrote %s to %s", cfg.name, out_dir)
+    prep = cfg.preprocessing
+    card = f"""# {cfg.name}: converted UNETR++ weights
+
+Converted by `python -m unetrpp convert` from `{Path(path).name}`, a checkpoint released with UNETR++
+(Shaker et al., arXiv 2212.04497); its terms of use are those of the original release.
+Deep-supervision heads dropped (inference does not use them); every other tensor as released.
+
+| | |
+|---|---|
+| network | `{cfg.name}` preset, patch {" x ".join(map(str, cfg.patch_size))}, {cfg.in_channels} input channel(s) |
+| classes | {", ".join(cfg.class_names)} |
+| preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
+{prep.orientation}, normalization {prep.normalization}{f", clip {prep.clip[0]:g}..{prep.clip[1]:g}, mean {prep.mean:g}, std {prep.std:g}" if prep.normalization == "ct" else ""} |
+
+Use: `python -m unetrpp predict CT.nii.gz -o out --weights THIS_FOLDER`. Not a medical device.
+"""
+    out_dir = save_for_inference(model, out_dir, cfg, card=card)
+    log.debug("wrote %s to %s", cfg.name, out_dir)
     return out_dir

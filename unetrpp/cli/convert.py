@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from ..pretrained import convert_original
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a new folder, e.g. weights/unetrpp_synapse")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out folder or remove it first")
     overrides = {k: getattr(args, k) for k in ("spacing", "orientation", "clip", "mean", "std")

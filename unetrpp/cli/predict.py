@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (created if needed); for a single input file also a .nii.gz path")
     parser.add_argument("--weights", required=True,
                         help="weights: a name under weights/, a folder with config.json + model.safetensors, "
-                             "or a Hugging Face repo id")
+                             "a released model_final_checkpoint.model, or a Hugging Face repo id")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="sliding-window overlap in [0, 1) (default 0.5, as the original); time follows the "
@@ -59,15 +59,26 @@ def sw_batch_size(value: int | str) -> int | str:
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Files as given, plus every non-hidden file inside given folders (sorted); missing paths kept.
 
-    Folder members that are not NIfTI are kept too, so that each is reported and skipped.
+    Folder members that are not NIfTI are kept too, so that each is reported and skipped; a folder
+    with no NIfTI file at all is refused (subfolders are not searched).
     """
+    from ..io import NIFTI_SUFFIXES
+
+    def is_nifti(p: Path) -> bool:
+        return p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
-        else:
+        if not path.is_dir():
             files.append(path)
+            continue
+        members = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not any(map(is_nifti, members)):
+            inside = [d for d in sorted(path.iterdir()) if d.is_dir() and any(map(is_nifti, d.iterdir()))]
+            hint = f"; {inside[0]} holds some, give that folder" if inside else ""
+            raise ValueError(f"{path}: no .nii/.nii.gz files in this folder (subfolders are not searched){hint}")
+        files.extend(members)
     return files
 
 
@@ -100,6 +111,19 @@ def clobbers(target: Path, inputs: set[Path]) -> str | None:
     return None
 
 
+def make_output_folder(output: Path) -> bool:
+    """Create the output folder if needed; True when it was created here (ValueError when it cannot be)."""
+    if output.is_dir():
+        return False
+    if output.exists():
+        raise ValueError(f"-o {output}: a file of that name exists; give a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)  # another torchrun rank may create it at the same time
+    except OSError as exc:
+        raise ValueError(f"-o {output}: cannot create this folder ({exc.strerror}); choose a writable one") from None
+    return True
+
+
 def _line(kind: str, source: Path, text: str) -> str:
     """`kind: FILE: text`, without repeating the file when the text already starts with it."""
     return f"{kind}: {text}" if text.startswith(str(source)) else f"{kind}: {source}: {text}"
@@ -117,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..inference import resolve_device, segment
+    from ..inference import check_single_channel, resolve_device, segment
     from ..postprocess import statistics_csv_text, write_text
     from ..pretrained import load_pretrained
 
@@ -139,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
         device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per rank
     device = resolve_device(device)
     model = load_pretrained(args.weights, device=device)  # before creating anything: bad weights leave no trace
-    if targets and targets[0].parent == output:
-        output.mkdir(parents=True, exist_ok=True)
+    check_single_channel(model.config)
+    created = make_output_folder(output) if targets and targets[0].parent == output else False
     inputs = {f.resolve() for f in files}
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
 
@@ -193,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",))
         write_text(stats_path, text)
         tqdm.write(f"{tag}wrote {stats_path}")
+    if created and world == 1 and not any(output.iterdir()):
+        output.rmdir()  # nothing was written: leave no trace
     if failures:
         print(f"{tag}{failures} of {len(pairs)} file(s) failed", file=sys.stderr)
         return 2
