@@ -213,9 +213,11 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                     with gr.Tab("3D surfaces"):
                         surface = gr.Plot(label="organ surfaces (marching cubes, downsampled)", elem_id="surface")
                     with gr.Tab("Attention"):
-                        gr.Markdown("Click a voxel in the slices, then see what it attends to: EPA **spatial** "
+                        gr.Markdown("Click a voxel in the slices, then see where its query looks: EPA **spatial** "
                                     "attention over the window the network sees (A_SA[query] · E; click the heat-map "
-                                    "to move the query) and the block's **channel** attention matrices.")
+                                    "to move the query) and the block's **channel** attention matrices. As in the "
+                                    "original code, a reshape hands what this query finds to the features of other "
+                                    "voxels, so the map is not what this voxel's output is made of.")
                         with gr.Row():
                             block = gr.Dropdown(label="block (stage)", choices=[], type="value")
                             head = gr.Dropdown(label="head", choices=[], type="value")

@@ -87,7 +87,8 @@ axes[0].set_title(f"axial slice {centre[0]} of the scan ({volume.spacing[1]:.1f}
 axes[1].imshow(apply_window(slice_2d(window_hu, "axial", cfg.patch_size[0] // 2, orientation), 400, 40), cmap="gray")
 axes[1].set_title(f"the network's window, {cfg.preprocessing.spacing[1]} mm pixels")
 for ax in axes:
-    ax.set_xlabel("patient's right ← → left (radiological)")
+    ax.set_xlabel("patient's right ← → left (radiological), pixels")
+    ax.set_ylabel("anterior ↑ posterior ↓, pixels")
 fig.tight_layout()
 plt.show()
 
@@ -114,6 +115,12 @@ with torch.no_grad():
     d = model.decoder2(d, model.encoder1(x)); print("decoder2 ->", tuple(d.shape))
     logits = model.out1(d); print("logits  ->", tuple(logits.shape), "=", len(cfg.class_names), "classes")
     assert torch.allclose(logits, model(x), atol=1e-5)
+
+# %% [markdown]
+# EPA's projection E takes the N tokens of a stage down to P. In the released networks P is always at
+# most N (synapse: P = 64, 64, 64, 32 for N = 32768, 4096, 512, 64). The small teaching preset
+# `unetrpp_tiny` keeps P = 16 at its last stage, which has only 8 tokens: there E maps 8 tokens *up*
+# to 16, which still runs but no longer compresses anything.
 
 # %% [markdown]
 # ## 3. Open one EPA block and compute it by hand
@@ -160,14 +167,18 @@ with torch.no_grad(), capture_attention(model) as maps:
     model(x)
 names = list(maps)
 first = maps[names[0]]
-fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 3.2))
+# what the figures below show comes from these weights: say so on every one
+WEIGHTS_NOTE = "SYNTHETIC teaching weights" if cfg.synthetic else f"weights {choice or 'RANDOM (untrained)'}"
+fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 3.4), layout="constrained")
 for i, ax in enumerate(axes):
     im = ax.imshow(first["channel"][0, i].numpy(), cmap="viridis", vmin=0)
     ax.set_title(f"head {i + 1}")  # numbered from 1, as in the viewer
     ax.set_xlabel("value channel")
-    ax.set_ylabel("output channel")
+    ax.set_xticks(range(im.get_array().shape[1]))
+    ax.set_yticks(range(im.get_array().shape[0]))
+axes[0].set_ylabel("output channel")
 fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
-fig.suptitle(f"Channel attention A_CA, {names[0]} (d = {first['channel'].shape[-1]})")
+fig.suptitle(f"Channel attention A_CA, {names[0]} (d = {first['channel'].shape[-1]}; {WEIGHTS_NOTE})")
 plt.show()
 
 # %% [markdown]
@@ -176,19 +187,29 @@ plt.show()
 # Query token q attends to the P projected tokens with weights A_SA[q]; since each projected token is
 # a learned mix of all N tokens (the rows of E), the effective attention of q over the window is
 # A_SA[q] · E, a map over all N tokens. We show it as a heat-map for three query voxels (green cross).
+#
+# **Read it as "where the query of this voxel looks", not "what this voxel's output is made of".** The
+# original code reshapes the spatial branch's (B, d, h, N) result straight to (B, N, C) (section 3,
+# and exercise 5), so the C numbers query q produces land in the features of other tokens: token n
+# receives the results of queries n·C … n·C + C − 1 (mod N). The released weights were trained with
+# this mixing, so it is reproduced, not repaired.
 
 # %%
 queries = [centre,
            (centre[0], centre[1] + volume.shape[1] // 6, centre[2] - volume.shape[2] // 5),
            (centre[0], centre[1] - volume.shape[1] // 6, centre[2] + volume.shape[2] // 5)]
-fig, axes = plt.subplots(1, len(queries), figsize=(4.2 * len(queries), 4.2))
+fig, axes = plt.subplots(1, len(queries), figsize=(4.2 * len(queries), 4.6), layout="constrained")
 for ax, query in zip(axes, queries):
     view = compute_attention(model, volume.array, volume.spacing, query, block=names[0],
                              orientation=cfg.preprocessing.orientation)
     ax.imshow(render_attention(view, "axial"))
     ax.set_title(f"query voxel (z, y, x) = {query}")
     ax.axis("off")
-fig.suptitle(f"Effective spatial attention A_SA[q]·E, mean over heads, {names[0]} (window {cfg.patch_size})")
+# the overlay scales each map from its own minimum to its maximum (vis.heatmap_overlay)
+fig.colorbar(plt.cm.ScalarMappable(cmap="inferno"), ax=axes, shrink=0.7,
+             label="attention, each map's min (0) to max (1)")
+fig.suptitle(f"Effective spatial attention A_SA[q]·E, mean over heads, {names[0]} (window {cfg.patch_size}; "
+             f"{WEIGHTS_NOTE})")
 plt.show()
 
 # %% [markdown]
@@ -201,34 +222,37 @@ plt.show()
 E = first["E"].numpy()  # (P, N)
 grid = first["grid"]
 rows = [0, 1, 2, 3, E.shape[0] // 2, E.shape[0] - 1]
-fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8))
+fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.2), layout="constrained")
 for ax, r in zip(axes, rows):
     pattern = slice_2d(E[r].reshape(grid), "axial", grid[0] // 2, orientation)  # as the CT slices are shown
     lim = np.abs(pattern).max()
-    ax.imshow(pattern, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    im = ax.imshow(pattern, cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_title(f"row {r} of E")
     ax.axis("off")
-fig.suptitle(f"Learned token projections E as spatial patterns (grid {grid}, axial middle slice)")
+    fig.colorbar(im, ax=ax, orientation="horizontal", shrink=0.9, label="weight")
+fig.suptitle(f"Learned token projections E as spatial patterns (grid {grid}, axial middle slice; {WEIGHTS_NOTE})")
 plt.show()
 
 # %% [markdown]
 # ## 7. The cost: EPA against standard self-attention, measured
 #
 # We time one EPA module and one standard multi-head self-attention (PyTorch's
-# `scaled_dot_product_attention`, same channels and heads) on N tokens of C = 32 channels.
+# `scaled_dot_product_attention`, same channels and heads) on N tokens of C = 32 channels. Each point
+# is the fastest of several runs: other programs on a shared or busy laptop only ever add time, so the
+# minimum is the steadiest estimate. If the lines still wiggle, close other programs and rerun.
 
 # %%
 C_demo, heads_demo, P_demo = 32, 4, 64
 
 
-def median_ms(fn, repeats=REPEATS):
+def best_ms(fn, repeats=REPEATS):
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return 1000 * min(times)
 
 
 epa_ms, sa_ms = [], []
@@ -237,14 +261,14 @@ for n in TOKENS:
     tok = torch.randn(1, n, C_demo)
     epa_demo = EPA(n, C_demo, P_demo, heads_demo).eval()
     with torch.no_grad():
-        epa_ms.append(median_ms(lambda: epa_demo(tok)))
+        epa_ms.append(best_ms(lambda: epa_demo(tok)))
         q_, k_, v_ = rearrange(qkv(tok), "b n (three h d) -> three b h n d", three=3, h=heads_demo)
-        sa_ms.append(median_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_)))
+        sa_ms.append(best_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_)))
 fig, ax = plt.subplots(figsize=(5.5, 3.8))
 ax.loglog(TOKENS, sa_ms, "o-", label="self-attention (N×N)")
 ax.loglog(TOKENS, epa_ms, "s-", label=f"EPA (N×{P_demo} and d×d)")
 ax.set_xlabel("tokens N")
-ax.set_ylabel("forward time (ms, CPU)")
+ax.set_ylabel(f"forward time (ms, CPU, best of {REPEATS})")
 ax.set_title("Measured cost of one attention block")
 ax.legend()
 fig.tight_layout()

@@ -76,6 +76,13 @@ for name, r in runs.items():
 # 8× smaller too. Parameters barely depend on the input for Swin-UNETR; UNETR's positional embedding
 # has one vector per 16³ patch (92.66 M at 32×64×64 against 92.83 M at 64×128×128), and UNETR++'s
 # positional embeddings and E/F projections are sized by the number of tokens, so its count changes most.
+# At the paper's input, UNETR++ matches the released network to the parameter (42.96 M). The peers come
+# from today's MONAI, whose blocks differ in small details from the versions the paper measured, so
+# their counts differ from the paper's table by under 1 % (the details were not traced).
+#
+# The forward times are medians of a few runs on whatever else this machine is doing: on a shared or
+# busy laptop they can vary several-fold between runs, while parameters and MACs never change. If the
+# times look odd, close other programs and rerun this section.
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -116,8 +123,11 @@ fig.show()
 #
 # UNETR turns a 16³-voxel patch into a token and runs full self-attention: its attention cost grows
 # with the square of the token count. EPA's channel attention is d×d and its spatial attention N×P
-# with a fixed P, so UNETR++ grows linearly. Here are the counted MACs of the whole networks; the
-# attention blocks alone follow in the next cell, in theory.
+# with a fixed P, so UNETR++ grows linearly. Here are the counted MACs of the whole networks. Both
+# curves look straight: at these sizes UNETR has few tokens (256 at 64×128×128), so its attention is a
+# small share next to its convolutional decoder, which grows linearly; its MACs per voxel creep up
+# only slightly (about 82 k at 32×64×64, 86 k at 96×192×192). The quadratic term shows in the next
+# cell, one attention block at a time, and takes over at much larger inputs (exercise 3).
 
 # %%
 from unetrpp.complexity import build_network
@@ -168,9 +178,11 @@ plt.show()
 #   counts some element-wise ops, so it reports 47.89 G for UNETR++ where flop_counter gives 47.47 G MACs,
 #   and the paper's table says 47.98 G. UNETR comes out at 86.97 G MACs here against the paper's 75.76 G:
 #   different counters disagree on attention and transposed convolutions.
-# - MACs are not seconds. Memory traffic, layouts and the library's kernels decide the wall time:
-#   on a CPU the 16-channel full-resolution convolutions of UNETR++ run far below peak, which is why
-#   its measured time is not 1.6× better than UNETR's even though its MACs are.
+# - MACs are not seconds. Memory traffic, layouts and the kernels a library picks decide the wall
+#   time, so the ratio of the forward times in section 1 is not the ratio of the MACs. On this
+#   project's 2-core test machine, with the machine otherwise idle, plain UNETR++ took about 0.75× of
+#   UNETR's time for 0.55× of its MACs; the rewrites `unetrpp.segment()` runs (`unetrpp.fast`) bring it
+#   to about 0.5× (benchmarks/README.md says where the time goes).
 #
 # ## Exercises
 # 1. Change `INPUT` to a patch whose depth is not a multiple of 16 (for UNETR++: of the stem × 8).

@@ -1,5 +1,6 @@
 """The network and its config: presets, derived sizes, validation, gradients, attention capture."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,10 +45,17 @@ def test_unknown_name_lists_valid_names():
     ({"kv_projection": "tied"}, "kv_projection"),
     ({"out_channels": 5}, "class_names"),
     ({"attn_dropout": 1.5}, "attn_dropout"),
+    ({"decoder_proj_size": -3}, "decoder_proj_size"),
+    ({"depths": (1.5, 1, 1, 1)}, "depths"),
 ])
 def test_invalid_configs_name_the_field_and_rule(overrides, field):
     with pytest.raises(ValueError, match=rf"UNETRPPConfig\.{field}=.*: "):
         get_config("unetrpp_synapse", **overrides)
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    cfg = get_config("unetrpp_tiny", patch_size=tuple(np.array([32, 64, 64])))
+    assert cfg.patch_size == (32, 64, 64) and all(type(v) is int for v in cfg.patch_size)
 
 
 def test_unknown_override_is_rejected():

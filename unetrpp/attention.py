@@ -21,7 +21,7 @@ from .layers import ResBlock
 
 
 # Queries per step of the spatial attention at inference: the (h, chunk, P) scores of one step
-# (4 MB for the synapse network's first stage) stay in the CPU cache between the two products.
+# (2 MiB of float32 for the synapse network's first stage, batch 1) stay in the CPU cache between the two products.
 SPATIAL_CHUNK = 2048
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -89,8 +90,10 @@ class UNETRPPConfig:
     synthetic: bool = False  # trained on SYNTHETIC data (phantoms): said wherever its masks are shown
 
     def __post_init__(self) -> None:
-        for key in ("patch_size", "stem", "dims", "depths", "proj_sizes", "class_names"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
+        for key in ("patch_size", "stem", "dims", "depths", "proj_sizes"):  # numpy integers become ints
+            values = tuple(int(v) if isinstance(v, numbers.Integral) else v for v in getattr(self, key))
+            object.__setattr__(self, key, values)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
         if isinstance(self.preprocessing, Mapping):
             known = {f.name for f in dataclasses.fields(Preprocessing)}
             if unknown := sorted(set(self.preprocessing) - known):
@@ -111,9 +114,12 @@ class UNETRPPConfig:
         def fail(name: str, value: Any, rule: str) -> None:
             raise ValueError(f"UNETRPPConfig.{name}={value!r}: {rule}")
 
-        for name in ("in_channels", "out_channels", "feature_size", "num_heads", "decoder_depth"):
+        for name in ("in_channels", "out_channels", "feature_size", "num_heads", "decoder_depth", "decoder_proj_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 fail(name, getattr(self, name), "must be a positive integer")
+        for name in ("patch_size", "stem", "dims", "depths", "proj_sizes"):
+            if not all(isinstance(v, int) for v in getattr(self, name)):
+                fail(name, getattr(self, name), "needs whole numbers")
         if len(self.patch_size) != 3 or len(self.stem) != 3:
             fail("patch_size", self.patch_size, "patch_size and stem need three values (z, y, x)")
         for p, s in zip(self.patch_size, self.stem):

@@ -27,7 +27,7 @@ def _stage(cfg: UNETRPPConfig, grid: tuple[int, int, int], dim: int, proj_size: 
 
 
 class Encoder(nn.Module):
-    """Stem (patchify by `stem`), then four stages; stage i+1 halves the grid and doubles... the width.
+    """Stem (patchify by `stem`), then four stages; stage i+1 halves the grid and widens the channels (dims).
 
     Returns the four stage outputs (B, dims[i], *stage_grid(i)).
     """
@@ -56,7 +56,8 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
     """UNETR++ for inputs (B, in_channels, *patch_size) -> logits (B, out_channels, *patch_size).
 
     With `deep_supervision` (from the config; an attribute you may switch) the forward returns
-    [full resolution, 1/2, 1/4] logits, the last two at the decoder3 / decoder4 grids.
+    [full resolution, decoder3 grid, decoder4 grid] logits: patch / stem and patch / (2 x stem), e.g.
+    64x128x128, 32x32x32 and 16x16x16 for the synapse network.
     """
 
     def __init__(self, config: UNETRPPConfig | dict[str, Any]) -> None:

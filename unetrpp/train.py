@@ -231,6 +231,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     _check_batch_norm(config, options.batch_size)
     if is_synthetic(options.data):  # the saved weights say so wherever they are used
         config = config.replace(synthetic=True)
+    data_name = "SYNTHETIC phantoms" if config.synthetic else Path(options.data).name
+    curve_title = f"Training {config.name} on {data_name}"
     torch.manual_seed(options.seed + ctx.rank)
     torch.set_flush_denormal(True)  # layer scale starts at 1e-6: denormal gradients make CPU steps crawl
 
@@ -329,7 +331,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                             record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
                             log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
                             if step < options.max_steps:  # the last step's plot and checkpoint come below
-                                plot_curves(history, run_dir / "training_curve.png")
+                                plot_curves(history, run_dir / "training_curve.png", curve_title)
                         ctx.barrier()
                     if step % options.checkpoint_every == 0 and step < options.max_steps:
                         checkpoint(step)
@@ -348,7 +350,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     checkpoint(step)
     model_dir = None
     if ctx.is_main:
-        plot_curves(history, run_dir / "training_curve.png")
+        plot_curves(history, run_dir / "training_curve.png", curve_title)
         model_dir = save_for_inference(model, run_dir / "model")
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)

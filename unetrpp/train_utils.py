@@ -81,8 +81,8 @@ def save_atomic(obj: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and validation mean Dice against step, as a PNG.
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Training loss and validation mean Dice against step, as a PNG, under `title`.
 
     Uses a bare matplotlib Figure, not pyplot: switching the global backend to Agg here would stop a
     notebook that calls `train` from showing its own figures.
@@ -104,5 +104,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
     ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -354,5 +354,5 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
                    loc="lower center", ncol=min(len(entries), 7), frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if mask is not None else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.08 if mask is not None else 0, 1, 0.95 if title else 1))  # room for the title
     return fig

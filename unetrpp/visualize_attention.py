@@ -2,6 +2,10 @@
 (paper Sec. 3.2, Fig. 2) and turn them into pictures. The effective spatial attention of the query
 token over all N tokens is A_SA[query] @ E (an (N,) map on the token grid); the channel attention
 is one (d x d) matrix per head.
+
+The map says where the query of a voxel looks, not what that voxel's output is made of: the original
+reshapes the spatial branch's (B, d, h, N) result straight to (B, N, C), so token n receives the
+results of queries n*C ... n*C + C - 1 (mod N) (see `attention.EPA`; the released weights expect it).
 """
 
 from __future__ import annotations
