@@ -154,7 +154,7 @@ def test_hub_repo_id_from_a_prefilled_cache_and_offline_error(tmp_path, tiny):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "OK unetrpp_tiny" in out.stdout, out.stderr
-    assert "ERR could not get weights 'someone/not-cached'" in out.stdout and "HF_HUB_OFFLINE" in out.stdout
+    assert "ERR could not get weights 'someone/not-cached'" in out.stdout and "HF_HUB_OFFLINE" in out.stdout and "if you meant a local folder" in out.stdout
 
 
 def test_state_dict_that_is_not_tensors_is_refused(tmp_path):

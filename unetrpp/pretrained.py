@@ -226,7 +226,8 @@ def _from_hub(repo_id: str) -> UNETRPP:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}"
         raise ValueError(f"could not get weights {repo_id!r} from the Hugging Face Hub ({why}); download them "
-                         "where the Hub is reachable (huggingface-cli download) and pass the folder") from None
+                         "where the Hub is reachable (huggingface-cli download) and pass the folder (if you meant "
+                         "a local folder: none of that name exists here)") from None
 
 
 def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRPPConfig | None = None,
