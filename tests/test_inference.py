@@ -17,7 +17,7 @@ import torch
 from test_io import write_nifti, write_scaled
 
 from unetrpp import Preprocessing, create_model, io
-from unetrpp.inference import count_windows, resolve_device, segment, window_starts
+from unetrpp.inference import count_windows, ct_warning, resolve_device, segment, window_starts
 from unetrpp.postprocess import largest_component, organ_statistics
 from unetrpp.preprocess import normalize, prepare, resample
 
@@ -346,3 +346,12 @@ def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resa
     fine = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(0.5, 0.5, 0.5)))
     with pytest.raises(ValueError, match="MAX_TARGET_VOXELS.*check the voxel spacing"):
         segment(path, model=fine)
+
+
+def test_ct_warning_spares_a_crop_inside_the_body_but_not_mri_or_a_missing_intercept():
+    rng = np.random.default_rng(0)
+    inside = rng.choice([-100.0, 40.0, 60.0, 400.0], size=(10, 12, 8))  # fat, soft tissue, bone: no air
+    assert ct_warning(inside) is None
+    assert ct_warning(inside + 1024) is not None  # CT stored without its -1024 intercept
+    assert ct_warning(rng.uniform(0, 900, size=(10, 12, 8))) is not None  # MRI-like, non-negative
+    assert ct_warning(rng.standard_normal((10, 12, 8))) is not None  # z-scored

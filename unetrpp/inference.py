@@ -125,12 +125,14 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
 
 
 def ct_warning(array: np.ndarray) -> str | None:
-    """A warning when intensities do not look like CT in HU (no air near -1000, or a huge range)."""
+    """A warning when intensities do not look like CT in HU: nothing as low as fat (-100 HU; a scan that
+    reaches out of the body also has air near -1000), or a range far beyond bone. MRI in any scaling,
+    or CT stored without its rescale intercept, fails the first test; a crop inside the body passes."""
     sample = array[::2, ::2, ::2] if min(array.shape) > 8 else array
     p1, p99 = (float(v) for v in np.percentile(sample, (1, 99)))
-    if p1 > -500 or p99 > 4000:
+    if p1 > -50 or p99 > 4000:
         return (f"intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) do not look like CT in Hounsfield units "
-                "(air near -1000 HU); these weights expect CT, so the mask may be meaningless")
+                "(fat near -100 HU, air near -1000 HU); these weights expect CT, so the mask may be meaningless")
     return None
 
 
