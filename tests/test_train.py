@@ -14,7 +14,9 @@ import torch
 
 from unetrpp.data.phantom import write_phantom_dataset
 from unetrpp.model import UNETRPP
-from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train, training_split
+from unetrpp.pretrained import load_pretrained
+from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train, training_split, validate
+from unetrpp.train_data import prepare_cases
 
 # A very small network and grid so a step takes a fraction of a second on one core.
 TINY = {"patch_size": [16, 32, 32], "preprocessing": {"spacing": [10.0, 6.0, 6.0]}}
@@ -146,7 +148,7 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "unetrpp", "train", "--data", str(phantoms), "--out", str(tmp_path / "ddp"), "--device", "cpu",
-           "--max-steps", "3", "--batch-size", "2", "--log-every", "1", "--val-every", "3", "--val-cases", "1",
+           "--max-steps", "3", "--batch-size", "2", "--log-every", "1", "--val-every", "3", "--val-cases", "2",
            "--samples-per-case", "4", "--patch-size", "16", "32", "32", "--spacing", "10", "6", "6",
            "--threads", "1", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -154,6 +156,14 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # rank 0 alone writes
     assert sum("val_mean_dice" in x for x in lines) == 1
+    # validation shared out, one case per rank, and the same Dice as one process scoring both cases
+    assert "rank 0 validated 1 case(s)" in done.stderr and "rank 1 validated 1 case(s)" in done.stderr
+    run_options = TrainOptions(**json.loads((tmp_path / "ddp/options.json").read_text()))
+    final = load_pretrained(tmp_path / "ddp/model")
+    single = validate(final, prepare_cases(training_split(run_options)[1], final.config), torch.device("cpu"),
+                      final.config.class_names)
+    recorded = next(x for x in lines if "val_dice" in x)["val_dice"]
+    assert recorded == pytest.approx(single, abs=1e-6)
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
     for rank in (0, 1):  # each rank's own random state, for a resume that continues exactly
         assert torch.load(tmp_path / f"ddp/rng_rank{rank}.pt", weights_only=True)["step"] == 3

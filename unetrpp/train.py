@@ -96,25 +96,32 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | torch.Tensor, label: tor
 
 
 def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, class_names: tuple[str, ...],
-             overlap: float = 0.25) -> dict[str, float]:
+             overlap: float = 0.25, ctx: DistributedContext | None = None) -> dict[str, float]:
     """Sliding-window Dice per organ on the prepared validation cases (blended as inference blends
     them, `inference.sliding_window_probabilities`, at a cheaper overlap than inference's 0.5),
-    averaged over cases."""
+    averaged over cases. Under DDP (`ctx`) every rank scores its share, cases[rank::world_size], on
+    the unwrapped model, and the sums are added up across ranks: all ranks get the same result."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     was_training, was_ds = model.training, model.deep_supervision
     model.eval()
     model.deep_supervision = False
-    scores = {name: [] for name in class_names[1:]}
+    sums = torch.zeros(len(class_names) - 1, dtype=torch.float64)  # Dice summed over this rank's cases
     try:
         with torch.no_grad():
-            for case in cases:
+            for case in cases[rank::world]:
                 probs = sliding_window_probabilities(model, case.image[0], device, overlap, sw_batch_size=2)
                 pred = probs.argmax(0).cpu().numpy()  # (Z, Y, X)
-                for label, name in enumerate(class_names[1:], start=1):
-                    scores[name].append(dice(pred == label, case.label[0] == label))
+                for label in range(1, len(class_names)):
+                    sums[label - 1] += dice(pred == label, case.label[0] == label)
     finally:
         model.train(was_training)
         model.deep_supervision = was_ds
-    return {name: float(np.mean(v)) for name, v in scores.items()}
+    if world > 1:
+        log.info("rank %d validated %d case(s)", rank, len(cases[rank::world]))
+        total = sums.to(device)  # NCCL reduces tensors on the GPU
+        torch.distributed.all_reduce(total)
+        sums = total.cpu()
+    return {name: float(v) / len(cases) for name, v in zip(class_names[1:], sums)}
 
 
 def build_config(name: str, overrides: dict[str, Any]) -> UNETRPPConfig:
@@ -325,9 +332,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                         record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
                                 "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
                         running = []
-                    if step % options.val_every == 0 or step == options.max_steps:
-                        if ctx.is_main and val_data:
-                            scores = validate(model, val_data, ctx.device, config.class_names)
+                    if (step % options.val_every == 0 or step == options.max_steps) and val_data:
+                        scores = validate(model, val_data, ctx.device, config.class_names, ctx=ctx)  # all ranks
+                        if ctx.is_main:
                             record({"step": step, "val_dice": scores, "val_mean_dice": float(np.mean(list(scores.values())))})
                             log.info("step %d: validation mean Dice %.3f", step, history[-1]["val_mean_dice"])
                             if step < options.max_steps:  # the last step's plot and checkpoint come below

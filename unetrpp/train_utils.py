@@ -15,7 +15,7 @@ from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
-VALIDATION_TIMEOUT_MIN = 120  # process-group timeout: rank 0's validation of many large cases takes a while
+VALIDATION_TIMEOUT_MIN = 120  # process-group timeout: validating a share of many large cases takes a while
 
 
 def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
@@ -54,7 +54,7 @@ class DistributedContext:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not torch.distributed.is_initialized():
-            # Other ranks wait at a barrier while rank 0 validates: allow more than NCCL's 10 minutes.
+            # Ranks wait for the slowest one's validation share: allow more than NCCL's 10 minutes.
             torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                                  timeout=datetime.timedelta(minutes=VALIDATION_TIMEOUT_MIN))
             log.info("rank %d of %d on %s", rank, world, dev)
