@@ -72,6 +72,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     if net is not None:
         spec, notice = f"given model ({net.config.name})", "Model given by the caller (tests)."
     model = H.ModelHolder(spec, notice, model=net)
+    if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU runs each @GPU call in a fork of this process: load the
+        model.get()  # weights here, once, or every request would load them again inside its GPU time
 
     def sliders(session):
         return [gr.Slider(minimum=0, maximum=n - 1, value=p, step=1, interactive=True)

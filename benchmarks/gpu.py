@@ -130,12 +130,16 @@ def cupy_preprocessing(image: Path, net: torch.nn.Module) -> str:
     shape = target_shape(volume.shape, volume.spacing, prep.spacing)
     factors = [n / m for n, m in zip(shape, volume.shape)]
     times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        out = gpu_ndimage.zoom(cupy.asarray(volume.array), factors, order=3, mode="nearest", grid_mode=False)
-        out = cupy.clip(out, *prep.clip)
-        out = cupy.asnumpy((out - prep.mean) / prep.std)
-        times.append(time.perf_counter() - start)
+    try:  # a what-if: a CuPy failure (kernel build, driver, memory) must not end the whole check
+        for _ in range(3):
+            start = time.perf_counter()
+            # grid_mode=True: voxels as cells, as prepare() (scikit-image's resize) maps them
+            out = gpu_ndimage.zoom(cupy.asarray(volume.array), factors, order=3, mode="nearest", grid_mode=True)
+            out = cupy.clip(out, *prep.clip)
+            out = cupy.asnumpy((out - prep.mean) / prep.std)
+            times.append(time.perf_counter() - start)
+    except Exception as exc:
+        return f"CuPy what-if failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
     if out.shape != reference.shape:
         return f"CuPy zoom gave {out.shape}, prepare() {reference.shape} (anisotropic case not reproduced)"
     return (f"prepare() on the CPU {cpu:.2f} s; CuPy zoom + normalise {min(times):.3f} s (best of 3, first "
@@ -210,7 +214,7 @@ def main() -> int:
     del bf16_net
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        batch = max(b for b in args.batches if b <= 4)
+        batch = max((b for b in args.batches if b <= 4), default=min(args.batches))
         rows.append(table_row("bf16 autocast, cudnn.benchmark", batch,
                               windows_per_second(net, batch, "bf16 autocast", device, args.seconds, warmup=3)))
         say(rows[-1])

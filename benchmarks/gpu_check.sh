@@ -22,7 +22,11 @@ if [ -n "$missing" ]; then
         echo "gpu_check: $missing not installed and no wheels in .whl/; see the top of $0" >&2
         exit 1
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    else  # these wheels are pure Python: unpacking them is installing them
+        for wheel in .whl/*.whl; do "$PY" -m zipfile -e "$wheel" /tmp/site; done
+    fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 "$PY" -c 'import monai, nibabel, unetrpp; print("monai", monai.__version__, " nibabel", nibabel.__version__)'

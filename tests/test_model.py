@@ -125,6 +125,24 @@ def test_chunked_spatial_attention_equals_the_explicit_form(kv_projection, branc
                                F.scaled_dot_product_attention(q, k[:, :, :16], v[:, :, :16], scale=1.0).transpose(-2, -1))
 
 
+def test_channel_attention_stays_finite_under_float16_autocast():
+    """q^T k sums over all N tokens before the division by the lengths: with large activations that
+    sum leaves float16's range (65504), so EPA forms it in float32 even under autocast (the CUDA
+    default is float16 autocast; CPU autocast to float16 shows the same overflow)."""
+    torch.manual_seed(0)
+    epa = EPA(tokens=4096, dim=32, proj_size=64, heads=4, kv_projection="shared").eval()
+    epa.store_attention = True
+    with torch.no_grad():
+        epa.qkvv.weight.mul_(40)  # activations of a few hundred, as trained networks can have
+        x = torch.randn(1, 4096, 32)
+        epa(x)
+        reference = epa.attention_maps["channel"]
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = epa(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(epa.attention_maps["channel"].float(), reference, atol=2e-2, rtol=0)
+
+
 def test_presets_are_all_buildable():
     for name in PRESETS:
         with torch.device("meta"):

@@ -41,6 +41,13 @@ def spatial_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off inside, where it is on (it would run a float32 product in float16)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class EPA(nn.Module):
     """Efficient paired attention on tokens (B, N, C) -> (B, N, C).
 
@@ -93,11 +100,17 @@ class EPA(nn.Module):
         # Both branches use q and k normalised to unit length over the N tokens, channel by channel.
         # That only scales whole channels, so the scales go onto the small (d, d) product and onto
         # the projected keys below, instead of two extra passes over the (N, d) tensors.
-        lengths = qkvv[..., :2 * C].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as F.normalize
+        qk = qkvv[..., :2 * C]
+        qk = qk.float() if qk.dtype == torch.float16 else qk  # float16 squares overflow above 256
+        lengths = qk.square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as F.normalize
         q_len, k_len = rearrange(lengths, "b (two h d) -> two b h 1 d", two=2, h=self.heads)  # each (B, h, 1, d)
 
-        # Channel attention: which channels go together, summed over all N tokens.
-        cosine = q.transpose(-2, -1) @ k / (q_len.transpose(-2, -1) * k_len)  # (B, h, d, d), normalised q.k
+        # Channel attention: which channels go together, summed over all N tokens. The sums exceed
+        # float16's range (65504) with trained weights before the division, so under autocast this
+        # small product runs in float32; the cosines are then at most 1.
+        with _without_autocast(q.device):
+            cosine = q.transpose(-2, -1).float() @ k.float() / (q_len.transpose(-2, -1) * k_len).float()
+        cosine = cosine.to(q.dtype)  # (B, h, d, d), normalised q.k
         attn_ca = (cosine * self.temperature).softmax(dim=-1)  # (B, h, d, d)
         x_ca = self.attn_drop(attn_ca) @ v_ca.transpose(-2, -1)  # (B, h, d, N)
         x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
