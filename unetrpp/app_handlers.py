@@ -48,18 +48,19 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     root = Path(weights_dir)
     if spec:
         folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
-        if folder is not None and _config(folder).get("in_channels", 1) != 1:
-            raise ValueError(f"weights {spec}: the network takes {_config(folder)['in_channels']} input channels, "
+        config = _config(folder) if folder is not None else {}
+        if config.get("in_channels", 1) != 1:
+            raise ValueError(f"weights {spec}: the network takes {config['in_channels']} input channels, "
                              "but the viewer shows one scan; use single-channel CT weights such as unetrpp_synapse")
-        synthetic = "phantom" in str(spec).lower() or (folder is not None and _synthetic_folder(folder))
+        synthetic = "phantom" in str(spec).lower() or (folder is not None and _synthetic(folder, config))
         return str(spec), (SYNTHETIC_NOTICE if synthetic else f"Weights: `{spec}`.")
     folders = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
-    folders = [p for p in folders if _single_channel_ct(p)]
-    real = [p for p in folders if not _synthetic_folder(p)]
-    real.sort(key=lambda p: (p.name != "unetrpp_synapse", p.name))
+    usable = [(p, config) for p in folders if _single_channel_ct(p, config := _config(p))]
+    real = sorted((p for p, config in usable if not _synthetic(p, config)),
+                  key=lambda p: (p.name != "unetrpp_synapse", p.name))
     if real:
         return str(real[0]), f"Weights: `{real[0]}`."
-    phantom = [p for p in folders if _synthetic_folder(p)]
+    phantom = [p for p, config in usable if _synthetic(p, config)]
     if phantom:
         return str(phantom[0]), SYNTHETIC_NOTICE
     return None, UNTRAINED_NOTICE
@@ -74,14 +75,13 @@ def _config(folder: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _synthetic_folder(folder: Path) -> bool:
-    """Weights trained on phantoms: config.json says so (`synthetic`), or the folder's name does."""
-    return _config(folder).get("synthetic") is True or "phantom" in folder.name.lower()
+def _synthetic(folder: Path, config: dict) -> bool:
+    """Weights trained on phantoms: their config.json says so (`synthetic`), or the folder's name does."""
+    return config.get("synthetic") is True or "phantom" in folder.name.lower()
 
 
-def _single_channel_ct(folder: Path) -> bool:
+def _single_channel_ct(folder: Path, config: dict) -> bool:
     """Weights the viewer can use unasked: one input channel, CT preprocessing."""
-    config = _config(folder)
     prep = config.get("preprocessing")
     modality = prep.get("modality", "CT") if isinstance(prep, dict) else "CT"
     usable = config.get("in_channels", 1) == 1 and modality == "CT"

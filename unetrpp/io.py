@@ -329,6 +329,12 @@ def label_table(label_names: Sequence[str], synthetic: bool = False) -> dict:
     return table
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain new file gets under the user's umask (writers that make
+    0600 files, such as mkstemp or safetensors, would keep others sharing the folder from reading it)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` on a temporary file next to `path`, then move it into place."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -346,7 +352,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(Path(tmp))
         with open(tmp, "r+b") as f:  # on disk before the rename: a power cut leaves the old file or the new one
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        usual_permissions(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except OSError as exc:
         raise ValueError(f"cannot write {path} ({exc.strerror or exc}); "

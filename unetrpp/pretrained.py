@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import UNETRPPConfig, get_config
+from .io import usual_permissions
 from .model import UNETRPP
 
 log = logging.getLogger(__name__)
@@ -240,18 +241,11 @@ def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRP
     clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
     folder = Path(folder)
     clean.save_pretrained(folder)
-    weights = folder / "model.safetensors"
-    weights.chmod(0o666 & ~_umask())  # safetensors writes 0600: others sharing the weights could not read them
+    usual_permissions(folder / "model.safetensors")  # safetensors writes 0600
     if card is not None:
         metadata = "library_name: unetrpp\ntags: [medical-imaging, segmentation, unetr-plus-plus, 3d]"
         (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{card.strip()}\n")
     return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # Presets whose preprocessing numbers are placeholders: their checkpoints are converted only with
@@ -282,6 +276,8 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     if preprocessing:
         cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
     prep = cfg.preprocessing
+    intensities = (f", clip {prep.clip[0]:g}..{prep.clip[1]:g}, mean {prep.mean:g}, std {prep.std:g}"
+                   if prep.normalization == "ct" else "")
     card = f"""# {cfg.name}: converted UNETR++ weights
 
 Converted by `python -m unetrpp convert` from `{Path(path).name}`, a checkpoint released with UNETR++
@@ -293,7 +289,7 @@ Deep-supervision heads dropped (inference does not use them); every other tensor
 | network | `{cfg.name}` preset, patch {" x ".join(map(str, cfg.patch_size))}, {cfg.in_channels} input channel(s) |
 | classes | {", ".join(cfg.class_names)} |
 | preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
-{prep.orientation}, normalization {prep.normalization}{f", clip {prep.clip[0]:g}..{prep.clip[1]:g}, mean {prep.mean:g}, std {prep.std:g}" if prep.normalization == "ct" else ""} |
+{prep.orientation}, normalization {prep.normalization}{intensities} |
 
 Use: `python -m unetrpp predict CT.nii.gz -o out --weights THIS_FOLDER`. Not a medical device.
 """

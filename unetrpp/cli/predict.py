@@ -62,10 +62,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     Folder members that are not NIfTI are kept too, so that each is reported and skipped; a folder
     with no NIfTI file at all is refused (subfolders are not searched).
     """
-    from ..io import NIFTI_SUFFIXES
+    from ..io import nifti_stem
 
     def is_nifti(p: Path) -> bool:
-        return p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+        return p.is_file() and nifti_stem(p) is not None
 
     files: list[Path] = []
     for item in inputs:
