@@ -164,6 +164,55 @@ def agreement(device: torch.device) -> list[str]:
     return lines
 
 
+def _tf32(allowed: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = allowed  # PyTorch's default: True (TF32 convolutions in "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = allowed  # PyTorch's default: False
+
+
+def golden(device: torch.device) -> list[str]:
+    """Correctness of the network itself on the device: golden synapse weights and input
+    (tests/golden.py), full-resolution logits of each setting against the golden subsample and
+    against the float32 CPU logits; then whole-volume masks of the golden weights on the example CT,
+    each setting against float32 without TF32 on the same device."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from golden import FIXTURES, golden_state_dict
+
+    g = np.load(FIXTURES / "official_synapse.npz")
+    net = create_model("unetrpp_synapse", deep_supervision=True).eval()
+    net.load_state_dict(golden_state_dict("synapse"))
+    optimize_for_inference(net)
+    x = torch.randn(tuple(int(s) for s in g["input_shape"]), generator=torch.Generator().manual_seed(int(g["input_seed"])))
+    with torch.inference_mode():
+        cpu = net(x)[0]
+    net.to(device)
+    defaults = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    settings = (("fp32, TF32 convolutions (default)", True, None), ("fp32, TF32 off", False, None),
+                ("fp16 autocast (segment default)", False, torch.float16), ("bf16 autocast", False, torch.bfloat16))
+    lines = [f"  PyTorch defaults here: cudnn.allow_tf32={defaults[0]}, cuda.matmul.allow_tf32={defaults[1]}"]
+    for label, tf32, autocast in settings:
+        _tf32(tf32)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):
+            out = net(x.to(device))[0].float().cpu()
+        sub = np.abs(out[:, :, 1::4, 1::4, 1::4].numpy() - g["out0_sub"]).max()
+        lines.append(f"  {label:34s} max |logit - golden| {sub:.2e} (tests use 1e-3), max |logit - CPU| "
+                     f"{(out - cpu).abs().max():.2e}, same argmax as CPU {(out.argmax(1) == cpu.argmax(1)).float().mean():.4%}")
+    net.deep_supervision = False
+    masks, times = {}, {}
+    for label, tf32, precision in (("fp32, TF32 off", False, "fp32"), ("fp32, TF32 convolutions (default)", True, "fp32"),
+                                   ("fp16 autocast (segment default)", False, "auto"), ("bf16 autocast", False, "bf16")):
+        _tf32(tf32)
+        start = time.perf_counter()
+        masks[label] = segment(IMAGE, model=net, device=device, precision=precision).mask
+        times[label] = time.perf_counter() - start
+    _tf32(defaults[0])
+    torch.backends.cuda.matmul.allow_tf32 = defaults[1]
+    reference = masks["fp32, TF32 off"]
+    lines.append(f"  whole {IMAGE.name}, golden weights, same label as fp32 without TF32 on this GPU:")
+    lines += [f"  {label:34s} {float((mask == reference).mean()):8.4%} of voxels ({times[label]:.2f} s, first call included)"
+              for label, mask in masks.items() if label != "fp32, TF32 off"]
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="run on the CPU with a tiny network (tests this script)")
@@ -231,6 +280,14 @@ def main() -> int:
     say("\nagreement with the CPU, bundled teaching weights, example_ct_sm.nii.gz")
     e2e += agreement(device)
     say("\n".join(e2e[-3:]))
+    if device.type == "cuda":
+        say("\ngolden check on the GPU (synapse network, golden weights and input of tests/golden.py)")
+        try:
+            checks = golden(device)
+        except Exception as exc:  # a correctness check failing to run must not end the timing run
+            checks = [f"  golden check failed to run ({type(exc).__name__}: {str(exc)[:200]})"]
+        say("\n".join(checks))
+        e2e += checks
 
     say(f"\ntorch.compile (mode {COMPILE_MODE!r}, as segment(compile=True)); the first pass of each shape compiles")
     runner, why_not = compile_network(net, device)
