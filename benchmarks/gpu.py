@@ -14,6 +14,7 @@ Goals (issue 7): whole example CT under 1.5 s; at least 100 windows/s at 64x128x
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from unetrpp import Preprocessing, create_model  # noqa: E402
 from unetrpp.fast import optimize_for_inference  # noqa: E402
-from unetrpp.inference import COMPILE_MODE, _predict, auto_sw_batch_size, compile_network, segment  # noqa: E402
+from unetrpp.inference import (COMPILE_MODE, CUDA_SW_BATCH, _predict, auto_sw_batch_size, compile_network, segment,  # noqa: E402
+                               true_float32)
 
 IMAGE = ROOT / "tests" / "fixtures" / "example_ct.nii.gz"
 AUTOCAST = {"fp32": None, "fp16 autocast": torch.float16, "bf16 autocast": torch.bfloat16, "bf16 weights": None}
@@ -61,7 +63,8 @@ def windows_per_second(net: torch.nn.Module, batch: int, precision: str, device:
     per batch) on fresh random windows, timed over at least `seconds` after `warmup` passes."""
     dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
     inputs = [torch.randn(batch, 1, *net.config.patch_size, device=device).to(dtype) for _ in range(2)]
-    with torch.inference_mode():
+    exact = true_float32() if precision == "fp32" else contextlib.nullcontext()  # as segment(precision="fp32")
+    with torch.inference_mode(), exact:
         for i in range(warmup):
             _predict(net, inputs[i % 2], False, autocast=AUTOCAST[precision])
         sync(device)
@@ -164,11 +167,6 @@ def agreement(device: torch.device) -> list[str]:
     return lines
 
 
-def _tf32(allowed: bool) -> None:
-    torch.backends.cudnn.allow_tf32 = allowed  # PyTorch's default: True (TF32 convolutions in "fp32")
-    torch.backends.cuda.matmul.allow_tf32 = allowed  # PyTorch's default: False
-
-
 def golden(device: torch.device) -> list[str]:
     """Correctness of the network itself on the device: golden synapse weights and input
     (tests/golden.py), full-resolution logits of each setting against the golden subsample and
@@ -190,26 +188,24 @@ def golden(device: torch.device) -> list[str]:
                 ("fp16 autocast (segment default)", False, torch.float16), ("bf16 autocast", False, torch.bfloat16))
     lines = [f"  PyTorch defaults here: cudnn.allow_tf32={defaults[0]}, cuda.matmul.allow_tf32={defaults[1]}"]
     for label, tf32, autocast in settings:
-        _tf32(tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         with torch.inference_mode(), torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):
             out = net(x.to(device))[0].float().cpu()
         sub = np.abs(out[:, :, 1::4, 1::4, 1::4].numpy() - g["out0_sub"]).max()
         lines.append(f"  {label:34s} max |logit - golden| {sub:.2e} (tests use 1e-3), max |logit - CPU| "
                      f"{(out - cpu).abs().max():.2e}, same argmax as CPU {(out.argmax(1) == cpu.argmax(1)).float().mean():.4%}")
     net.deep_supervision = False
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
     masks, times = {}, {}
-    for label, tf32, precision in (("fp32, TF32 off", False, "fp32"), ("fp32, TF32 convolutions (default)", True, "fp32"),
-                                   ("fp16 autocast (segment default)", False, "auto"), ("bf16 autocast", False, "bf16")):
-        _tf32(tf32)
+    for label, precision in (("precision='fp32' (no TF32)", "fp32"), ("fp16 autocast (segment default)", "auto"),
+                             ("bf16 autocast", "bf16")):
         start = time.perf_counter()
         masks[label] = segment(IMAGE, model=net, device=device, precision=precision).mask
         times[label] = time.perf_counter() - start
-    _tf32(defaults[0])
-    torch.backends.cuda.matmul.allow_tf32 = defaults[1]
-    reference = masks["fp32, TF32 off"]
-    lines.append(f"  whole {IMAGE.name}, golden weights, same label as fp32 without TF32 on this GPU:")
+    reference = masks.pop("precision='fp32' (no TF32)")
+    lines.append(f"  whole {IMAGE.name}, golden weights, same label as precision='fp32' on this GPU:")
     lines += [f"  {label:34s} {float((mask == reference).mean()):8.4%} of voxels ({times[label]:.2f} s, first call included)"
-              for label, mask in masks.items() if label != "fp32, TF32 off"]
+              for label, mask in masks.items()]
     return lines
 
 
@@ -217,9 +213,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="run on the CPU with a tiny network (tests this script)")
     parser.add_argument("--image", type=Path, default=IMAGE)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[4, 8],
                         help="windows per pass timed compiled in bf16 autocast (each shape compiles anew)")
+    parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile measurement")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per table row")
     parser.add_argument("--budget", type=float, default=150.0,
                         help="skip further compiled rows once the run has taken this many seconds")
@@ -263,7 +260,7 @@ def main() -> int:
     del bf16_net
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        batch = max((b for b in args.batches if b <= 4), default=min(args.batches))
+        batch = max((b for b in args.batches if b <= CUDA_SW_BATCH), default=min(args.batches))
         rows.append(table_row("bf16 autocast, cudnn.benchmark", batch,
                               windows_per_second(net, batch, "bf16 autocast", device, args.seconds, warmup=3)))
         say(rows[-1])
@@ -290,7 +287,7 @@ def main() -> int:
         e2e += checks
 
     say(f"\ntorch.compile (mode {COMPILE_MODE!r}, as segment(compile=True)); the first pass of each shape compiles")
-    runner, why_not = compile_network(net, device)
+    runner, why_not = compile_network(net, device) if not args.no_compile else (net, "skipped: --no-compile")
     default_batch = auto_sw_batch_size("auto", device, net.config.patch_size)
     plan = [("fp16 autocast", default_batch)] + [("bf16 autocast", b) for b in args.compile_batches]
     for precision, batch in plan:
@@ -312,8 +309,8 @@ def main() -> int:
         say(rows[-1])
     for label, options in (("compile=True", {"compile": True}),
                            ("compile=True, precision='bf16'", {"compile": True, "precision": "bf16"})):
-        if time.perf_counter() - START > args.budget + 60:
-            e2e.append(f"  {label:34s} skipped: past the time budget")
+        if args.no_compile or time.perf_counter() - START > args.budget + 60:
+            e2e.append(f"  {label:34s} skipped: {'--no-compile' if args.no_compile else 'past the time budget'}")
         else:
             run_segment(args.image, net, device, **options)
             e2e.append(segment_line(label, run_segment(args.image, net, device, **options)))

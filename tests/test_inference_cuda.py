@@ -45,6 +45,26 @@ def test_auto_batch_is_one_on_cpu_and_larger_on_cuda(monkeypatch):
     assert auto_sw_batch_size(3, CUDA, patch) == 3  # a number is taken as given
 
 
+def test_auto_batch_in_float32_allows_for_twice_the_memory(monkeypatch):
+    patch = (64, 128, 128)
+    free_gpu_memory(monkeypatch, 8)  # a quarter of it holds 8 half-precision windows, 4 in float32
+    assert auto_sw_batch_size("auto", CUDA, patch) == 8
+    assert auto_sw_batch_size("auto", CUDA, patch, autocast=False) == 4
+
+
+def test_true_float32_turns_tf32_off_and_restores_the_flags():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        with pytest.raises(KeyError), inference.true_float32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+            raise KeyError  # the flags come back after an error too
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("value", [0, -2, 2.5, "four", True, "4"])
 def test_bad_sw_batch_size_is_one_line(value, tmp_path, model):
     with pytest.raises(ValueError, match=r"sw_batch_size=.*positive integer or 'auto'") as info:
@@ -60,9 +80,9 @@ def test_bad_compile_is_refused(tmp_path, model):
 # ---- torch.compile ---------------------------------------------------------------------------------
 def test_compile_on_cpu_changes_nothing_and_says_so(tmp_path, model, caplog):
     path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
-    plain = segment(path, model=model)
+    plain = segment(path, model=model, device="cpu")  # on a GPU machine too
     with caplog.at_level(logging.WARNING, logger="unetrpp.inference"):
-        compiled = segment(path, model=model, compile=True)
+        compiled = segment(path, model=model, device="cpu", compile=True)
     np.testing.assert_array_equal(compiled.mask, plain.mask)
     assert plain.warnings == [] and len(compiled.warnings) == 1 and "compile=True is for CUDA" in compiled.warnings[0]
     assert "compile=True is for CUDA" in caplog.text

@@ -105,7 +105,8 @@ def test_single_file_to_a_named_output_with_options(tmp_path, weights, capsys):
 
 def test_compile_and_batch_options_on_cpu_run_with_a_warning(tmp_path, weights, capsys):
     source = write_nifti(tmp_path / "ct.nii.gz", ct_like(2), AFFINE)
-    status = predict(source, "-o", tmp_path / "out", "--weights", weights, "--compile", "--sw-batch-size", "2")
+    status = predict(source, "-o", tmp_path / "out", "--weights", weights, "--compile", "--sw-batch-size", "2",
+                     "--device", "cpu")  # on a GPU machine too
     err = capsys.readouterr().err
     assert status == 0 and "warning:" in err and "compile=True is for CUDA" in err
     assert (tmp_path / "out" / "ct.nii.gz").exists()

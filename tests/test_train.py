@@ -145,7 +145,8 @@ def test_deep_supervision_weights_and_poly_schedule():
 
 
 def test_torchrun_two_gloo_processes(phantoms, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "unetrpp", "train", "--data", str(phantoms), "--out", str(tmp_path / "ddp"), "--device", "cpu",
            "--max-steps", "3", "--batch-size", "2", "--log-every", "1", "--val-every", "3", "--val-cases", "2",

@@ -16,6 +16,7 @@ the GPU the way back to the original grid runs there too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -72,10 +73,13 @@ SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (
                              "illustrate the method and are not a segmentation of real anatomy")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Windows per forward pass on CUDA when sw_batch_size is "auto" (or None), before the memory cap below.
-CUDA_SW_BATCH = 4
-# Rough GPU memory one window needs during a forward pass, per voxel of the window (autocast
-# activations of the full-resolution path, softmax and blending); only used to cap the auto batch.
-_BYTES_PER_WINDOW_VOXEL = 256
+# An eager forward pass is bound by kernel launches up to about 8 windows on an H200 (about 55 ms a
+# pass for 1 to 8 windows); 16 at once doubles the windows per second (benchmarks/README.md).
+CUDA_SW_BATCH = 16
+# Rough GPU memory one window needs during a forward pass, per voxel of the window (activations of
+# the full-resolution path, softmax and blending), under autocast and in float32 (H200: 0.24 and
+# 0.43 GB per 64x128x128 window); only used to cap the auto batch.
+_BYTES_PER_WINDOW_VOXEL = {True: 256, False: 512}
 # torch.compile mode for compile=True: the window shape never changes, so CUDA graphs (which
 # "reduce-overhead" adds to inductor's fused kernels) replay one recorded forward per batch without
 # launch overhead; "max-autotune" would spend minutes benchmarking kernels on every new process.
@@ -136,14 +140,16 @@ def ct_warning(array: np.ndarray) -> str | None:
     return None
 
 
-def auto_sw_batch_size(sw_batch_size: int | str | None, device: torch.device, patch: Sequence[int]) -> int:
+def auto_sw_batch_size(sw_batch_size: int | str | None, device: torch.device, patch: Sequence[int],
+                       autocast: bool = True) -> int:
     """Windows per forward pass: an integer as given; None or "auto" gives 1 on the CPU (a larger
-    batch is not faster there) and on CUDA `CUDA_SW_BATCH`, fewer when free GPU memory is short."""
+    batch is not faster there) and on CUDA `CUDA_SW_BATCH`, fewer when a quarter of the free GPU
+    memory does not hold them (`autocast`: half-precision activations, else float32)."""
     if sw_batch_size is None or sw_batch_size == "auto":
         if device.type != "cuda":
             return 1
         free, _ = torch.cuda.mem_get_info(device)
-        fits = int(0.25 * free) // (_BYTES_PER_WINDOW_VOXEL * math.prod(patch))
+        fits = int(0.25 * free) // (_BYTES_PER_WINDOW_VOXEL[autocast] * math.prod(patch))
         return max(1, min(CUDA_SW_BATCH, fits))
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size={sw_batch_size!r}: must be a positive integer or 'auto' "
@@ -201,6 +207,19 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> tuple[torch.n
     if id(net) not in _COMPILED:
         _COMPILED[id(net)] = _Compiled(net)
     return _COMPILED[id(net)], None
+
+
+@contextlib.contextmanager
+def true_float32():
+    """Float32 products and convolutions on CUDA that are really float32: PyTorch lets cuDNN run
+    float32 convolutions in TF32 (10-bit mantissa) by default, which moves the golden logits by
+    2e-2 on an H200 against 4e-5 without (benchmarks/README.md). Process-wide flags, restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,
@@ -367,8 +386,9 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     averages the 8 mirrorings over (z, y, x); `largest_component` keeps one connected component
     per organ; `progress(fraction, message)` is called as work proceeds.
     `sw_batch_size`: windows per forward pass; "auto" (or None) is 1 on the CPU and
-    `CUDA_SW_BATCH` (4) on CUDA, fewer if free GPU memory is short.
-    `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32", or "bf16": on the
+    `CUDA_SW_BATCH` (16) on CUDA, fewer if free GPU memory is short.
+    `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32" (on CUDA without
+    TF32, see `true_float32`), or "bf16": on the
     CPU a bfloat16 copy of the network (about 1.5x faster on CPUs with AVX512-BF16; logits differ by
     up to about 0.5, about 1.5 % of voxels change label; see benchmarks/README.md), on CUDA bfloat16 autocast (no weight copy; matrix
     work in bfloat16, reductions and softmax in float32, as fast as float16 on recent GPUs).
@@ -388,10 +408,10 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     report = progress or (lambda fraction, message: None)
     dev = resolve_device(device)
     net = _resolve_model(model, weights, dev)
-    batch = auto_sw_batch_size(sw_batch_size, dev, net.config.patch_size)
     if precision == "bf16" and dev.type != "cuda":  # a copy, so the caller's model keeps its float32 weights
         net = copy.deepcopy(net).to(torch.bfloat16)
     autocast = {"auto": torch.float16, "bf16": torch.bfloat16}.get(precision) if dev.type == "cuda" else None
+    batch = auto_sw_batch_size(sw_batch_size, dev, net.config.patch_size, autocast=autocast is not None)
     runner, why_not = compile_network(net, dev) if compile else (net, None)
     config = net.config
     prep = config.preprocessing
@@ -414,7 +434,8 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     net.eval()
     try:
         # Feature maps are freed and allocated again for every window: keep the memory in between.
-        with torch.inference_mode(), reuse_freed_memory():
+        exact = true_float32() if dev.type == "cuda" and autocast is None else contextlib.nullcontext()
+        with torch.inference_mode(), reuse_freed_memory(), exact:
             probabilities = sliding_window_probabilities(runner, prepared.image, dev, float(overlap), batch, tta,
                                                          report, autocast=autocast, static_batch=runner is not net)
             report(_WINDOWS_END, "resampling back")

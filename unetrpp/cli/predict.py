@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window overlap in [0, 1) (default 0.5, as the original); time follows the "
                              "window count, for the example CT 32 windows at 0, 40 at 0.25, 126 at 0.5, 520 at 0.75")
     parser.add_argument("--sw-batch-size", default="auto",
-                        help="windows per forward pass, or auto: 1 on CPU, 4 on a GPU (default auto)")
+                        help="windows per forward pass, or auto: 1 on CPU, up to 16 on a GPU as its memory "
+                             "allows (default auto)")
     parser.add_argument("--tta", action="store_true",
                         help="mirror test-time augmentation: averages 8 mirrored passes, 8x the time (the "
                              "original's evaluation uses it; off by default for speed)")
@@ -52,7 +53,7 @@ def sw_batch_size(value: int | str) -> int | str:
     except (TypeError, ValueError):
         number = 0
     if number < 1:
-        raise ValueError(f"--sw-batch-size {value}: must be a positive integer or auto, e.g. 1 on CPU, 4 on a GPU")
+        raise ValueError(f"--sw-batch-size {value}: must be a positive integer or auto, e.g. 1 on CPU, 16 on a GPU")
     return number
 
 
