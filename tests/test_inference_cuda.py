@@ -172,3 +172,27 @@ def test_image_stays_on_the_cpu_when_the_gpu_is_full(monkeypatch):
     assert inference._image_to(image, torch.device("cpu"), torch.device("cpu")).shape == (1, 1, 4, 5, 6)
     free_gpu_memory(monkeypatch, 0.0)  # stitching on the CPU too: nothing may be moved to the GPU
     assert inference._image_to(image, CUDA, torch.device("cpu")).device.type == "cpu"
+
+
+def test_progress_says_when_the_first_pass_will_compile(model):
+    class PassThrough(torch.nn.Module):  # stands in for the compiled network: same results, no compiling
+        def forward(self, x):
+            return model(x)
+
+    runner = _Compiled(model)
+    runner.cudagraphs = False
+    runner.compiled = PassThrough()
+    image = np.random.default_rng(0).normal(size=(36, 21, 21)).astype(np.float32)  # 4 windows
+
+    def messages(batch: int) -> list[str]:
+        seen = []
+        with torch.inference_mode():
+            sliding_window_probabilities(runner, image, torch.device("cpu"), sw_batch_size=batch, static_batch=True,
+                                         progress=lambda fraction, message: seen.append(message))
+        return [m for m in seen if "compiling" in m]
+
+    assert messages(3) == ["compiling the network for the GPU (about a minute, once per process)"]
+    assert messages(3) == []  # the same shape again: already compiled
+    assert len(messages(2)) == 1  # a new batch size compiles anew
+    runner.failed = "torch.compile failed (...)"  # running without it: nothing to announce
+    assert messages(4) == []

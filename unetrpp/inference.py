@@ -167,13 +167,26 @@ class _Compiled(torch.nn.Module):
         self.compiled = torch.compile(net, mode=mode, dynamic=False)
         self.cudagraphs = "reduce-overhead" in mode
         self.failed: str | None = None
+        self.compiled_for: set[tuple] = set()  # the input kinds compiled so far (`input_kind`)
+
+    @staticmethod
+    def input_kind(x: torch.Tensor) -> tuple:
+        """What makes torch.compile compile again: the shape, the dtype and the autocast dtype."""
+        autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        return tuple(x.shape), x.dtype, autocast
+
+    def will_compile(self, shape: Sequence[int], dtype: torch.dtype, autocast: torch.dtype | None) -> bool:
+        """Whether a call with this input (under this autocast dtype, or None) would compile first."""
+        return self.failed is None and (tuple(shape), dtype, autocast) not in self.compiled_for
 
     def forward(self, x: torch.Tensor):
         if self.failed is None:
             try:
                 if self.cudagraphs:  # each call is a new step: the last outputs are already consumed
                     torch.compiler.cudagraph_mark_step_begin()
-                return self.compiled(x)
+                out = self.compiled(x)
+                self.compiled_for.add(self.input_kind(x))
+                return out
             except Exception as exc:  # compile errors come in many types; eager gives the same result
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 self.failed = f"torch.compile failed ({type(exc).__name__}: {first[:200]}); running without it"
@@ -300,6 +313,9 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
     for first in range(0, len(starts), sw_batch_size):
         batch = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts[first:first + sw_batch_size]]
         windows = torch.cat([inputs[(..., *box)] for box in batch]).to(device)  # (b, 1, pz, py, px)
+        if progress is not None and first == 0 and isinstance(model, _Compiled) and model.will_compile(
+                (max(pad_to, len(batch)), *windows.shape[1:]), next(model.parameters()).dtype, autocast):
+            progress(_WINDOWS_START, "compiling the network for the GPU (about a minute, once per process)")
         probs = _predict(model, windows, tta, autocast=autocast, pad_to=pad_to).to(stitch)  # (b, C, pz, py, px)
         for box, p in zip(batch, probs):
             total[(..., *box)].addcmul_(p, gaussian)
