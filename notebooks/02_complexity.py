@@ -42,10 +42,14 @@ import sys
 import matplotlib.pyplot as plt
 import plotly.express as px
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from unetrpp import create_model
 from unetrpp.complexity import PAPER_TABLE, count_flops, parameter_breakdown
 
+# Interactive figures in Jupyter; an HTML export (File > Save and Export) draws them too, loading
+# plotly.js from its CDN when opened.
+pio.renderers.default = "plotly_mimetype+notebook_connected"
 print("input", "x".join(map(str, INPUT)), "| fast mode" if FAST else "| full mode")
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import plotly.io as pio
 from IPython.display import clear_output, display
 
 from unetrpp import BTCV_LABELS, io
@@ -60,6 +61,9 @@ from unetrpp.pretrained import load_pretrained
 from unetrpp.train import TrainOptions, train, training_split
 from unetrpp.visualize import plot_views
 from unetrpp.visualize_3d import surface_figure
+
+# Interactive 3-D figures in Jupyter; an HTML export draws them too (plotly.js from its CDN).
+pio.renderers.default = "plotly_mimetype+notebook_connected"
 
 work = Path(WORKDIR)
 work.mkdir(parents=True, exist_ok=True)

@@ -38,4 +38,6 @@ def test_notebook_runs_in_fast_mode_and_draws_figures(path, monkeypatch, tmp_pat
               if {"image/png", "application/vnd.plotly.v1+json"} & set(o.get("data", {}))]
     markdown = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert len(images) >= 3, f"{path.name} drew {len(images)} figures"
+    interactive = [o for o in images if "application/vnd.plotly.v1+json" in o["data"]]
+    assert all("text/html" in o["data"] for o in interactive), "a plotly figure would be blank in an HTML export"
     assert "Exercises" in markdown and "How long" in markdown
