@@ -445,7 +445,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
         warnings.append(SYNTHETIC_WEIGHTS_WARNING)
 
     report(0.05, "resampling")
-    prepared = prepare(volume, prep)
+    prepared = prepare(volume, prep, device=dev)
     was_training = net.training
     net.eval()
     try:
