@@ -19,7 +19,7 @@ from test_io import write_nifti, write_scaled
 from unetrpp import Preprocessing, create_model, io
 from unetrpp.inference import count_windows, ct_warning, resolve_device, segment, window_starts
 from unetrpp.postprocess import largest_component, organ_statistics
-from unetrpp.preprocess import normalize, prepare, resample
+from unetrpp.preprocess import normalize, prepare, resample, resample_torch
 
 ISO = np.diag([3.0, 3.0, 3.0, 1.0])
 ISO[:3, 3] = (-20.0, 10.0, 5.0)
@@ -272,15 +272,15 @@ def test_resampling_slice_by_slice_equals_one_3d_zoom(shape, order, coarse_axis)
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, coarse_axis", [((12, 40, 48), 0), ((9, 14, 16), None), ((10, 7, 9), None)])
-def test_resampling_in_small_chunks_gives_the_same_values(shape, coarse_axis, monkeypatch):
-    from unetrpp import preprocess
-
+@pytest.mark.parametrize("shape, coarse_axis", [((12, 40, 48), 0), ((9, 14, 16), None), ((10, 7, 9), None),
+                                                ((25, 5, 11), 0)])
+def test_cubic_resampling_as_matrix_products_equals_scipy(shape, coarse_axis):
+    """The GPU path of prepare(): one float64 product per axis gives scipy's values (run here on the CPU)."""
     array = np.random.default_rng(2).normal(size=(12, 7, 8)).astype(np.float32) * 300
-    whole = resample(array, shape, order=3, coarse_axis=coarse_axis)
-    monkeypatch.setattr(preprocess, "_CHUNK_VOXELS", 50)  # a slice or two at a time
-    np.testing.assert_array_equal(resample(array, shape, order=3, coarse_axis=coarse_axis), whole)
-    assert resample(array, shape, order=3, coarse_axis=coarse_axis, device="cpu").dtype == np.float32
+    expected = resample(array, shape, order=3, coarse_axis=coarse_axis)
+    got = resample_torch(torch.from_numpy(array), shape, coarse_axis, order=3)
+    assert got.dtype == torch.float32 and tuple(got.shape) == shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_resampling_maps_voxels_as_nnunet_does():

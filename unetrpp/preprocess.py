@@ -1,13 +1,12 @@
 """Preprocessing driven by a config's `Preprocessing` (spec "Preprocessing", nnU-Net v1 scheme):
 reorientation, resampling to the target spacing, intensity normalisation, and the way back.
 
-Resampling is `scipy.ndimage.zoom` with voxels as cells (`grid_mode=True`: the grids' outer edges
+Resampling uses `scipy.ndimage.zoom` with voxels as cells (`grid_mode=True`: the grids' outer edges
 align, source coordinate = (i + 0.5) x n_in / n_out - 0.5, edge values repeated), as nnU-Net v1 resamples
 through scikit-image's `resize` and its own map_coordinates along z. As in nnU-Net, when either
 spacing is anisotropic (largest / smallest > `ANISOTROPY_RATIO`) the image is resampled with the
-given order in the other two axes and with nearest neighbour along the coarse axis. A spline zoom
-is separable, so it runs as one matrix product per axis (`_axis_operator`), in float64 as scipy
-computes, on the CPU or a GPU.
+given order in the other two axes and with nearest neighbour along the coarse axis. On a GPU the
+same resampling runs as one float64 matrix product per axis (`resample_torch`).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence, Union
 
 import nibabel as nib
@@ -80,25 +80,23 @@ def _coarse_axis(*spacings: tuple[float, float, float]) -> int | None:
     return None
 
 
-def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_axis: int | None = None,
-             device: str | torch.device = "cpu") -> np.ndarray:
-    """Resample a (Z, Y, X) array to `shape`; spline `order`, nearest along `coarse_axis` if given;
-    the products run on `device`.
+def resample(array: np.ndarray, shape: tuple[int, int, int], order: int, coarse_axis: int | None = None) -> np.ndarray:
+    """Resample a (Z, Y, X) array to `shape`; spline `order`, nearest along `coarse_axis` if given.
 
     Returns float32 (Z2, Y2, X2) (the input itself when the shape already matches).
     """
     array = np.asarray(array, dtype=np.float32)
-    shape = tuple(int(n) for n in shape)
-    if array.shape == shape:
+    if tuple(array.shape) == tuple(shape):
         return array
+    factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape)]
     if order == 0 or coarse_axis is None:
-        return _zoom(array, shape, order, device=device)
+        return _zoom(array, factors, order)
     # nnU-Net's "separate z": each slice in-plane (clipped to its own range), then nearest along the axis.
-    in_plane = tuple(n if axis == coarse_axis else m for axis, (n, m) in enumerate(zip(array.shape, shape)))
-    out = _zoom(array, in_plane, order, slice_axis=coarse_axis, device=device)
-    if in_plane != shape:
-        nearest = torch.from_numpy(_zoom_indices(array.shape[coarse_axis], shape[coarse_axis], 0)[0])
-        out = torch.from_numpy(out).index_select(coarse_axis, nearest).numpy()
+    in_plane = [1.0 if axis == coarse_axis else f for axis, f in enumerate(factors)]
+    out = _zoom(array, in_plane, order, slice_axis=coarse_axis)
+    if factors[coarse_axis] != 1.0:
+        out = _zoom(out, [factors[coarse_axis] if axis == coarse_axis else 1.0 for axis in range(3)], 0)
+    assert out.shape == tuple(shape), (out.shape, shape)
     return out
 
 
@@ -115,78 +113,36 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int, int], spacing: Se
     return out
 
 
-_CHUNK_VOXELS = 2**23  # float64 values resampled at a time (64 MB)
+def _zoom(array: np.ndarray, factors: list[float], order: int, slice_axis: int | None = None) -> np.ndarray:
+    """`ndimage.zoom` (grids as cells, edges repeated), clipped to the input's range as scikit-image's
+    `resize` does (a cubic spline overshoots at edges); slice by slice when an axis keeps its size.
 
-
-@functools.lru_cache(maxsize=32)
-def _axis_operator(n_in: int, n_out: int, order: int) -> torch.Tensor:
-    """`ndimage.zoom` along one axis (voxels as cells, edges repeated) as an (n_out, n_in) float64
-    matrix: column j is the zoom of a unit sample at j (the spline's prefilter included)."""
-    columns = [ndimage.zoom(unit, n_out / n_in, order=order, mode="nearest", grid_mode=True) for unit in np.eye(n_in)]
-    assert all(len(c) == n_out for c in columns), (n_in, n_out)
-    return torch.from_numpy(np.stack(columns, axis=1))
-
-
-def _along(x: torch.Tensor, axis: int, n_out: int, order: int) -> torch.Tensor:
-    """x resampled along `axis` to n_out samples: one matrix product (nothing to do if the size stays)."""
-    if x.shape[axis] == n_out:
-        return x
-    operator = _axis_operator(x.shape[axis], n_out, order).to(x.device)
-    return torch.tensordot(operator, x.movedim(axis, 0), dims=1).movedim(0, axis)
-
-
-def _zoom(array: np.ndarray, shape: tuple[int, int, int], order: int, slice_axis: int | None = None,
-          device: str | torch.device = "cpu") -> np.ndarray:
-    """`ndimage.zoom` of a float32 (Z, Y, X) array to `shape` (grids as cells, edges repeated), as
-    matrix products on `device`, clipped to the input's range as scikit-image's `resize` does (a
-    cubic spline overshoots at edges). With `slice_axis` (whose size must stay) the slices are 2-D
-    images of their own, each clipped to its own range.
-
-    A spline through the samples passes through them, so along an axis that keeps its size there is
-    nothing to do; the work goes in chunks along the axis done last (or the one that stays), at most
-    about 64 MB of float64 at a time, so memory stays near that of the output.
+    A spline through the samples passes through them, so along an unchanged axis there is nothing to
+    interpolate: 2-D zooms of the slices give the same values as the 3-D zoom (16 instead of 64 taps
+    for cubic), and scipy releases the GIL, so the slices run in parallel threads. With `slice_axis`
+    (whose factor must be 1) the slices are 2-D images of their own, each clipped to its own range.
     """
-    clip = order > 1 and array.size > 0
-    out = np.empty(shape, dtype=np.float32)
-    last = slice_axis if slice_axis is not None else next(
-        (a for a in range(3) if array.shape[a] == shape[a]), min(range(3), key=lambda a: array.shape[a] / shape[a]))
-    others = [a for a in range(3) if a != last]
-    low, high = (float(array.min()), float(array.max())) if clip else (None, None)
+    low, high = (float(array.min()), float(array.max())) if order > 1 and array.size else (None, None)
+    if 1.0 not in factors:
+        out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+        return out if low is None else np.clip(out, low, high, out=out)
+    axis = factors.index(1.0) if slice_axis is None else slice_axis
+    plane = [f for a, f in enumerate(factors) if a != axis]
+    src = np.moveaxis(array, axis, 0)
+    out_shape = [round(n * f) for n, f in zip(array.shape, factors)]
+    out = np.empty(out_shape, dtype=np.float32)
+    dst = np.moveaxis(out, axis, 0)
 
-    def chunks(n: int, voxels_per_step: int):
-        step = max(1, _CHUNK_VOXELS // max(voxels_per_step, 1))
-        return (slice(i, min(i + step, n)) for i in range(0, n, step))
+    def zoom_slice(i: int) -> None:
+        ndimage.zoom(src[i], plane, output=dst[i], order=order, mode="nearest", grid_mode=True)
+        if low is not None:
+            bounds = (src[i].min(), src[i].max()) if slice_axis is not None else (low, high)
+            np.clip(dst[i], *bounds, out=dst[i])
 
-    source = torch.from_numpy(array)
-    plane = math.prod(max(array.shape[a], shape[a]) for a in others)
-    middle = None if array.shape[last] == shape[last] else torch.empty(
-        tuple(array.shape[last] if a == last else shape[a] for a in range(3)), dtype=torch.float64, device=device)
-    for part in chunks(array.shape[last], plane):  # the other two axes, a few slices at a time
-        index = tuple(part if a == last else slice(None) for a in range(3))
-        x = source[index].to(device, torch.float64)
-        for axis in others:
-            x = _along(x, axis, shape[axis], order)
-        if slice_axis is not None and clip:  # each slice to its own range
-            src = source[index]
-            x = torch.clamp(x, _slice_bound(src, last, torch.amin).to(x), _slice_bound(src, last, torch.amax).to(x))
-        if middle is None:
-            if clip and slice_axis is None:
-                x = x.clamp_(low, high)
-            out[index] = x.float().cpu().numpy()
-        else:
-            middle[index] = x
-    if middle is not None:  # then the last axis, in chunks along another
-        along = others[0]
-        for part in chunks(shape[along], math.prod(max(array.shape[a], shape[a]) for a in (last, others[1]))):
-            index = tuple(part if a == along else slice(None) for a in range(3))
-            x = _along(middle[index], last, shape[last], order)
-            out[index] = (x.clamp_(low, high) if clip else x).float().cpu().numpy()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=min(cores, 8)) as pool:
+        list(pool.map(zoom_slice, range(src.shape[0])))
     return out
-
-
-def _slice_bound(x: torch.Tensor, axis: int, reduce) -> torch.Tensor:
-    """min or max of each slice along `axis`, shaped to broadcast against x."""
-    return reduce(x, dim=[a for a in range(3) if a != axis], keepdim=True)
 
 
 def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
@@ -206,8 +162,8 @@ def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
 
 
 def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch.device = "cpu") -> Prepared:
-    """Resample `volume` to the target spacing (cubic, nnU-Net order: resample then normalise), the
-    products on `device` (a GPU does them in milliseconds)."""
+    """Resample `volume` to the target spacing (cubic, nnU-Net order: resample then normalise); on
+    a GPU `device` the resampling runs there (milliseconds instead of most of a second)."""
     target = preprocessing.spacing
     shape = target_shape(volume.shape, volume.spacing, target)
     if math.prod(shape) > MAX_TARGET_VOXELS:
@@ -215,7 +171,12 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
                          f"{tuple(round(v, 3) for v in volume.spacing)} mm becomes {shape} = {math.prod(shape):,} voxels, "
                          f"above the limit of {MAX_TARGET_VOXELS:,} (unetrpp.preprocess.MAX_TARGET_VOXELS); "
                          "check the voxel spacing in the header, or crop the scan")
-    image = resample(volume.array, shape, order=3, coarse_axis=_coarse_axis(volume.spacing, target), device=device)
+    coarse = _coarse_axis(volume.spacing, target)
+    if torch.device(device).type == "cpu":
+        image = resample(volume.array, shape, order=3, coarse_axis=coarse)
+    else:
+        array = torch.from_numpy(np.asarray(volume.array, dtype=np.float32)).to(device)
+        image = resample_torch(array, shape, coarse, order=3).cpu().numpy()
     return Prepared(normalize(image, preprocessing), volume.shape, volume.spacing, target)
 
 
@@ -244,24 +205,43 @@ def _zoom_indices(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.nda
     return np.clip(lower, 0, n_in - 1), np.clip(lower + 1, 0, n_in - 1), weight
 
 
-def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None) -> torch.Tensor:
-    """`resample(..., order=1)` for tensors (..., Z, Y, X) on any device: linear, nearest along
-    `coarse_axis` when that axis changes size; equal to scipy's result to float32 rounding."""
-    out = array
+@functools.lru_cache(maxsize=32)
+def _axis_operator(n_in: int, n_out: int, order: int) -> torch.Tensor:
+    """`_zoom` along one axis as an (n_out, n_in) float64 matrix: column j is the zoom of a unit sample
+    at j, the spline's prefilter and the repeated edges included. A spline zoom is separable, so
+    three of these products give the 3-D zoom."""
+    columns = [ndimage.zoom(unit, n_out / n_in, order=order, mode="nearest", grid_mode=True) for unit in np.eye(n_in)]
+    assert all(len(c) == n_out for c in columns), (n_in, n_out)
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
+def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None,
+                   order: int = 1) -> torch.Tensor:
+    """`resample` for tensors (..., Z, Y, X) on any device, nearest along `coarse_axis` when that
+    axis changes size. Order 1: linear, by gathers, equal to scipy's result to float32 rounding.
+    Order 3: one float64 matrix product per axis (`_axis_operator`), then clipped as `_zoom` clips
+    (to the volume's range, or each slice's along `coarse_axis`): scipy's values to the last bit,
+    or nearly (GPUs do dense products fast; on the CPU scipy's 4-tap filters are cheaper)."""
+    lead = array.ndim - 3
+    out = array.double() if order > 1 else array
     for axis in range(3):
-        dim = out.ndim - 3 + axis
+        dim = lead + axis
         n_in, n_out = out.shape[dim], int(shape[axis])
-        if n_in == n_out:
+        if n_in == n_out or axis == coarse_axis:
             continue
-        nearest = coarse_axis == axis
-        indices = _zoom_indices(n_in, n_out, 0 if nearest else 1)
-        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in indices)
-        low = out.index_select(dim, lower)
-        if nearest:
-            out = low
+        if order > 1:
+            operator = _axis_operator(n_in, n_out, order).to(out.device)
+            out = torch.tensordot(operator, out.movedim(dim, 0), dims=1).movedim(0, dim)
             continue
+        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in _zoom_indices(n_in, n_out, 1))
         view = [1] * out.ndim
         view[dim] = n_out
-        w = weight.to(out.dtype).view(view)
-        out = torch.lerp(low, out.index_select(dim, upper), w)
+        out = torch.lerp(out.index_select(dim, lower), out.index_select(dim, upper), weight.to(out.dtype).view(view))
+    if order > 1:
+        planes = [lead + a for a in range(3) if a != coarse_axis]  # the range of each slice, or of the volume
+        out = torch.clamp(out, array.amin(dim=planes, keepdim=True).to(out), array.amax(dim=planes, keepdim=True).to(out))
+        out = out.to(array.dtype)
+    if coarse_axis is not None and out.shape[lead + coarse_axis] != int(shape[coarse_axis]):
+        nearest = _zoom_indices(out.shape[lead + coarse_axis], int(shape[coarse_axis]), 0)[0]
+        out = out.index_select(lead + coarse_axis, torch.from_numpy(nearest).to(out.device))
     return out
