@@ -12,7 +12,7 @@ import torch
 from test_inference import ISO, phantom_ras, small_model
 from test_io import write_nifti
 
-from unetrpp import inference
+from unetrpp import Preprocessing, inference
 from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, argmax_restored_torch, auto_sw_batch_size,
                                compile_network, probabilities_to_mask, segment, sliding_window_probabilities)
 from unetrpp.preprocess import Prepared, _coarse_axis, resample, resample_torch
@@ -165,6 +165,15 @@ def test_torch_argmax_matches_the_class_by_class_mask():
         np.testing.assert_array_equal(argmax_restored_torch(probabilities, prepared, step).numpy(), expected)
     tied = torch.ones(3, 16, 22, 18)  # ties go to the lowest class, as argmax
     assert not argmax_restored_torch(tied, prepared, 2).any()
+
+
+def test_preparing_for_a_full_gpu_resamples_on_the_cpu(monkeypatch, fixtures):
+    from unetrpp.preprocess import load_volume, prepare
+
+    prep = Preprocessing(spacing=(6.0, 6.0, 6.0))
+    volume = load_volume(fixtures / "example_ct_sm.nii.gz", prep)
+    free_gpu_memory(monkeypatch, 0.0)  # nothing may be moved to the GPU (there is none here to move to)
+    np.testing.assert_array_equal(prepare(volume, prep, device=CUDA).image, prepare(volume, prep).image)
 
 
 def test_image_stays_on_the_cpu_when_the_gpu_is_full(monkeypatch):

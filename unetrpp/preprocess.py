@@ -163,7 +163,7 @@ def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
 
 def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch.device = "cpu") -> Prepared:
     """Resample `volume` to the target spacing (cubic, nnU-Net order: resample then normalise); on
-    a GPU `device` the resampling runs there (milliseconds instead of most of a second)."""
+    a CUDA `device` with the memory free the resampling runs there (milliseconds, not most of a second)."""
     target = preprocessing.spacing
     shape = target_shape(volume.shape, volume.spacing, target)
     if math.prod(shape) > MAX_TARGET_VOXELS:
@@ -172,7 +172,9 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
                          f"above the limit of {MAX_TARGET_VOXELS:,} (unetrpp.preprocess.MAX_TARGET_VOXELS); "
                          "check the voxel spacing in the header, or crop the scan")
     coarse = _coarse_axis(volume.spacing, target)
-    if torch.device(device).type == "cpu":
+    device = torch.device(device)
+    working = 3 * 8 * max(volume.array.size, math.prod(shape))  # bytes of float64 the products hold at once
+    if device.type != "cuda" or working > 0.5 * torch.cuda.mem_get_info(device)[0]:
         image = resample(volume.array, shape, order=3, coarse_axis=coarse)
     else:
         array = torch.from_numpy(np.asarray(volume.array, dtype=np.float32)).to(device)
