@@ -7,11 +7,32 @@ superior). Spacings and patch sizes are likewise (z, y, x). Only
 `unetrpp.io` deals with the on-disk (i, j, k) order.
 """
 
+import importlib
+
 from .config import PRESETS, Preprocessing, UNETRPPConfig, get_config
 from .labels import BTCV_CLASS_NAMES, BTCV_COLORS, BTCV_LABELS
-from .inference import SegmentationResult, segment
-from .model import UNETRPP, create_model
-from .pretrained import load_original_checkpoint
+
+# The network and inference need torch and MONAI, seconds to import: they load on first use
+# (PEP 562), so that `python -m unetrpp --help` and the configs answer at once.
+_ON_FIRST_USE = {
+    "SegmentationResult": "inference",
+    "segment": "inference",
+    "UNETRPP": "model",
+    "create_model": "model",
+    "load_original_checkpoint": "pretrained",
+}
+
+
+def __getattr__(name: str):
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+    globals()[name] = value  # later look-ups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ON_FIRST_USE))
 
 __all__ = [
     "PRESETS",
