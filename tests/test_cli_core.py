@@ -70,3 +70,14 @@ def test_lung_checkpoint_needs_its_preprocessing_numbers(tmp_path, capsys):
                  "--mean", "-300", "--std", "400"]) == 0
     pre = load_pretrained(out).config.preprocessing
     assert (pre.spacing, pre.clip, pre.mean, pre.std) == ((1.5, 0.8, 0.8), (-1000.0, 500.0), -300.0, 400.0)
+
+
+def test_help_and_configs_do_not_import_torch():
+    """`python -m unetrpp --help` answers at once: torch and MONAI load only when the network is used."""
+    probe = ("import sys, unetrpp; from unetrpp import get_config; get_config('unetrpp_synapse'); "
+             "from unetrpp.cli import build_parser; build_parser(['predict']).format_help(); "
+             "heavy = sorted({'torch', 'monai'} & set(sys.modules)); "
+             "from unetrpp import segment, UNETRPP; print(heavy, segment.__module__, UNETRPP.__module__)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[]", "unetrpp.inference", "unetrpp.model"]
