@@ -3,20 +3,23 @@
 # there, then prints every figure of benchmarks/gpu.py (a few minutes on an H200).
 #
 # That machine cannot download. Its python3 (3.12) has torch, numpy, scipy, scikit-image, einops,
-# safetensors, huggingface_hub, tqdm and matplotlib, but not monai or nibabel (both pure Python), so
-# carry them as wheels. Once, here, in the repository root:
+# safetensors, huggingface_hub, tqdm, matplotlib and pytest-xdist, but not monai, nibabel or plotly
+# (all pure Python), so carry them as wheels. Once, here, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl monai==1.6.1 nibabel==5.4.2
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       monai==1.6.1 nibabel==5.4.2 plotly==7.1.0
 # Then run it there with the wheels carried:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   run(command="GPU_CHECK_TESTS=1 bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Arguments go to gpu.py (e.g. --compile-batches 4, or --budget 100 for a shorter run).
-# With $OUT set (the device tool sets it) the whole output is also written to $OUT/gpu.log.
+# GPU_CHECK_TESTS=1 then runs the test suite there too (on CUDA wherever a test leaves the device
+# to segment()), without the viewer, browser and notebook tests, whose packages that machine lacks.
+# With $OUT set (the device tool sets it) the output is also written to $OUT/gpu.log and $OUT/tests.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("monai", "nibabel") if not u.find_spec(m)))')
+missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("monai", "nibabel", "plotly") if not u.find_spec(m)))')
 if [ -n "$missing" ]; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         echo "gpu_check: $missing not installed and no wheels in .whl/; see the top of $0" >&2
@@ -33,8 +36,13 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 
 export PYTHONUNBUFFERED=1
-if [ -n "${OUT:-}" ]; then
-    "$PY" benchmarks/gpu.py "$@" 2>&1 | tee "$OUT/gpu.log"
-else
-    "$PY" benchmarks/gpu.py "$@"
+log() { if [ -n "${OUT:-}" ]; then tee "$OUT/$1"; else cat; fi; }
+"$PY" benchmarks/gpu.py "$@" 2>&1 | log gpu.log
+if [ "${GPU_CHECK_TESTS:-0}" = 1 ]; then
+    echo "=== the test suite on this machine"
+    parallel=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where present
+    # shellcheck disable=SC2086
+    timeout 240 "$PY" -m pytest -q $parallel -p no:cacheprovider -p no:benchmark -o log_level=WARNING \
+        --ignore=tests/test_app_client.py --ignore=tests/test_browser.py --ignore=tests/test_notebooks.py \
+        tests 2>&1 | log tests.log | grep -v '^DEBUG' | tail -30 || true
 fi
