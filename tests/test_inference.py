@@ -283,6 +283,15 @@ def test_cubic_resampling_as_matrix_products_equals_scipy(shape, coarse_axis):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, coarse_axis", [((25, 5, 11), None), ((5, 9, 4), 1), ((12, 7, 8), None)])
+def test_nearest_resampling_in_torch_equals_scipy_and_other_orders_are_refused(shape, coarse_axis):
+    array = np.arange(12 * 7 * 8, dtype=np.float32).reshape(12, 7, 8)
+    expected = resample(array, shape, order=0, coarse_axis=coarse_axis)
+    np.testing.assert_array_equal(resample_torch(torch.from_numpy(array), shape, coarse_axis, order=0).numpy(), expected)
+    with pytest.raises(ValueError, match="order=2"):
+        resample_torch(torch.from_numpy(array), shape, coarse_axis, order=2)
+
+
 def test_resampling_maps_voxels_as_nnunet_does():
     """nnU-Net v1 resamples with scikit-image's resize (order 3, edge mode, no anti-aliasing) in-plane and
     nearest neighbour along an anisotropic z: voxels are cells, source = (i + 0.5) x n_in / n_out - 0.5."""

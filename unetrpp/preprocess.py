@@ -173,12 +173,19 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
                          "check the voxel spacing in the header, or crop the scan")
     coarse = _coarse_axis(volume.spacing, target)
     device = torch.device(device)
-    working = 3 * 8 * max(volume.array.size, math.prod(shape))  # bytes of float64 the products hold at once
-    if device.type != "cuda" or working > 0.5 * torch.cuda.mem_get_info(device)[0]:
+    image = None
+    if device.type == "cuda" and (resample_torch_bytes(volume.shape, shape, coarse, 3)
+                                  < 0.5 * torch.cuda.mem_get_info(device)[0]):
+        try:
+            array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(device)
+            image = resample_torch(array, shape, coarse, order=3).cpu().numpy()
+        except torch.cuda.OutOfMemoryError:  # the GPU filled up meanwhile: the CPU gives the same values
+            pass
+        finally:  # give the products' memory back, so that free memory reads true for the windows
+            array = None
+            torch.cuda.empty_cache()
+    if image is None:
         image = resample(volume.array, shape, order=3, coarse_axis=coarse)
-    else:
-        array = torch.from_numpy(np.asarray(volume.array, dtype=np.float32)).to(device)
-        image = resample_torch(array, shape, coarse, order=3).cpu().numpy()
     return Prepared(normalize(image, preprocessing), volume.shape, volume.spacing, target)
 
 
@@ -217,33 +224,70 @@ def _axis_operator(n_in: int, n_out: int, order: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(columns, axis=1))
 
 
+def _torch_plan(shape_in: Sequence[int], shape_out: Sequence[int], coarse_axis: int | None,
+                order: int) -> tuple[list[int], list[int], list[int]]:
+    """The steps of `resample_torch`: nearest-neighbour axes that shrink (done first, so everything
+    after works on less), interpolated axes in z, y, x order (for order > 1 the shrinking ones
+    first), nearest-neighbour axes that grow (done last)."""
+    changing = [a for a in range(3) if shape_in[a] != shape_out[a]]
+    nearest = [a for a in changing if order == 0 or a == coarse_axis]
+    smooth = [a for a in changing if a not in nearest]
+    if order > 1:
+        smooth.sort(key=lambda a: shape_out[a] > shape_in[a])  # stable: z, y, x within each group
+    return ([a for a in nearest if shape_out[a] < shape_in[a]], smooth,
+            [a for a in nearest if shape_out[a] > shape_in[a]])
+
+
+def resample_torch_bytes(shape_in: Sequence[int], shape_out: Sequence[int], coarse_axis: int | None,
+                         order: int) -> int:
+    """Peak memory of `resample_torch` on one float32 (Z, Y, X) volume, in bytes: the input, and
+    for each float64 product its operand, the contiguous copy the product makes, and its result."""
+    shrink, smooth, _ = _torch_plan(shape_in, shape_out, coarse_axis, order)
+    current = [shape_out[a] if a in shrink else shape_in[a] for a in range(3)]
+    peak = 4 * math.prod(shape_in) + 4 * math.prod(current)
+    for axis in smooth:
+        before = math.prod(current)
+        current[axis] = shape_out[axis]
+        peak = max(peak, 4 * math.prod(shape_in) + (8 if order > 1 else 4) * (2 * before + math.prod(current)))
+    return max(peak, 4 * math.prod(shape_in) + 12 * math.prod(shape_out))  # clipped in place, then float32
+
+
 def resample_torch(array: torch.Tensor, shape: Sequence[int], coarse_axis: int | None = None,
                    order: int = 1) -> torch.Tensor:
-    """`resample` for tensors (..., Z, Y, X) on any device, nearest along `coarse_axis` when that
-    axis changes size. Order 1: linear, by gathers, equal to scipy's result to float32 rounding.
-    Order 3: one float64 matrix product per axis (`_axis_operator`), then clipped as `_zoom` clips
-    (to the volume's range, or each slice's along `coarse_axis`): scipy's values to the last bit,
-    or nearly (GPUs do dense products fast; on the CPU scipy's 4-tap filters are cheaper)."""
+    """`resample` for tensors (..., Z, Y, X) on any device (steps in `_torch_plan`): nearest
+    neighbour along `coarse_axis` (every axis for order 0) by gathers; order 1 linear by gathers,
+    equal to scipy's result to float32 rounding; order 3 as one float64 matrix product per axis
+    (`_axis_operator`), clipped as `_zoom` clips (to the volume's range, or each slice's along
+    `coarse_axis`): scipy's values to the last bit, or nearly. GPUs do these dense products fast; on
+    the CPU scipy's 4-tap filters are cheaper for large slices."""
+    if order not in (0, 1, 3):
+        raise ValueError(f"order={order}: resample_torch does 0 (nearest), 1 (linear) or 3 (cubic)")
     lead = array.ndim - 3
-    out = array.double() if order > 1 else array
-    for axis in range(3):
-        dim = lead + axis
-        n_in, n_out = out.shape[dim], int(shape[axis])
-        if n_in == n_out or axis == coarse_axis:
-            continue
-        if order > 1:
-            operator = _axis_operator(n_in, n_out, order).to(out.device)
-            out = torch.tensordot(operator, out.movedim(dim, 0), dims=1).movedim(0, dim)
-            continue
-        lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in _zoom_indices(n_in, n_out, 1))
-        view = [1] * out.ndim
-        view[dim] = n_out
-        out = torch.lerp(out.index_select(dim, lower), out.index_select(dim, upper), weight.to(out.dtype).view(view))
-    if order > 1:
+    shape = [int(n) for n in shape]
+    shrink, smooth, grow = _torch_plan(array.shape[lead:], shape, coarse_axis, order)
+
+    def nearest(x: torch.Tensor, axis: int) -> torch.Tensor:
+        index = _zoom_indices(x.shape[lead + axis], shape[axis], 0)[0]
+        return x.index_select(lead + axis, torch.from_numpy(index).to(x.device))
+
+    out = array
+    for axis in shrink:
+        out = nearest(out, axis)
+    if order > 1 and smooth:
         planes = [lead + a for a in range(3) if a != coarse_axis]  # the range of each slice, or of the volume
-        out = torch.clamp(out, array.amin(dim=planes, keepdim=True).to(out), array.amax(dim=planes, keepdim=True).to(out))
-        out = out.to(array.dtype)
-    if coarse_axis is not None and out.shape[lead + coarse_axis] != int(shape[coarse_axis]):
-        nearest = _zoom_indices(out.shape[lead + coarse_axis], int(shape[coarse_axis]), 0)[0]
-        out = out.index_select(lead + coarse_axis, torch.from_numpy(nearest).to(out.device))
+        low, high = out.amin(dim=planes, keepdim=True), out.amax(dim=planes, keepdim=True)
+        out = out.double()
+        for axis in smooth:
+            operator = _axis_operator(out.shape[lead + axis], shape[axis], order).to(out.device)
+            out = torch.tensordot(operator, out.movedim(lead + axis, 0), dims=1).movedim(0, lead + axis)
+        out = out.clamp_(low.to(out), high.to(out)).to(array.dtype)
+    elif order == 1:
+        for axis in smooth:
+            dim = lead + axis
+            lower, upper, weight = (torch.from_numpy(a).to(out.device) for a in _zoom_indices(out.shape[dim], shape[axis], 1))
+            view = [1] * out.ndim
+            view[dim] = shape[axis]
+            out = torch.lerp(out.index_select(dim, lower), out.index_select(dim, upper), weight.to(out.dtype).view(view))
+    for axis in grow:
+        out = nearest(out, axis)
     return out
