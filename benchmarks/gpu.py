@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unetrpp import Preprocessing, create_model  # noqa: E402
+from unetrpp import Preprocessing, create_model, inference  # noqa: E402
 from unetrpp.fast import optimize_for_inference  # noqa: E402
 from unetrpp.inference import (COMPILE_MODE, CUDA_SW_BATCH, _predict, auto_sw_batch_size, compile_network, segment,  # noqa: E402
                                true_float32)
@@ -169,19 +169,17 @@ def golden(device: torch.device) -> list[str]:
     with torch.inference_mode():
         cpu = net(x)[0]
     net.to(device)
-    defaults = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    settings = (("fp32, TF32 convolutions (default)", True, None), ("fp32, TF32 off", False, None),
+    settings = (("fp32, TF32 convolutions (default)", False, None), ("fp32, TF32 off", True, None),
                 ("fp16 autocast (segment default)", False, torch.float16), ("bf16 autocast", False, torch.bfloat16))
-    lines = [f"  PyTorch defaults here: cudnn.allow_tf32={defaults[0]}, cuda.matmul.allow_tf32={defaults[1]}"]
-    for label, tf32, autocast in settings:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-        with torch.inference_mode(), torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):
+    lines = [f"  PyTorch's TF32 settings here: {inference._float32_settings()}"]
+    for label, exact, autocast in settings:
+        with (true_float32() if exact else contextlib.nullcontext()), torch.inference_mode(), \
+                torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):
             out = net(x.to(device))[0].float().cpu()
         sub = np.abs(out[:, :, 1::4, 1::4, 1::4].numpy() - g["out0_sub"]).max()
         lines.append(f"  {label:34s} max |logit - golden| {sub:.2e} (tests use 1e-3), max |logit - CPU| "
                      f"{(out - cpu).abs().max():.2e}, same argmax as CPU {(out.argmax(1) == cpu.argmax(1)).float().mean():.4%}")
     net.deep_supervision = False
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
     masks, times = {}, {}
     for label, precision in (("precision='fp32' (no TF32)", "fp32"), ("fp16 autocast (segment default)", "auto"),
                              ("bf16 autocast", "bf16")):

@@ -52,17 +52,41 @@ def test_auto_batch_in_float32_allows_for_twice_the_memory(monkeypatch):
     assert auto_sw_batch_size("auto", CUDA, patch, autocast=False) == 4
 
 
-def test_true_float32_turns_tf32_off_and_restores_the_flags():
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
+def _precision_state() -> tuple:
+    return inference._float32_settings()
+
+
+def _matmul_precision_readable() -> bool:
     try:
-        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        torch.get_float32_matmul_precision()
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("caller", ["defaults", "new api", "matmul medium"])
+def test_true_float32_turns_tf32_off_and_restores_the_callers_settings(caller):
+    new_api = bool(inference._PRECISION_BACKENDS)
+    before = _precision_state()
+    try:
+        if caller == "new api" and new_api:
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+        elif caller == "matmul medium":
+            torch.set_float32_matmul_precision("medium")
+        callers = _precision_state()
+        readable = _matmul_precision_readable()
+        ieee = ("ieee",) * 3 if new_api else ("highest", False)
         with pytest.raises(KeyError), inference.true_float32():
-            assert not cudnn.allow_tf32 and not matmul.allow_tf32
-            raise KeyError  # the flags come back after an error too
-        assert cudnn.allow_tf32 and matmul.allow_tf32
+            assert _precision_state() == ieee
+            with inference.true_float32():  # overlapping users: the inner one's end changes nothing
+                pass
+            assert _precision_state() == ieee
+            raise KeyError  # and the settings come back after an error too
+        assert _precision_state() == callers
+        assert _matmul_precision_readable() == readable  # torch refuses to read a mix of old and new settings
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        inference._float32_settings(before)
 
 
 @pytest.mark.parametrize("value", [0, -2, 2.5, "four", True, "4"])

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -222,17 +224,47 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> tuple[torch.n
     return _COMPILED[id(net)], None
 
 
+# torch.backends.cudnn.conv exists from torch 2.9: the per-backend fp32_precision settings replace
+# the older allow_tf32 flags, and reading an old flag after a new setting raises.
+_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn") if hasattr(torch.backends.cudnn, "conv") else ()
+_float32_lock = threading.Lock()
+_float32_users = 0
+_float32_saved: tuple = ()
+
+
+def _float32_settings(values: tuple | None = None) -> tuple:
+    """The TF32 settings of this torch (set to `values` if given; "ieee" / "highest" is true float32)."""
+    backends = [functools.reduce(getattr, name.split("."), torch.backends) for name in _PRECISION_BACKENDS]
+    if values is not None and _PRECISION_BACKENDS:
+        for backend, value in zip(backends, values):
+            backend.fp32_precision = value
+    elif values is not None:
+        torch.set_float32_matmul_precision(values[0])
+        torch.backends.cudnn.allow_tf32 = values[1]
+    if _PRECISION_BACKENDS:
+        return tuple(backend.fp32_precision for backend in backends)
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
 @contextlib.contextmanager
 def true_float32():
     """Float32 products and convolutions on CUDA that are really float32: PyTorch lets cuDNN run
     float32 convolutions in TF32 (10-bit mantissa) by default, which moves the golden logits by
-    2e-2 on an H200 against 4e-5 without (benchmarks/README.md). Process-wide flags, restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    2e-2 on an H200 against 4e-5 without (benchmarks/README.md). The settings are process-wide: the
+    first of overlapping users turns TF32 off, the last one puts the caller's settings back."""
+    global _float32_users, _float32_saved
+    with _float32_lock:
+        _float32_users += 1
+        if _float32_users == 1:
+            _float32_saved = _float32_settings()
+            _float32_settings(("ieee",) * 3 if _PRECISION_BACKENDS else ("highest", False))
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _float32_lock:
+            _float32_users -= 1
+            if _float32_users == 0:
+                _float32_settings(_float32_saved)
 
 
 def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,
