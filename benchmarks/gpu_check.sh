@@ -3,8 +3,8 @@
 # there, then prints every figure of benchmarks/gpu.py (a few minutes on an H200).
 #
 # That machine cannot download. Its python3 (3.12) has torch, numpy, scipy, scikit-image, einops,
-# safetensors, huggingface_hub, tqdm, matplotlib and pytest-xdist, but not monai, nibabel or plotly
-# (all pure Python), so carry them as wheels. Once, here, in the repository root:
+# safetensors, huggingface_hub, tqdm, matplotlib, narwhals and pytest-xdist, but not monai, nibabel
+# or plotly (all pure Python), so carry them as wheels. Once, here, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -37,12 +37,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,cl
 
 export PYTHONUNBUFFERED=1
 log() { if [ -n "${OUT:-}" ]; then tee "$OUT/$1"; else cat; fi; }
-"$PY" benchmarks/gpu.py "$@" 2>&1 | log gpu.log
+"$PY" benchmarks/gpu.py "$@" 2>&1 | log gpu.log || echo "gpu_check: benchmarks/gpu.py exited with an error (above)"
 if [ "${GPU_CHECK_TESTS:-0}" = 1 ]; then
     echo "=== the test suite on this machine"
     parallel=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where present
     # shellcheck disable=SC2086
-    timeout 240 "$PY" -m pytest -q $parallel -p no:cacheprovider -p no:benchmark -o log_level=WARNING \
+    # SIGINT at the limit, so that pytest still prints which tests failed
+    timeout -s INT -k 20 240 "$PY" -m pytest -q $parallel -p no:cacheprovider -p no:benchmark -o log_level=WARNING \
         --ignore=tests/test_app_client.py --ignore=tests/test_browser.py --ignore=tests/test_notebooks.py \
         tests 2>&1 | log tests.log | grep -v '^DEBUG' | tail -30 || true
 fi

@@ -73,11 +73,13 @@ def test_lung_checkpoint_needs_its_preprocessing_numbers(tmp_path, capsys):
 
 
 def test_help_and_configs_do_not_import_torch():
-    """`python -m unetrpp --help` answers at once: torch and MONAI load only when the network is used."""
+    """`python -m unetrpp --help` answers at once: torch and MONAI load only when the network is used;
+    the lazily loaded names and the submodules are still attributes of the package."""
     probe = ("import sys, unetrpp; from unetrpp import get_config; get_config('unetrpp_synapse'); "
              "from unetrpp.cli import build_parser; build_parser(['predict']).format_help(); "
              "heavy = sorted({'torch', 'monai'} & set(sys.modules)); "
-             "from unetrpp import segment, UNETRPP; print(heavy, segment.__module__, UNETRPP.__module__)")
+             "from unetrpp import segment, UNETRPP; print(heavy, segment.__module__, UNETRPP.__module__, "
+             "unetrpp.evaluate.__name__, hasattr(unetrpp, 'nope'))")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["[]", "unetrpp.inference", "unetrpp.model"]
+    assert run.stdout.split() == ["[]", "unetrpp.inference", "unetrpp.model", "unetrpp.evaluate", "False"]

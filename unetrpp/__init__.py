@@ -24,11 +24,16 @@ _ON_FIRST_USE = {
 
 
 def __getattr__(name: str):
-    if name not in _ON_FIRST_USE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
-    globals()[name] = value  # later look-ups find it directly
-    return value
+    if name in _ON_FIRST_USE:
+        value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+        globals()[name] = value  # later look-ups find it directly
+        return value
+    try:  # a submodule, as `import unetrpp; unetrpp.io.load(...)`
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":  # the submodule exists but needs something missing
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
