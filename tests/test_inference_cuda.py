@@ -86,7 +86,7 @@ def test_true_float32_turns_tf32_off_and_restores_the_callers_settings(caller):
         assert _precision_state() == callers
         assert _matmul_precision_readable() == readable  # torch refuses to read a mix of old and new settings
     finally:
-        inference._float32_settings(before)
+        inference._set_float32_settings(before)
 
 
 @pytest.mark.parametrize("value", [0, -2, 2.5, "four", True, "4"])

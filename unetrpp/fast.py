@@ -27,7 +27,7 @@ import functools
 import logging
 import sys
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -138,11 +138,34 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
+class ProcessWideSetting:
+    """A process-wide setting as a context manager that nests and is safe across threads: the first
+    user in calls `apply()` (which returns what to put back), the last one out `restore(saved)`."""
+
+    def __init__(self, apply: Callable[[], Any], restore: Callable[[Any], None]):
+        self._apply, self._restore = apply, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self._saved = self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore(self._saved)
+
+
 # glibc's mallopt parameters (malloc.h) and their documented defaults.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_reuse_lock = threading.Lock()
-_reuse_users = 0
 
 
 @functools.cache
@@ -157,8 +180,21 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
+def _keep_freed_memory() -> None:
+    _glibc().mallopt(_M_MMAP_MAX, 0)
+    _glibc().mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value an int holds
+
+
+def _return_freed_memory(_) -> None:
+    _glibc().mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    _glibc().mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    _glibc().malloc_trim(0)
+
+
+_reuse = ProcessWideSetting(_keep_freed_memory, _return_freed_memory)
+
+
+def reuse_freed_memory() -> contextlib.AbstractContextManager:
     """Inside the block, freed memory stays with the process for reuse (glibc on Linux; elsewhere a no-op).
 
     By default glibc gives every block above 32 MB its own mapping and unmaps it on free, so each
@@ -166,22 +202,4 @@ def reuse_freed_memory() -> Iterator[None]:
     the heap and stay there until the outermost block ends, when the memory goes back to the system
     (`malloc_trim`). Nests and is safe across threads (the last one out restores the defaults).
     """
-    global _reuse_users
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _reuse_lock:
-        _reuse_users += 1
-        if _reuse_users == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value an int holds
-    try:
-        yield
-    finally:
-        with _reuse_lock:
-            _reuse_users -= 1
-            if _reuse_users == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
+    return _reuse() if _glibc() is not None else contextlib.nullcontext()

@@ -23,7 +23,6 @@ import functools
 import itertools
 import logging
 import math
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io, postprocess
-from .fast import optimize_for_inference, reuse_freed_memory
+from .fast import ProcessWideSetting, optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_text
 from .preprocess import ImageLike, Prepared, load_volume, prepare, restore, restore_torch
 
@@ -227,44 +226,40 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> tuple[torch.n
 # torch.backends.cudnn.conv exists from torch 2.9: the per-backend fp32_precision settings replace
 # the older allow_tf32 flags, and reading an old flag after a new setting raises.
 _PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn") if hasattr(torch.backends.cudnn, "conv") else ()
-_float32_lock = threading.Lock()
-_float32_users = 0
-_float32_saved: tuple = ()
+_TRUE_FLOAT32 = ("ieee",) * 3 if _PRECISION_BACKENDS else ("highest", False)
 
 
-def _float32_settings(values: tuple | None = None) -> tuple:
-    """The TF32 settings of this torch (set to `values` if given; "ieee" / "highest" is true float32)."""
-    backends = [functools.reduce(getattr, name.split("."), torch.backends) for name in _PRECISION_BACKENDS]
-    if values is not None and _PRECISION_BACKENDS:
-        for backend, value in zip(backends, values):
-            backend.fp32_precision = value
-    elif values is not None:
-        torch.set_float32_matmul_precision(values[0])
-        torch.backends.cudnn.allow_tf32 = values[1]
+def _precision_backends() -> list:
+    return [functools.reduce(getattr, name.split("."), torch.backends) for name in _PRECISION_BACKENDS]
+
+
+def _float32_settings() -> tuple:
+    """This torch's TF32 settings; `_TRUE_FLOAT32` is true float32."""
     if _PRECISION_BACKENDS:
-        return tuple(backend.fp32_precision for backend in backends)
+        return tuple(backend.fp32_precision for backend in _precision_backends())
     return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
 
 
-@contextlib.contextmanager
-def true_float32():
-    """Float32 products and convolutions on CUDA that are really float32: PyTorch lets cuDNN run
-    float32 convolutions in TF32 (10-bit mantissa) by default, which moves the golden logits by
-    2e-2 on an H200 against 4e-5 without (benchmarks/README.md). The settings are process-wide: the
-    first of overlapping users turns TF32 off, the last one puts the caller's settings back."""
-    global _float32_users, _float32_saved
-    with _float32_lock:
-        _float32_users += 1
-        if _float32_users == 1:
-            _float32_saved = _float32_settings()
-            _float32_settings(("ieee",) * 3 if _PRECISION_BACKENDS else ("highest", False))
-    try:
-        yield
-    finally:
-        with _float32_lock:
-            _float32_users -= 1
-            if _float32_users == 0:
-                _float32_settings(_float32_saved)
+def _set_float32_settings(values: tuple) -> None:
+    if _PRECISION_BACKENDS:
+        for backend, value in zip(_precision_backends(), values):
+            backend.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision(values[0])
+        torch.backends.cudnn.allow_tf32 = values[1]
+
+
+def _turn_tf32_off() -> tuple:
+    saved = _float32_settings()
+    _set_float32_settings(_TRUE_FLOAT32)
+    return saved
+
+
+# Float32 products and convolutions on CUDA that are really float32: PyTorch lets cuDNN run float32
+# convolutions in TF32 (10-bit mantissa) by default, which moves the golden logits by 2e-2 on an
+# H200 against 4e-5 without (benchmarks/README.md). A context manager over process-wide settings:
+# the first of overlapping users turns TF32 off, the last one puts the caller's settings back.
+true_float32 = ProcessWideSetting(_turn_tf32_off, _set_float32_settings)
 
 
 def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,

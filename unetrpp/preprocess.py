@@ -172,21 +172,26 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
                          f"above the limit of {MAX_TARGET_VOXELS:,} (unetrpp.preprocess.MAX_TARGET_VOXELS); "
                          "check the voxel spacing in the header, or crop the scan")
     coarse = _coarse_axis(volume.spacing, target)
-    device = torch.device(device)
-    image = None
-    if device.type == "cuda" and (resample_torch_bytes(volume.shape, shape, coarse, 3)
-                                  < 0.5 * torch.cuda.mem_get_info(device)[0]):
-        try:
-            array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(device)
-            image = resample_torch(array, shape, coarse, order=3).cpu().numpy()
-        except torch.cuda.OutOfMemoryError:  # the GPU filled up meanwhile: the CPU gives the same values
-            pass
-        finally:  # give the products' memory back, so that free memory reads true for the windows
-            array = None
-            torch.cuda.empty_cache()
+    image = _cubic_on_gpu(volume.array, shape, coarse, torch.device(device))
     if image is None:
         image = resample(volume.array, shape, order=3, coarse_axis=coarse)
     return Prepared(normalize(image, preprocessing), volume.shape, volume.spacing, target)
+
+
+def _cubic_on_gpu(array: np.ndarray, shape: tuple[int, int, int], coarse_axis: int | None,
+                  device: torch.device) -> np.ndarray | None:
+    """`resample(array, shape, 3, coarse_axis)` done on a CUDA `device`, or None where that is not
+    a GPU, its free memory is short, or it runs out meanwhile (the CPU then gives the same values)."""
+    if device.type != "cuda" or _resample_torch_bytes(array.shape, shape, coarse_axis, 3) > (
+            0.5 * torch.cuda.mem_get_info(device)[0]):
+        return None
+    try:
+        source = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+        return resample_torch(source, shape, coarse_axis, order=3).cpu().numpy()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:  # the products' memory goes back, so that free memory reads true for the windows
+        torch.cuda.empty_cache()
 
 
 def restore(array: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray:
@@ -238,7 +243,7 @@ def _torch_plan(shape_in: Sequence[int], shape_out: Sequence[int], coarse_axis: 
             [a for a in nearest if shape_out[a] > shape_in[a]])
 
 
-def resample_torch_bytes(shape_in: Sequence[int], shape_out: Sequence[int], coarse_axis: int | None,
+def _resample_torch_bytes(shape_in: Sequence[int], shape_out: Sequence[int], coarse_axis: int | None,
                          order: int) -> int:
     """Peak memory of `resample_torch` on one float32 (Z, Y, X) volume, in bytes: the input, and
     for each float64 product its operand, the contiguous copy the product makes, and its result."""
