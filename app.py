@@ -18,7 +18,7 @@ from gradio.utils import get_upload_folder
 
 from unetrpp import app_handlers as H
 from unetrpp import visualize as vis
-from unetrpp.inference import cpu_bf16_is_fast
+from unetrpp.devices import cpu_bf16_is_fast
 from unetrpp.visualize_3d import surface_figure
 
 try:  # ZeroGPU Spaces: borrow a GPU while the decorated function runs; a no-op elsewhere.

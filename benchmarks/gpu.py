@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unetrpp import Preprocessing, create_model, inference  # noqa: E402
+from unetrpp import Preprocessing, create_model, devices  # noqa: E402
+from unetrpp.devices import COMPILE_MODE, CUDA_SW_BATCH, auto_sw_batch_size, compile_network, true_float32  # noqa: E402
 from unetrpp.fast import optimize_for_inference  # noqa: E402
-from unetrpp.inference import (COMPILE_MODE, CUDA_SW_BATCH, _predict, auto_sw_batch_size, compile_network, segment,  # noqa: E402
-                               true_float32)
+from unetrpp.inference import _predict, segment  # noqa: E402
 
 IMAGE = ROOT / "tests" / "fixtures" / "example_ct.nii.gz"
 AUTOCAST = {"fp32": None, "fp16 autocast": torch.float16, "bf16 autocast": torch.bfloat16, "bf16 weights": None}
@@ -171,7 +171,7 @@ def golden(device: torch.device) -> list[str]:
     net.to(device)
     settings = (("fp32, TF32 convolutions (default)", False, None), ("fp32, TF32 off", True, None),
                 ("fp16 autocast (segment default)", False, torch.float16), ("bf16 autocast", False, torch.bfloat16))
-    lines = [f"  PyTorch's TF32 settings here: {inference._float32_settings()}"]
+    lines = [f"  PyTorch's TF32 settings here: {devices._float32_settings()}"]
     for label, exact, autocast in settings:
         with (true_float32() if exact else contextlib.nullcontext()), torch.inference_mode(), \
                 torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):

@@ -17,7 +17,8 @@ import torch
 from test_io import write_nifti, write_scaled
 
 from unetrpp import Preprocessing, create_model, io
-from unetrpp.inference import count_windows, ct_warning, resolve_device, segment, window_starts
+from unetrpp.devices import resolve_device
+from unetrpp.inference import count_windows, ct_warning, segment, window_starts
 from unetrpp.postprocess import largest_component, organ_statistics
 from unetrpp.preprocess import normalize, prepare, resample, resample_torch
 

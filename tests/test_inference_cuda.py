@@ -12,9 +12,10 @@ import torch
 from test_inference import ISO, phantom_ras, small_model
 from test_io import write_nifti
 
-from unetrpp import Preprocessing, inference
-from unetrpp.inference import (CUDA_SW_BATCH, _Compiled, _predict, argmax_restored_torch, auto_sw_batch_size,
-                               compile_network, probabilities_to_mask, segment, sliding_window_probabilities)
+from unetrpp import Preprocessing, devices, inference
+from unetrpp.devices import CUDA_SW_BATCH, CompiledNetwork, auto_sw_batch_size, compile_network
+from unetrpp.inference import (_predict, argmax_restored_torch, probabilities_to_mask, segment,
+                               sliding_window_probabilities)
 from unetrpp.preprocess import Prepared, _coarse_axis, resample, resample_torch
 
 CUDA = torch.device("cuda")  # only a name here: every CUDA query is patched
@@ -53,7 +54,7 @@ def test_auto_batch_in_float32_allows_for_twice_the_memory(monkeypatch):
 
 
 def _precision_state() -> tuple:
-    return inference._float32_settings()
+    return devices._float32_settings()
 
 
 def _matmul_precision_readable() -> bool:
@@ -66,7 +67,7 @@ def _matmul_precision_readable() -> bool:
 
 @pytest.mark.parametrize("caller", ["defaults", "new api", "matmul medium"])
 def test_true_float32_turns_tf32_off_and_restores_the_callers_settings(caller):
-    new_api = bool(inference._PRECISION_BACKENDS)
+    new_api = bool(devices._PRECISION_BACKENDS)
     before = _precision_state()
     try:
         if caller == "new api" and new_api:
@@ -77,16 +78,16 @@ def test_true_float32_turns_tf32_off_and_restores_the_callers_settings(caller):
         callers = _precision_state()
         readable = _matmul_precision_readable()
         ieee = ("ieee",) * 3 if new_api else ("highest", False)
-        with pytest.raises(KeyError), inference.true_float32():
+        with pytest.raises(KeyError), devices.true_float32():
             assert _precision_state() == ieee
-            with inference.true_float32():  # overlapping users: the inner one's end changes nothing
+            with devices.true_float32():  # overlapping users: the inner one's end changes nothing
                 pass
             assert _precision_state() == ieee
             raise KeyError  # and the settings come back after an error too
         assert _precision_state() == callers
         assert _matmul_precision_readable() == readable  # torch refuses to read a mix of old and new settings
     finally:
-        inference._set_float32_settings(before)
+        devices._set_float32_settings(before)
 
 
 @pytest.mark.parametrize("value", [0, -2, 2.5, "four", True, "4"])
@@ -113,15 +114,15 @@ def test_compile_on_cpu_changes_nothing_and_says_so(tmp_path, model, caplog):
 
 
 def test_compile_unsupported_platform_runs_without(monkeypatch, model):
-    monkeypatch.setattr(inference, "_dynamo_supported", lambda: False)
+    monkeypatch.setattr(devices, "_dynamo_supported", lambda: False)
     net, why_not = compile_network(model, CUDA)
     assert net is model and "not supported on this platform" in why_not
 
 
 def test_compiled_network_is_made_once_per_network(monkeypatch, model):
-    monkeypatch.setattr(inference, "_COMPILED", {})
+    monkeypatch.setattr(devices, "_COMPILED", {})
     first, why_not = compile_network(model, CUDA)  # torch.compile is lazy: nothing compiles here
-    assert why_not is None and isinstance(first, _Compiled) and first.config is model.config
+    assert why_not is None and isinstance(first, CompiledNetwork) and first.config is model.config
     assert compile_network(model, CUDA)[0] is first
 
 
@@ -130,11 +131,11 @@ def test_failed_compile_falls_back_to_the_network_with_one_warning(model, caplog
         def forward(self, x):
             raise RuntimeError("no working C compiler found\nmore detail")
 
-    runner = _Compiled(model)
+    runner = CompiledNetwork(model)
     runner.cudagraphs = False
     runner.compiled = Broken()
     x = torch.randn(1, 1, *model.config.patch_size)
-    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="unetrpp.inference"):
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="unetrpp.devices"):
         torch.testing.assert_close(runner(x), model(x))
         runner(x)
     assert runner.failed == "torch.compile failed (RuntimeError: no working C compiler found); running without it"
@@ -212,7 +213,7 @@ def test_progress_says_when_the_first_pass_will_compile(model):
         def forward(self, x):
             return model(x)
 
-    runner = _Compiled(model)
+    runner = CompiledNetwork(model)
     runner.cudagraphs = False
     runner.compiled = PassThrough()
     image = np.random.default_rng(0).normal(size=(36, 21, 21)).astype(np.float32)  # 4 windows

@@ -94,7 +94,7 @@ class ModelHolder:
     """Loads the model once, on first use (so the page starts without waiting), thread-safely."""
 
     def __init__(self, spec: str | None, notice: str, device: str | None = None, model=None) -> None:
-        from .inference import resolve_device
+        from .devices import resolve_device
 
         self.spec, self.notice = spec, notice
         self.device = device or str(resolve_device())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import io, postprocess
-from .fast import ProcessWideSetting, optimize_for_inference, reuse_freed_memory
+from .devices import CompiledNetwork, auto_sw_batch_size, compile_network, resolve_device, true_float32
+from .fast import optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_text
 from .preprocess import ImageLike, Prepared, load_volume, prepare, restore, restore_torch
 
@@ -73,46 +73,6 @@ class SegmentationResult:
 SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "
                              "illustrate the method and are not a segmentation of real anatomy")
 PRECISIONS = ("auto", "fp32", "bf16")
-# Windows per forward pass on CUDA when sw_batch_size is "auto" (or None), before the memory cap below.
-# An eager forward pass is bound by kernel launches up to about 8 windows on an H200 (about 55 ms a
-# pass for 1 to 8 windows); 16 at once doubles the windows per second (benchmarks/README.md).
-CUDA_SW_BATCH = 16
-# Rough GPU memory one window needs during a forward pass, per voxel of the window (activations of
-# the full-resolution path, softmax and blending), under autocast and in float32 (H200: 0.24 and
-# 0.43 GB per 64x128x128 window); only used to cap the auto batch.
-_BYTES_PER_WINDOW_VOXEL = {True: 256, False: 512}
-# torch.compile mode for compile=True: the window shape never changes, so CUDA graphs (which
-# "reduce-overhead" adds to inductor's fused kernels) replay one recorded forward per batch without
-# launch overhead; "max-autotune" would spend minutes benchmarking kernels on every new process.
-COMPILE_MODE = "reduce-overhead"
-
-
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where precision="bf16" pays;
-    elsewhere bfloat16 is emulated and slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`device`, or CUDA when available, else CPU; refuses CUDA devices that are not there."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device 'cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
-                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return dev
-
-
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Where the windows start along one axis of `size` voxels (at least `patch`), as nnU-Net v1 places
     them: the fewest windows whose step is at most patch x (1 - overlap), spread evenly from the first
@@ -139,127 +99,6 @@ def ct_warning(array: np.ndarray) -> str | None:
         return (f"intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) do not look like CT in Hounsfield units "
                 "(fat near -100 HU, air near -1000 HU); these weights expect CT, so the mask may be meaningless")
     return None
-
-
-def auto_sw_batch_size(sw_batch_size: int | str | None, device: torch.device, patch: Sequence[int],
-                       autocast: bool = True) -> int:
-    """Windows per forward pass: an integer as given; None or "auto" gives 1 on the CPU (a larger
-    batch is not faster there) and on CUDA `CUDA_SW_BATCH`, fewer when a quarter of the free GPU
-    memory does not hold them (`autocast`: half-precision activations, else float32)."""
-    if sw_batch_size is None or sw_batch_size == "auto":
-        if device.type != "cuda":
-            return 1
-        free, _ = torch.cuda.mem_get_info(device)
-        fits = int(0.25 * free) // (_BYTES_PER_WINDOW_VOXEL[autocast] * math.prod(patch))
-        return max(1, min(CUDA_SW_BATCH, fits))
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size={sw_batch_size!r}: must be a positive integer or 'auto' "
-                         f"(1 on CPU, {CUDA_SW_BATCH} on a GPU)")
-    return sw_batch_size
-
-
-class _Compiled(torch.nn.Module):
-    """`torch.compile` of a network that falls back to the network itself, with one logged warning,
-    when compiling fails on the first call (no Triton, no C compiler, an unsupported Python)."""
-
-    def __init__(self, net: torch.nn.Module, mode: str = COMPILE_MODE):
-        super().__init__()
-        self.net = net
-        self.compiled = torch.compile(net, mode=mode, dynamic=False)
-        self.cudagraphs = "reduce-overhead" in mode
-        self.failed: str | None = None
-        self.compiled_for: set[tuple] = set()  # the input kinds compiled so far (`input_kind`)
-
-    @staticmethod
-    def input_kind(x: torch.Tensor) -> tuple:
-        """What makes torch.compile compile again: the shape, the dtype and the autocast dtype."""
-        autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        return tuple(x.shape), x.dtype, autocast
-
-    def will_compile(self, shape: Sequence[int], dtype: torch.dtype, autocast: torch.dtype | None) -> bool:
-        """Whether a call with this input (under this autocast dtype, or None) would compile first."""
-        return self.failed is None and (tuple(shape), dtype, autocast) not in self.compiled_for
-
-    def forward(self, x: torch.Tensor):
-        if self.failed is None:
-            try:
-                if self.cudagraphs:  # each call is a new step: the last outputs are already consumed
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = self.compiled(x)
-                self.compiled_for.add(self.input_kind(x))
-                return out
-            except Exception as exc:  # compile errors come in many types; eager gives the same result
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                self.failed = f"torch.compile failed ({type(exc).__name__}: {first[:200]}); running without it"
-                logger.warning(self.failed)
-        return self.net(x)
-
-    @property
-    def config(self):
-        return self.net.config
-
-
-# Compiled wrappers by id of their network, kept (with the network) for the life of the process:
-# compiling takes tens of seconds, and an app segments many volumes with one network.
-_COMPILED: dict[int, _Compiled] = {}
-
-
-def _dynamo_supported() -> bool:
-    """Whether torch.compile can trace on this Python and platform (it raises at the first call otherwise)."""
-    from torch._dynamo import is_dynamo_supported
-
-    return is_dynamo_supported()
-
-
-def compile_network(net: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, str | None]:
-    """(`net` wrapped in torch.compile, None) on CUDA, or (`net`, why not) where compiling does not
-    apply. The wrapper is kept per network, so later calls reuse its compiled code and graphs."""
-    if device.type != "cuda":
-        return net, f"compile=True is for CUDA; running without torch.compile on {device.type}"
-    if not _dynamo_supported():
-        return net, "compile=True but torch.compile is not supported on this platform; running without it"
-    if id(net) not in _COMPILED:
-        _COMPILED[id(net)] = _Compiled(net)
-    return _COMPILED[id(net)], None
-
-
-# torch.backends.cudnn.conv exists from torch 2.9: the per-backend fp32_precision settings replace
-# the older allow_tf32 flags, and reading an old flag after a new setting raises.
-_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn") if hasattr(torch.backends.cudnn, "conv") else ()
-_TRUE_FLOAT32 = ("ieee",) * 3 if _PRECISION_BACKENDS else ("highest", False)
-
-
-def _precision_backends() -> list:
-    return [functools.reduce(getattr, name.split("."), torch.backends) for name in _PRECISION_BACKENDS]
-
-
-def _float32_settings() -> tuple:
-    """This torch's TF32 settings; `_TRUE_FLOAT32` is true float32."""
-    if _PRECISION_BACKENDS:
-        return tuple(backend.fp32_precision for backend in _precision_backends())
-    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-
-
-def _set_float32_settings(values: tuple) -> None:
-    if _PRECISION_BACKENDS:
-        for backend, value in zip(_precision_backends(), values):
-            backend.fp32_precision = value
-    else:
-        torch.set_float32_matmul_precision(values[0])
-        torch.backends.cudnn.allow_tf32 = values[1]
-
-
-def _turn_tf32_off() -> tuple:
-    saved = _float32_settings()
-    _set_float32_settings(_TRUE_FLOAT32)
-    return saved
-
-
-# Float32 products and convolutions on CUDA that are really float32: PyTorch lets cuDNN run float32
-# convolutions in TF32 (10-bit mantissa) by default, which moves the golden logits by 2e-2 on an
-# H200 against 4e-5 without (benchmarks/README.md). A context manager over process-wide settings:
-# the first of overlapping users turns TF32 off, the last one puts the caller's settings back.
-true_float32 = ProcessWideSetting(_turn_tf32_off, _set_float32_settings)
 
 
 def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,
@@ -340,7 +179,7 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
     for first in range(0, len(starts), sw_batch_size):
         batch = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts[first:first + sw_batch_size]]
         windows = torch.cat([inputs[(..., *box)] for box in batch]).to(device)  # (b, 1, pz, py, px)
-        if progress is not None and first == 0 and isinstance(model, _Compiled) and model.will_compile(
+        if progress is not None and first == 0 and isinstance(model, CompiledNetwork) and model.will_compile(
                 (max(pad_to, len(batch)), *windows.shape[1:]), next(model.parameters()).dtype, autocast):
             progress(_WINDOWS_START, "compiling the network for the GPU (about a minute, once per process)")
         probs = _predict(model, windows, tta, autocast=autocast, pad_to=pad_to).to(stitch)  # (b, C, pz, py, px)
@@ -429,13 +268,13 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     averages the 8 mirrorings over (z, y, x); `largest_component` keeps one connected component
     per organ; `progress(fraction, message)` is called as work proceeds.
     `sw_batch_size`: windows per forward pass; "auto" (or None) is 1 on the CPU and
-    `CUDA_SW_BATCH` (16) on CUDA, fewer if free GPU memory is short.
+    `devices.CUDA_SW_BATCH` (16) on CUDA, fewer if free GPU memory is short.
     `precision`: "auto" (float32 on the CPU, float16 autocast on CUDA), "fp32" (on CUDA without
-    TF32, see `true_float32`), or "bf16": on the
+    TF32, see `devices.true_float32`), or "bf16": on the
     CPU a bfloat16 copy of the network (about 1.5x faster on CPUs with AVX512-BF16; logits differ by
     up to about 0.5, about 1.5 % of voxels change label; see benchmarks/README.md), on CUDA bfloat16 autocast (no weight copy; matrix
     work in bfloat16, reductions and softmax in float32, as fast as float16 on recent GPUs).
-    `compile`: wrap the network in `torch.compile` (mode `COMPILE_MODE`, CUDA graphs) on CUDA; the
+    `compile`: wrap the network in `torch.compile` (mode `devices.COMPILE_MODE`, CUDA graphs) on CUDA; the
     first call compiles (tens of seconds), later calls with the same network reuse it. Off by
     default, as where compiling is not possible (ZeroGPU Spaces, no Triton); elsewhere than CUDA,
     or when compiling fails, it runs without and says so in `result.warnings`.
@@ -486,7 +325,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
             del probabilities
     finally:
         net.train(was_training)
-    if isinstance(runner, _Compiled) and runner.failed and runner.failed not in warnings:
+    if isinstance(runner, CompiledNetwork) and runner.failed and runner.failed not in warnings:
         warnings.append(runner.failed)
     if largest_component:
         mask = postprocess.largest_component(mask)

@@ -46,7 +46,7 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device: str | None = None) -> DistributedContext:
-        from .inference import resolve_device
+        from .devices import resolve_device
 
         rank, world, local = torchrun_ranks()
         dev = resolve_device(device)

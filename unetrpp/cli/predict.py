@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..inference import check_single_channel, resolve_device, segment
+    from ..devices import resolve_device
+    from ..inference import check_single_channel, segment
     from ..postprocess import statistics_csv_text, write_text
     from ..pretrained import load_pretrained
 
