@@ -24,8 +24,9 @@ from unetrpp.visualize_3d import surface_figure
 try:  # ZeroGPU Spaces: borrow a GPU while the decorated function runs; a no-op elsewhere.
     from spaces import GPU
 except ImportError:
-    def GPU(fn):
-        return fn
+    def GPU(fn=None, duration=None):
+        """Stand-in for spaces.GPU, used bare (@GPU) or with a duration (@GPU(duration=...))."""
+        return fn if fn is not None else (lambda f: f)
 
 logger = logging.getLogger("unetrpp.app")
 ROOT = Path(__file__).resolve().parent
@@ -107,7 +108,11 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             return None, failure("Could not load the file", exc, "on_file")
         return session, f"Loaded **{session.name}**: {H.describe(session)}."
 
-    @GPU
+    def segment_seconds(session, overlap, tta, bf16=False, progress=None):
+        """GPU seconds to ask ZeroGPU for (same arguments as on_segment): sized to the scan, see H.gpu_seconds."""
+        return H.gpu_seconds(None if session is None else session.path, model.get().config, overlap, tta)
+
+    @GPU(duration=segment_seconds)
     def on_segment(session, overlap, tta, bf16, progress=gr.Progress()):
         """Segment the session's scan; a failure keeps the scan shown and says why on the status line."""
         if session is None:
@@ -126,7 +131,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         return [gr.skip()] * 2 if session is None else on_segment(session, overlap, tta, bf16, progress)
 
     @friendly
-    @GPU
+    @GPU(duration=lambda scan, overlap=0.5, tta=False: H.gpu_seconds(scan, model.get().config, overlap, tta))
     def api_segment(scan: str, overlap: float = 0.5, tta: bool = False):
         session, mask, _ = H.segment_scan(scan, model.get(), get_upload_folder(), overlap, tta, model.device,
                                           write_csv=False)
@@ -147,7 +152,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         return handler
 
     @friendly
-    @GPU
+    @GPU(duration=H.GPU_SETUP_SECONDS)  # one window
     def on_attention(session, block, head, preset, width, level):
         if session is None:
             raise gr.Error("Load a scan first, then click a voxel in the views.")

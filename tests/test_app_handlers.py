@@ -162,6 +162,59 @@ def test_segment_scan_runs_the_precision_it_is_given(scan, tiny_model, tmp_path)
     assert next(tiny_model.parameters()).dtype == torch.float32  # the viewer's model stays float32
 
 
+def test_gpu_seconds_count_the_windows_of_the_scan(fixtures):
+    """The ZeroGPU request: the setup allowance plus a share per window on the weights' target grid,
+    counted from the header; eight times the windows with TTA; capped; the allowance for unreadable files."""
+    from unetrpp.config import get_config
+    from unetrpp.inference import count_windows
+    from unetrpp.preprocess import target_shape
+
+    config = get_config("unetrpp_synapse")
+    ct = fixtures / "example_ct.nii.gz"
+    volume = io.load(ct, orientation=config.preprocessing.orientation)  # the grid segment() sees
+    windows = count_windows(target_shape(volume.shape, volume.spacing, config.preprocessing.spacing),
+                            config.patch_size, 0.5)
+    assert windows == 126  # as benchmarks/README.md reports for this scan
+    assert H.gpu_seconds(ct, config) == int(H.GPU_SETUP_SECONDS + windows * H.GPU_SECONDS_PER_WINDOW)
+    assert H.gpu_seconds(ct, config, tta=True) == int(H.GPU_SETUP_SECONDS + 8 * windows * H.GPU_SECONDS_PER_WINDOW)
+    assert H.gpu_seconds(ct, config, overlap=0.95) == H.GPU_MAX_SECONDS
+    for unreadable in (None, fixtures / "missing.nii.gz", fixtures / "README.md"):
+        assert H.gpu_seconds(unreadable, config) == H.GPU_SETUP_SECONDS
+
+
+def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, tiny_model):
+    """app.py under a stand-in `spaces` module: every model call is wrapped in spaces.GPU with a
+    duration, and the segmentation's duration follows the scan and the TTA switch."""
+    import importlib.util
+    import sys
+    import types
+
+    requested = {}
+
+    def GPU(fn=None, duration=None):  # records what app.py asks for, as spaces.GPU would receive it
+        def wrap(f):
+            requested[f.__name__] = duration
+            return f
+        return wrap(fn) if fn is not None else wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    spec = importlib.util.spec_from_file_location("app_on_zerogpu", Path(__file__).parents[1] / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.build_demo(net=tiny_model)
+
+    assert set(requested) == {"on_segment", "api_segment", "on_attention"}
+    assert requested["on_attention"] == H.GPU_SETUP_SECONDS
+    ct = fixtures / "example_ct.nii.gz"
+    session = H.Session(np.zeros((2, 2, 2), np.float32), (1.0, 1.0, 1.0), ct.name, str(ct))
+    expected = H.gpu_seconds(ct, tiny_model.config, 0.5, False)
+    assert expected > H.GPU_SETUP_SECONDS
+    assert requested["on_segment"](session, 0.5, False, False, progress=None) == expected
+    assert requested["on_segment"](session, 0.5, True, False) == H.gpu_seconds(ct, tiny_model.config, 0.5, True) > expected
+    assert requested["on_segment"](None, 0.5, False, False) == H.GPU_SETUP_SECONDS
+    assert requested["api_segment"](str(ct), 0.5, False) == expected
+
+
 def test_statistics_rows_skip_empty_and_round():
     rows = H.statistics_rows([{"label": 6, "name": "liver", "voxels": 10, "volume_ml": 1.23456, "mean_hu": 55.55},
                               {"label": 1, "name": "spleen", "voxels": 0, "volume_ml": 0.0, "mean_hu": float("nan")}])

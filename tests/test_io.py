@@ -268,6 +268,30 @@ def test_load_reorients_to_the_requested_axes(tmp_path):
     np.testing.assert_allclose(volume.affine @ np.r_[zyx[::-1], 1], src_world)
 
 
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
+def test_header_grid_is_the_grid_load_gives(orientation, tmp_path):
+    """Shape and spacing from the header alone (what the Space sizes its GPU request by), for axes
+    permuted and flipped, an oblique affine and a header in microns."""
+    rng = np.random.default_rng(1)
+    rotation = np.array([[np.cos(0.3), -np.sin(0.3), 0.0], [np.sin(0.3), np.cos(0.3), 0.0], [0.0, 0.0, 1.0]])
+    for case in range(6):
+        affine = np.eye(4)
+        affine[:3, :3] = np.zeros((3, 3))
+        for i, (axis, sign) in enumerate(zip(rng.permutation(3), rng.choice([-1, 1], 3))):
+            affine[axis, i] = sign * rng.uniform(0.5, 4.0)
+        if case % 2:
+            affine[:3, :3] = rotation @ affine[:3, :3]
+        img = nib.Nifti1Image(_phantom(tuple(int(n) for n in rng.integers(3, 12, 3)), seed=case), affine)
+        if case == 4:
+            img.header.set_xyzt_units("micron")
+        path = tmp_path / f"case{case}.nii.gz"
+        nib.save(img, path)
+        volume = io.load(path, orientation=orientation)
+        shape, spacing = io.header_grid(path, orientation)
+        assert shape == volume.shape
+        np.testing.assert_allclose(spacing, volume.spacing, rtol=1e-6)
+
+
 def test_save_mask_keeps_grid_header_codes_and_records_labels(tmp_path):
     data = _phantom()
     path = write_nifti(tmp_path / "ct.nii", data)

@@ -279,6 +279,33 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     return session, str(mask_path), str(csv_path) if write_csv else None
 
 
+# What to ask a ZeroGPU Space for (spaces.GPU(duration=...)): the request must cover the whole call or
+# the Space stops it, but a shorter one queues first and fits into more visitors' remaining quota.
+# Measured on an H200 (benchmarks/README.md, CUDA): about 5 ms per window and 1 s for the example CT;
+# the allowance covers a fresh GPU worker (CUDA start, weights onto the GPU), reading a large CT,
+# writing the mask, and a slower GPU, with margin.
+GPU_SETUP_SECONDS = 30
+GPU_SECONDS_PER_WINDOW = 0.05
+GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
+
+
+def gpu_seconds(path: str | os.PathLike | None, config: Any, overlap: float = 0.5, tta: bool = False) -> int:
+    """Seconds of GPU time one segmentation of the NIfTI at `path` asks for, from its header alone:
+    the sliding-window positions on the weights' target grid (times 8 mirrorings with `tta`). A file
+    that cannot be read asks for the setup allowance (the call then says what is wrong)."""
+    from .inference import count_windows
+    from .preprocess import target_shape
+
+    prep = config.preprocessing
+    try:
+        shape, spacing = io.header_grid(path, prep.orientation)
+        windows = count_windows(target_shape(shape, spacing, prep.spacing), config.patch_size,
+                                min(max(float(overlap), 0.0), 0.95))
+    except (TypeError, ValueError, OSError):
+        return GPU_SETUP_SECONDS
+    return int(min(GPU_MAX_SECONDS, GPU_SETUP_SECONDS + windows * (8 if tta else 1) * GPU_SECONDS_PER_WINDOW))
+
+
 def centre_of_mask(mask: np.ndarray) -> list[int]:
     """A crosshair that lands on the organs: the centre of the foreground's bounding box (else the volume)."""
     nz = np.argwhere(mask > 0)

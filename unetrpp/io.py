@@ -253,15 +253,35 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     if isinstance(img, nib.Nifti1Pair) and int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
         warnings.append(f"{name}: the header does not say how the image lies in the body (qform_code and "
                         "sform_code are 0), so left and right may be swapped; set them if the orientation is known")
-    affine = img.affine
-    unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
-    if unit in _TO_MM:  # the header's spatial unit: nibabel reports the affine in it
-        affine = np.diag([_TO_MM[unit]] * 3 + [1.0]) @ affine
+    affine, unit = _affine_mm(img)
+    if unit is not None:
         warnings.append(f"{name}: the header gives distances in {unit}s; converted to millimetres")
     data, new_affine = _to_orientation(data, affine, orientation)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
     spacing_xyz = voxel_sizes(new_affine)
     return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation.upper(), warnings)
+
+
+def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
+    """The image's affine in millimetres, and the header's other spatial unit it was converted from (or None)."""
+    unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
+    if unit in _TO_MM:  # nibabel reports the affine in the header's unit
+        return np.diag([_TO_MM[unit]] * 3 + [1.0]) @ img.affine, unit
+    return img.affine, None
+
+
+def header_grid(path: str | os.PathLike, orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """The (Z, Y, X) shape and spacing (mm) that `load(path, orientation)` gives, from the header alone."""
+    sniff(path)
+    img = nib.load(str(path))  # the voxels stay on disk
+    raw_shape = check_image(img, str(path))
+    affine, _ = _affine_mm(img)
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
+    shape = [0, 0, 0]  # (X, Y, Z) after reorientation: input axis i becomes axis transform[i, 0]
+    for n, (axis, _) in zip(raw_shape, transform):
+        shape[int(axis)] = n
+    spacing = voxel_sizes(affine @ inv_ornt_aff(transform, raw_shape))
+    return (shape[2], shape[1], shape[0]), tuple(float(s) for s in spacing[::-1])
 
 
 def to_source_grid(array_zyx: np.ndarray, volume: Volume) -> np.ndarray:
