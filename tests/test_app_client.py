@@ -65,7 +65,8 @@ def test_segment_endpoint_on_the_real_ct(client, tmp_path):
 
     upload = tmp_path / "client_upload_ct.nii.gz"
     shutil.copy(EXAMPLE_CT, upload)
-    mask_path, stats = client.predict(handle_file(str(upload)), 0.5, False, api_name="/segment")
+    mask_path, stats, warnings = client.predict(handle_file(str(upload)), 0.5, False, api_name="/segment")
+    assert warnings == []  # real CT, untrained weights that are not the SYNTHETIC teaching ones
     mask, source = nib.load(mask_path), nib.load(EXAMPLE_CT)
     assert mask.shape == source.shape == (122, 101, 30)
     assert np.allclose(mask.affine, source.affine)
@@ -91,9 +92,22 @@ def test_bad_upload_is_an_error_and_the_server_keeps_serving(client, tmp_path):
     bad.write_bytes(b"this is not a NIfTI image")
     with pytest.raises(Exception, match="NIfTI"):
         client.predict(handle_file(str(bad)), 0.5, False, api_name="/segment")
-    mask_path, _ = client.predict(handle_file(str(small_scan(tmp_path / "after_error.nii.gz", 1))), 0.5, False,
-                                  api_name="/segment")
+    mask_path, _, _ = client.predict(handle_file(str(small_scan(tmp_path / "after_error.nii.gz", 1))), 0.5, False,
+                                     api_name="/segment")
     assert nib.load(mask_path).shape == (24, 24, 8)
+
+
+def test_warnings_come_back_without_the_server_folder(client, tmp_path):
+    """What the page shows as toasts reaches API callers too, naming their file, not the server's cache."""
+    from gradio_client import handle_file
+
+    vol = io.load(EXAMPLE_CT)
+    holes = vol.array.copy()
+    holes[:2] = np.nan
+    upload = io.save_array(holes, vol.spacing, tmp_path / "client_upload_nan.nii.gz", dtype=np.float32)
+    _, _, warnings = client.predict(handle_file(str(upload)), 0.5, False, api_name="/segment")
+    nan_warning = [w for w in warnings if "non-finite" in w]
+    assert len(nan_warning) == 1 and nan_warning[0].startswith("client_upload_nan.nii.gz: "), warnings
 
 
 def test_eight_concurrent_calls_then_the_cache_empties(client, server, tmp_path):
@@ -104,7 +118,7 @@ def test_eight_concurrent_calls_then_the_cache_empties(client, server, tmp_path)
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda job: job.result(timeout=180), jobs))
     assert len(results) == 8
-    for (mask_path, stats), scan in zip(results, scans):
+    for (mask_path, stats, _), scan in zip(results, scans):
         assert nib.load(mask_path).shape == nib.load(scan).shape and isinstance(stats, list)
 
     cache = server[1]

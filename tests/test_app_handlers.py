@@ -62,10 +62,11 @@ def test_resolve_weights_picks_only_single_channel_ct_weights_unasked(tmp_path):
 
 def test_display_settings_keep_a_zero_level_and_refuse_an_empty_custom_width():
     assert H.display_settings("custom", 350, 0, 0.4, None, False).window() == (350.0, 0.0)  # 0 HU is a level
-    with pytest.raises(ValueError, match="need a width > 0"):
+    with pytest.raises(ValueError, match=r"\(width 0 HU, level 40 HU\): give a width above 0 HU"):
         H.display_settings("custom", 0, 40, 0.5, None, False).window()
-    with pytest.raises(ValueError, match="need a width > 0"):
+    with pytest.raises(ValueError, match=r"\(width empty, level 40 HU\): give a width above 0 HU") as info:
         H.display_settings("custom", None, 40, 0.5, None, False).window()  # an emptied number box
+    assert "None" not in str(info.value)
     assert H.display_settings("lung", None, None, None, ["liver"], True).window() == vis.WINDOW_PRESETS["lung"]
 
 
@@ -180,6 +181,24 @@ def test_gpu_seconds_count_the_windows_of_the_scan(fixtures):
     assert H.gpu_seconds(ct, config, overlap=0.95) == H.GPU_MAX_SECONDS
     for unreadable in (None, fixtures / "missing.nii.gz", fixtures / "README.md"):
         assert H.gpu_seconds(unreadable, config) == H.GPU_SETUP_SECONDS
+
+
+def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_path, tiny_model):
+    """An 11 KB file whose header says 5-10 cm voxels spans 1.6 m: thousands of windows on a shared server."""
+    bad = tmp_path / "huge_spacing.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 8), np.int16), np.diag([50.0, 50.0, 100.0, 1.0])), bad)
+    windows, grid = H.scan_windows(bad, tiny_model.config)
+    assert windows > H.MAX_WINDOWS and grid == (200, 640, 640)
+    with pytest.raises(ValueError, match=r"spans 800 x 1600 x 1600 mm .* above this viewer's limit of 2,000 "
+                                         r"\(UNETRPP_MAX_WINDOWS\); check the voxel spacing") as info:
+        H.segment_scan(bad, tiny_model, tmp_path / "out", tta=True)
+    assert "switch off test-time augmentation" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 8), np.int16), np.diag([2.5, 2.5, 4.0, 1.0])), small)
+    H.check_workload(small, tiny_model.config, tta=True)  # 8 passes of one window
+    with pytest.raises(ValueError, match="above this viewer's limit of 7"):
+        H.check_workload(small, tiny_model.config, tta=True, limit=7)
 
 
 def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, tiny_model):

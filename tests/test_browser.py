@@ -5,6 +5,7 @@ Outside CI the test skips when no Chromium is found; under CI (CI=true) it must 
 """
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -120,6 +121,17 @@ def test_viewer_end_to_end(page, tmp_path):
     page.get_by_text("Query voxel").first.wait_for()
     page.get_by_text("channel attention, encoder stage 0").first.wait_for(timeout=30_000)  # the plotly matrices
     page.screenshot(path=str(ARTIFACTS / "03_attention.png"), full_page=True)
+    # Clicking the heat-map moves the query, and the crosshair of the Slices tab with it.
+    caption = page.get_by_text("Query voxel").first
+    before = caption.inner_text()
+    box = page.locator("#attention-axial img").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.wait_for_function("old => !document.body.innerText.includes(old)", arg=before, timeout=60_000)
+    query = re.search(r"Query voxel \(z, y, x\) = (\(\d+, \d+, \d+\))", page.get_by_text("Query voxel").first.inner_text())
+    page.get_by_role("tab", name="Slices").click()
+    page.wait_for_function("q => document.querySelector('#position').innerText.includes(q)", arg=query.group(1),
+                           timeout=30_000)
+    page.get_by_role("tab", name="Attention").click()
     page.get_by_role("tab", name="3D surfaces").click()
     page.locator("#surface .js-plotly-plot").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "04_surfaces.png"), full_page=True)

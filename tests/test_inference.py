@@ -64,6 +64,9 @@ def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
     assert result.mask.shape == result.volume.shape and result.warnings == []
     np.testing.assert_array_equal(result.affine, src.affine)
     assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
+    scrap = io.save_array(np.full((5, 5, 5), 40, np.int16), (1.0, 1.0, 1.0), tmp_path / "scrap.nii.gz")
+    assert any("spans only 5 x 5 x 5 mm (z, y, x), under half of one network window (192 x 384 x 384 mm)" in w
+               for w in segment(scrap, model=coarse).warnings)
     synthetic = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)), synthetic=True)
     made_up = segment(source, model=synthetic)
     assert any("SYNTHETIC phantoms" in w for w in made_up.warnings)

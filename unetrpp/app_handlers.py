@@ -233,7 +233,9 @@ def click(session: Session, view: str, col: float, row: float) -> Session:
 
 def position_text(session: Session) -> str:
     z, y, x = session.position
-    text = f"voxel (z, y, x) = ({z}, {y}, {x}) · {session.volume[z, y, x]:.0f} HU"
+    size = " x ".join(map(str, session.volume.shape))
+    spacing = " x ".join(f"{s:g}" for s in session.spacing)
+    text = f"voxel (z, y, x) = ({z}, {y}, {x}) of {size}, {spacing} mm · {session.volume[z, y, x]:.0f} HU"
     if session.mask is not None:
         label = int(session.mask[z, y, x])
         name = session.class_names[label] if label < len(session.class_names) else str(label)
@@ -242,17 +244,76 @@ def position_text(session: Session) -> str:
 
 
 # ---- segmentation and its outputs -----------------------------------------------------------------
+# Window passes (windows x mirrorings) one segmentation may take in the viewer, a shared server: a
+# chest-abdomen-pelvis CT takes about 700 at overlap 0.5, a whole-body CT about 1500. A tiny file with a
+# wrong voxel spacing can ask for thousands (and gigabytes); the command line has no such limit.
+MAX_WINDOWS = int(os.environ.get("UNETRPP_MAX_WINDOWS", "2000"))
+
+# What to ask a ZeroGPU Space for (spaces.GPU(duration=...)): the request must cover the whole call or
+# the Space stops it, but a shorter one queues first and fits into more visitors' remaining quota.
+# Measured on an H200 (benchmarks/README.md, CUDA): about 5 ms per window and 1 s for the example CT;
+# the allowance covers a fresh GPU worker (CUDA start, weights onto the GPU), reading a large CT,
+# writing the mask, and a slower GPU, with margin.
+GPU_SETUP_SECONDS = 30
+GPU_SECONDS_PER_WINDOW = 0.05
+GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
+
+
+def scan_windows(path: str | os.PathLike, config: Any, overlap: float = 0.5) -> tuple[int, tuple[int, int, int]]:
+    """Sliding-window positions for the NIfTI at `path` and the target grid they cover, from its header
+    alone (ValueError/OSError as `io.load` for a file that cannot be read)."""
+    from .inference import count_windows
+    from .preprocess import target_shape
+
+    prep = config.preprocessing
+    shape, spacing = io.header_grid(path, prep.orientation)
+    grid = target_shape(shape, spacing, prep.spacing)
+    return count_windows(grid, config.patch_size, min(max(float(overlap), 0.0), 0.95)), grid
+
+
+def check_workload(path: str | os.PathLike, config: Any, overlap: float = 0.5, tta: bool = False,
+                   limit: int | None = None) -> None:
+    """ValueError (one line, with what would work) when segmenting the scan at `path` takes more than
+    `limit` window passes (default `MAX_WINDOWS`)."""
+    limit = MAX_WINDOWS if limit is None else limit
+    windows, grid = scan_windows(path, config, overlap)
+    passes = windows * (8 if tta else 1)
+    if passes <= limit:
+        return
+    shape, spacing = io.header_grid(path, config.preprocessing.orientation)
+    extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, spacing))
+    fixes = ["check the voxel spacing in the header"] + (["switch off test-time augmentation"] if tta else []) + (
+        ["lower the overlap"] if overlap > 0.25 else []) + ["crop the scan", "run `python -m unetrpp predict`"]
+    raise ValueError(f"{Path(path).name} spans {extent} mm (z, y, x): {passes:,} window passes on a "
+                     f"{' x '.join(map(str, grid))} grid, above this viewer's limit of {limit:,} (UNETRPP_MAX_WINDOWS); "
+                     + ", ".join(fixes[:-1]) + " or " + fixes[-1])
+
+
+def gpu_seconds(path: str | os.PathLike | None, config: Any, overlap: float = 0.5, tta: bool = False) -> int:
+    """Seconds of GPU time one segmentation of the NIfTI at `path` asks for, from its header alone:
+    the sliding-window positions on the weights' target grid (times 8 mirrorings with `tta`). A file
+    that cannot be read asks for the setup allowance (the call then says what is wrong)."""
+    try:
+        windows, _ = scan_windows(path, config, overlap)
+    except (TypeError, ValueError, OSError):
+        return GPU_SETUP_SECONDS
+    return int(min(GPU_MAX_SECONDS, GPU_SETUP_SECONDS + windows * (8 if tta else 1) * GPU_SECONDS_PER_WINDOW))
+
+
 def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike, overlap: float = 0.5,
                  tta: bool = False, device: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
-                 write_csv: bool = True, precision: str = "auto") -> tuple[Session, str, str | None]:
+                 write_csv: bool = True, precision: str = "auto",
+                 max_windows: int | None = None) -> tuple[Session, str, str | None]:
     """Segment the NIfTI at `path`: the session with its mask, and the paths of the mask (.nii.gz,
     on the upload's exact grid) and statistics CSV (None unless `write_csv`) written in a fresh
     folder under `out_dir`. Nothing else is written: the caller hands both files out (or deletes them).
-    `precision` as for `unetrpp.segment` ("auto", "fp32" or "bf16")."""
+    `precision` as for `unetrpp.segment` ("auto", "fp32" or "bf16"). A scan that takes more than
+    `max_windows` window passes (default `MAX_WINDOWS`) is refused before the model runs."""
     from .inference import segment
 
     p = _check_nifti_path(path)
+    check_workload(p, model.config, overlap, tta, max_windows)
     result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress,
                      precision=precision)
     folder = Path(out_dir) / f"unetrpp-{uuid.uuid4().hex[:12]}"
@@ -277,33 +338,6 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     for w in session.warnings:
         logger.warning("%s: %s", p.name, w)
     return session, str(mask_path), str(csv_path) if write_csv else None
-
-
-# What to ask a ZeroGPU Space for (spaces.GPU(duration=...)): the request must cover the whole call or
-# the Space stops it, but a shorter one queues first and fits into more visitors' remaining quota.
-# Measured on an H200 (benchmarks/README.md, CUDA): about 5 ms per window and 1 s for the example CT;
-# the allowance covers a fresh GPU worker (CUDA start, weights onto the GPU), reading a large CT,
-# writing the mask, and a slower GPU, with margin.
-GPU_SETUP_SECONDS = 30
-GPU_SECONDS_PER_WINDOW = 0.05
-GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
-
-
-def gpu_seconds(path: str | os.PathLike | None, config: Any, overlap: float = 0.5, tta: bool = False) -> int:
-    """Seconds of GPU time one segmentation of the NIfTI at `path` asks for, from its header alone:
-    the sliding-window positions on the weights' target grid (times 8 mirrorings with `tta`). A file
-    that cannot be read asks for the setup allowance (the call then says what is wrong)."""
-    from .inference import count_windows
-    from .preprocess import target_shape
-
-    prep = config.preprocessing
-    try:
-        shape, spacing = io.header_grid(path, prep.orientation)
-        windows = count_windows(target_shape(shape, spacing, prep.spacing), config.patch_size,
-                                min(max(float(overlap), 0.0), 0.95))
-    except (TypeError, ValueError, OSError):
-        return GPU_SETUP_SECONDS
-    return int(min(GPU_MAX_SECONDS, GPU_SETUP_SECONDS + windows * (8 if tta else 1) * GPU_SECONDS_PER_WINDOW))
 
 
 def centre_of_mask(mask: np.ndarray) -> list[int]:

@@ -101,6 +101,18 @@ def ct_warning(array: np.ndarray) -> str | None:
     return None
 
 
+def small_scan_warning(shape: Sequence[int], spacing: Sequence[float], config) -> str | None:
+    """A warning when the scan is under half a network window along every axis: the network tells organs
+    apart by their surroundings, and a scrap of tissue has too little of them."""
+    extent = [n * s for n, s in zip(shape, spacing)]
+    window = [p * t for p, t in zip(config.patch_size, config.preprocessing.spacing)]
+    if all(e < w / 2 for e, w in zip(extent, window)):
+        return (f"the scan spans only {' x '.join(f'{e:.0f}' for e in extent)} mm (z, y, x), under half of one "
+                f"network window ({' x '.join(f'{w:.0f}' for w in window)} mm) along every axis; the network "
+                "recognises organs in their surroundings, so expect few or none")
+    return None
+
+
 def _predict(model: torch.nn.Module, windows: torch.Tensor, tta: bool, autocast: torch.dtype | None = None,
              pad_to: int = 0) -> torch.Tensor:
     """Softmax probabilities (B, C, *patch) for windows (B, 1, *patch), averaged over mirrorings.
@@ -304,9 +316,11 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     if why_not:
         warnings.append(why_not)
         logger.warning(why_not)
-    if prep.normalization == "ct" and (message := ct_warning(volume.array)):
-        warnings.append(message)
-        logger.warning(message)
+    for message in (ct_warning(volume.array) if prep.normalization == "ct" else None,
+                    small_scan_warning(volume.shape, volume.spacing, config)):
+        if message:
+            warnings.append(message)
+            logger.warning(message)
     if config.synthetic:
         warnings.append(SYNTHETIC_WEIGHTS_WARNING)
 

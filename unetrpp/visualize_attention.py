@@ -151,9 +151,13 @@ def channel_figure(channel: np.ndarray, title: str = ""):
                         horizontal_spacing=0.03)
     for h in range(heads):
         fig.add_trace(go.Heatmap(z=channel[h], colorscale="Inferno", showscale=h == heads - 1,
-                                 hovertemplate="query ch %{y}<br>key ch %{x}<br>%{z:.3f}<extra></extra>"),
+                                 colorbar=dict(title=dict(text="weight<br>(no unit)", side="right")),
+                                 hovertemplate="query channel %{y}<br>key channel %{x}<br>weight %{z:.3f}"
+                                               "<extra></extra>"),
                       row=1, col=h + 1)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{h + 1 if h else ''}", row=1, col=h + 1)
-    fig.update_layout(title=title or "channel attention (d x d per head)", height=320,
+        fig.update_xaxes(title_text="key channel", row=1, col=h + 1)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{h + 1 if h else ''}", row=1, col=h + 1,
+                         title_text="query channel" if h == 0 else None)
+    fig.update_layout(title=title or "channel attention (d x d per head)", height=360,
                       margin=dict(l=10, r=10, t=60, b=10))
     return fig
