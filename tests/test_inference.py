@@ -63,6 +63,7 @@ def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
     np.testing.assert_array_equal(out.affine, src.affine)
     assert result.mask.shape == result.volume.shape and result.warnings == []
     np.testing.assert_array_equal(result.affine, src.affine)
+    np.testing.assert_array_equal(result.mask_on_source_grid(), np.asarray(out.dataobj))
     assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
     scrap = io.save_array(np.full((5, 5, 5), 40, np.int16), (1.0, 1.0, 1.0), tmp_path / "scrap.nii.gz")
     assert any("spans only 5 x 5 x 5 mm (z, y, x), under half of one network window (192 x 384 x 384 mm)" in w
@@ -167,9 +168,27 @@ def test_device_resolution(monkeypatch):
             resolve_device("cuda")
     with pytest.raises(ValueError, match="not a device name"):
         resolve_device("gpu0")
+    for other in ("mps", "meta"):
+        with pytest.raises(ValueError, match=f"runs on the CPU or on CUDA GPUs, not on '{other}' devices"):
+            resolve_device(other)
     assert resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(None).type == "cuda"  # CUDA is chosen whenever present
+
+
+def test_a_result_is_never_saved_over_the_scan_or_a_foreign_table(tmp_path, model):
+    path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
+    (tmp_path / "mine.csv").write_text("patient,notes\n")
+    before = path.read_bytes()
+    result = segment(path, model=model)
+    with pytest.raises(ValueError, match="not a mask written by unetrpp"):
+        result.save(path)
+    for name, words in (("a.nii.gz", "must end with .csv"), ("mine.csv", "not a statistics table")):
+        with pytest.raises(ValueError, match=words):
+            result.statistics_csv(tmp_path / name)
+    assert path.read_bytes() == before and (tmp_path / "mine.csv").read_text() == "patient,notes\n"
+    result.statistics_csv(tmp_path / "stats.csv")
+    result.statistics_csv(tmp_path / "stats.csv")  # its own table is replaced
 
 
 @pytest.mark.parametrize("kwargs, words", [({"overlap": 1.0}, "overlap"), ({"sw_batch_size": 0}, "sw_batch_size")])

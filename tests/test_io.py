@@ -292,6 +292,24 @@ def test_header_grid_is_the_grid_load_gives(orientation, tmp_path):
         np.testing.assert_allclose(spacing, volume.spacing, rtol=1e-6)
 
 
+def test_save_mask_never_replaces_a_file_it_did_not_write(tmp_path):
+    """Not the scan itself, not someone's JSON beside it; its own mask and side-car, yes (a rerun)."""
+    path = write_nifti(tmp_path / "ct.nii.gz", _phantom())
+    volume = io.load(path)
+    mask = (volume.array > 100).astype(np.uint8)
+    before = sha(path)
+    with pytest.raises(ValueError, match=r"ct.nii.gz exists and is not a mask written by unetrpp \(the scan itself\?\)"):
+        io.save_mask(mask, volume, path, label_names=("background", "bone"))
+    assert sha(path) == before and not (tmp_path / "ct.json").exists()
+    (tmp_path / "mask.json").write_text('{"mine": true}')
+    with pytest.raises(ValueError, match="mask.json exists and is not a label side-car"):
+        io.save_mask(mask, volume, tmp_path / "mask.nii.gz", label_names=("background", "bone"))
+    assert (tmp_path / "mask.json").read_text() == '{"mine": true}' and not (tmp_path / "mask.nii.gz").exists()
+    io.save_mask(mask, volume, tmp_path / "mask.nii.gz")  # no side-car asked for: the JSON is not touched
+    io.save_mask(mask, volume, tmp_path / "mask.nii.gz")  # its own mask is replaced
+    assert (tmp_path / "mask.json").read_text() == '{"mine": true}'
+
+
 def test_save_mask_keeps_grid_header_codes_and_records_labels(tmp_path):
     data = _phantom()
     path = write_nifti(tmp_path / "ct.nii", data)

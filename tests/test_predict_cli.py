@@ -64,9 +64,12 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, capsys, fixtures):
     assert status == 2
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == len(bad)
-    for path in bad:
+    named_nifti = [path for path in bad if ".nii" in path.name]  # the rest (a PNG, a DICOM) are skipped
+    assert len(error_lines) == len(named_nifti) and len(named_nifti) < len(bad)
+    for path in named_nifti:
         assert sum(str(path) in line for line in error_lines) == 1
+    note = [line for line in err.splitlines() if line.startswith("note: skipped")]
+    assert len(note) == 1 and all(path.name in note[0] for path in bad if path not in named_nifti)
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"case{i}.{ext}" for i in range(2) for ext in ("nii.gz", "json")] + ["real.nii.gz", "real.json"])
@@ -79,6 +82,48 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, capsys, fixtures):
     csv_lines = (tmp_path / "stats.csv").read_text().splitlines()
     assert csv_lines[0] == "file,label,name,voxels,volume_ml,mean_hu"
     assert {line.split(",")[0] for line in csv_lines[1:]} <= {str(p) for p in good}
+
+
+def test_a_dcm2niix_folder_runs_past_its_side_cars(tmp_path, weights, capsys):
+    """dcm2niix writes scan.json (and .bval/.bvec) beside scan.nii.gz: those are skipped, not failures."""
+    inputs = tmp_path / "dcm2niix"
+    inputs.mkdir()
+    write_nifti(inputs / "scan.nii.gz", ct_like(4), AFFINE)
+    (inputs / "scan.json").write_text('{"Modality": "CT"}')
+    (inputs / "scan.bval").write_text("0\n")
+    assert predict(inputs, "-o", tmp_path / "out", "--weights", weights) == 0
+    err = capsys.readouterr().err
+    assert "note: skipped 2 file(s)" in err and "scan.json" in err and "error:" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.json", "scan.nii.gz"]
+    assert (inputs / "scan.json").read_text() == '{"Modality": "CT"}'
+
+
+def test_statistics_never_replace_a_file_they_did_not_write(tmp_path, weights, capsys):
+    """--stats is checked before any work: onto the input scan, onto a non-CSV name, a folder or a missing
+    folder it is one line, exit 2, nothing written; a statistics table written before is replaced."""
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,table\n")
+    before = {p.name: sha(p) for p in (source, notes)}
+    for stats, words in ((source, "must end with .csv"), (tmp_path / "stats.txt", "must end with .csv"),
+                         (tmp_path, "is a folder"), (tmp_path / "absent" / "s.csv", "does not exist"),
+                         (notes, "not a statistics table written by unetrpp")):
+        assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", stats) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+    assert {p.name: sha(p) for p in (source, notes)} == before
+    table = tmp_path / "stats.csv"
+    assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", table) == 0
+    assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", table) == 0  # a rerun
+
+
+@pytest.mark.parametrize("name", ["mask.nii.gzz", "mask.txt", "mask.csv"])
+def test_an_output_name_with_a_typo_is_not_made_a_folder(name, tmp_path, weights, capsys):
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    assert predict(source, "-o", tmp_path / name, "--weights", weights) == 2
+    assert "neither a folder nor a .nii/.nii.gz file name" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -121,6 +166,7 @@ def test_mri_prints_a_warning(tmp_path, weights, capsys, fixtures):
 @pytest.mark.parametrize("args, words", [(["--device", "cuda:7"], "CUDA"), (["--overlap", "1.5"], "overlap"),
                                          (["--weights", "no/such/weights"], "not found"),
                                          (["--sw-batch-size", "0"], "sw-batch-size"),
+                                         (["--device", "mps"], "runs on the CPU or on CUDA GPUs"),
                                          (["--sw-batch-size", "many"], "positive integer or auto")])
 def test_bad_options_exit_2_without_output(args, words, tmp_path, weights, capsys):
     if "cuda" in args[-1] and torch.cuda.device_count() > 7:

@@ -124,6 +124,14 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
     (tmp_path / "weights").mkdir()
     with pytest.raises(ValueError, match="no such folder.*unetrpp convert CHECKPOINT --out weights/unetrpp_synapse"):
         load_pretrained("weights/unetrpp_synapse")
+    # Mistakes a person makes: a trailing slash, an empty value, a name that is no repo id.
+    assert load_pretrained("mine/").config == tiny.config
+    with pytest.raises(ValueError, match="no such folder or file"):
+        load_pretrained("mine_typo/")
+    with pytest.raises(ValueError, match="empty; give a weights folder.*local weights \\['mine'\\]"):
+        load_pretrained("")
+    with pytest.raises(ValueError, match="nor a valid Hugging Face repo id.*local weights \\['mine'\\]"):
+        load_pretrained("my weights/v1")
 
 
 def test_weights_folder_missing_tensors_is_refused(tmp_path, tiny):

@@ -39,7 +39,8 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`device`, or CUDA when available, else CPU; refuses CUDA devices that are not there."""
+    """`device`, or CUDA when available, else CPU; refuses CUDA devices that are not there, and other
+    device types (Apple's MPS among them: not supported or tested here)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -52,6 +53,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={str(device)!r}: unetrpp runs on the CPU or on CUDA GPUs, not on {dev.type!r} "
+                         "devices; use 'cpu', 'cuda' or 'cuda:N'")
     return dev
 
 

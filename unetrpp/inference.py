@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import io, postprocess
 from .devices import CompiledNetwork, auto_sw_batch_size, compile_network, resolve_device, true_float32
 from .fast import optimize_for_inference, reuse_freed_memory
-from .postprocess import organ_statistics, statistics_csv_text, write_text
+from .postprocess import organ_statistics, statistics_csv_text, write_statistics
 from .preprocess import ImageLike, Prepared, load_volume, prepare, restore, restore_torch
 
 if TYPE_CHECKING:
@@ -54,20 +54,27 @@ class SegmentationResult:
     class_names: tuple[str, ...]  # background first
     statistics: list[dict]  # label, name, voxels, volume_ml, mean_hu; one per foreground class present
     warnings: list[str]
-    affine: np.ndarray  # 4x4 affine of the source file
+    affine: np.ndarray  # 4x4 affine of the source file: goes with mask_on_source_grid(), not with mask
     device: str = "cpu"  # where the network ran
     windows: int = 0  # sliding-window positions evaluated
     seconds: float = 0.0
     synthetic: bool = False  # made by weights trained on SYNTHETIC phantoms (config.synthetic)
 
+    def mask_on_source_grid(self) -> np.ndarray:
+        """The mask in the source file's voxel order (i, j, k), the grid `affine` describes:
+        `nib.Nifti1Image(result.mask_on_source_grid(), result.affine)` lies on the scan."""
+        return io.to_source_grid(self.mask, self.volume)
+
     def save(self, path: str | Path) -> Path:
         """Write the mask as NIfTI on the exact source grid, label names in `<name>.json` beside it
-        (both saying "synthetic" when the weights were trained on phantoms)."""
+        (both saying "synthetic" when the weights were trained on phantoms). An existing file is only
+        replaced if it is a mask written here: the scan itself, or any other file, never is."""
         return io.save_mask(self.mask, self.volume, path, label_names=self.class_names, synthetic=self.synthetic)
 
     def statistics_csv(self, path: str | Path) -> Path:
-        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu)."""
-        return write_text(path, statistics_csv_text(self.statistics))
+        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu); an existing file is only
+        replaced if it is such a table (see `postprocess.check_statistics_path`)."""
+        return write_statistics(path, statistics_csv_text(self.statistics))
 
 
 SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "

@@ -361,7 +361,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     if not parent.is_dir():
         raise FileNotFoundError(f"output folder {parent} does not exist; create it or choose another output path")
     if path.is_dir():
-        raise ValueError(f"output {path} is a folder; give a file name ending with .nii.gz")
+        raise ValueError(f"output {path} is a folder; give a file name")
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else path.suffix
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=parent)
@@ -390,7 +390,8 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     to uint8 and no scaling. With `label_names` (background first) the names are recorded twice:
     in a JSON side-car `<name>.json` beside the mask (see `label_table`; readable by any script
     and by the viewer) and as a NIfTI comment extension holding the same JSON, so they travel with
-    the file. 3D Slicer and ITK-SNAP open the mask as a label map either way.
+    the file. 3D Slicer and ITK-SNAP open the mask as a label map either way. An existing file is only
+    replaced if it is a mask (or side-car) written here (`written_by_save_mask`).
     """
     path = Path(path)
     _nifti_stem(path)
@@ -400,6 +401,11 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
                          "give a mask on the volume's (Z, Y, X) grid")
     if mask_zyx.size and (mask_zyx.min() < 0 or mask_zyx.max() > 255):
         raise ValueError(f"mask values span {mask_zyx.min()}..{mask_zyx.max()}; labels must be 0..255 for uint8")
+    targets = [(path, "mask")] + ([(sidecar_path(path), "label side-car")] if label_names is not None else [])
+    for target, what in targets:
+        if target.exists() and not target.is_dir() and not written_by_save_mask(target):
+            raise ValueError(f"{target} exists and is not a {what} written by unetrpp (the scan itself?); it is "
+                             "never overwritten: choose another name or remove it first")
     data = np.ascontiguousarray(to_source_grid(mask_zyx, volume)).astype(np.uint8)
     if volume.source is not None:
         header = volume.source.header.copy()

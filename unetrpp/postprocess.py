@@ -77,3 +77,34 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
+
+
+def _is_statistics_csv(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return set(STATISTICS_FIELDS) <= set(f.readline().strip().split(","))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_statistics_path(path: str | os.PathLike) -> Path:
+    """`path` if a statistics CSV may be written there (ValueError / FileNotFoundError, one line, if not):
+    a name ending in .csv in an existing folder, new or a statistics table written before. Any other
+    file, a scan given as input above all, is never overwritten."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"statistics file {path} is a folder; give a file name ending with .csv")
+    if not path.name.lower().endswith(".csv"):
+        raise ValueError(f"statistics file {path}: the name must end with .csv")
+    if path.exists() and not _is_statistics_csv(path):
+        raise ValueError(f"{path} exists and is not a statistics table written by unetrpp; it is never "
+                         "overwritten: choose another name or remove it first")
+    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise FileNotFoundError(f"folder {path.parent} for the statistics does not exist; create it or choose "
+                                "another path")
+    return path
+
+
+def write_statistics(path: str | os.PathLike, text: str) -> Path:
+    """Write statistics CSV text (see `statistics_csv_text`) to `path`, checked by `check_statistics_path`."""
+    return write_text(check_statistics_path(path), text)

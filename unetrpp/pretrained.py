@@ -164,16 +164,19 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     config.json + model.safetensors; a released `.model` checkpoint; a folder name under `weights/`;
     a Hugging Face repo id "owner/name" (downloaded with huggingface_hub, honouring HF_HUB_OFFLINE)."""
     text = str(spec)
-    path = Path(text).expanduser()
     local = local_weights()
+    if not text.strip():
+        raise ValueError(f"weights {text!r}: empty; give a weights folder, a .model checkpoint, a Hugging Face repo "
+                         f"id (owner/name), or one of the local weights {sorted(local) or '(none)'}")
+    path = Path(text).expanduser()
     if path.is_dir():
         model = _from_folder(path)
     elif path.is_file():  # a released checkpoint (model_final_checkpoint.model), whatever its name
         model = load_original_checkpoint(path)
         if reason := _missing_preprocessing(model.config.name, ()):
             raise ValueError(reason)
-    elif text in local:
-        model = _from_folder(local[text])
+    elif text.rstrip("/\\") in local:  # a name under weights/, perhaps with a trailing slash
+        model = _from_folder(local[text.rstrip("/\\")])
     elif _looks_like_path(text):
         raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
                          f"checkpoint with `python -m unetrpp convert CHECKPOINT --out {text}`, or give one of the "
@@ -192,7 +195,7 @@ def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
     suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
     first = text.replace("\\", "/").split("/")[0]
-    return (text.startswith((".", "/", "~", "\\")) or text.endswith((".model", ".pth", ".pt", ".safetensors"))
+    return (text.startswith((".", "/", "~", "\\")) or text.endswith((".model", ".pth", ".pt", ".safetensors", "/", "\\"))
             or (first != "" and Path(first).expanduser().is_dir()))
 
 
@@ -219,8 +222,15 @@ def _from_folder(path: Path) -> UNETRPP:
 
 
 def _from_hub(repo_id: str) -> UNETRPP:
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"weights {repo_id!r}: no such folder or file here, nor a valid Hugging Face repo id "
+                         f"(owner/name of letters, digits, '-', '_', '.'); give a weights folder, a .model checkpoint, "
+                         f"a repo id, or one of the local weights {sorted(local_weights()) or '(none)'}") from None
     try:
         return UNETRPP.from_pretrained(repo_id, strict=True)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="sliding-window overlap in [0, 1) (default 0.5, as the original); time follows the "
-                             "window count, for the example CT 32 windows at 0, 40 at 0.25, 126 at 0.5, 520 at 0.75")
+                             "window count: with the synapse weights, tests/fixtures/example_ct.nii.gz takes 32 "
+                             "windows at 0, 40 at 0.25, 126 at 0.5, 520 at 0.75")
     parser.add_argument("--sw-batch-size", default="auto",
                         help="windows per forward pass, or auto: 1 on CPU, up to 16 on a GPU as its memory "
                              "allows (default auto)")
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--largest-component", action="store_true",
                         help="keep only the largest connected component of each organ")
     parser.add_argument("--stats", metavar="FILE", default=None,
-                        help="write per-organ statistics of all files to this CSV")
+                        help="write per-organ statistics of all files to this .csv (replaces only a statistics "
+                             "table written before)")
 
 
 def sw_batch_size(value: int | str) -> int | str:
@@ -58,11 +60,11 @@ def sw_batch_size(value: int | str) -> int | str:
     return number
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, plus every non-hidden file inside given folders (sorted); missing paths kept.
-
-    Folder members that are not NIfTI are kept too, so that each is reported and skipped; a folder
-    with no NIfTI file at all is refused (subfolders are not searched).
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """Files as given (missing paths kept, to be reported), plus the .nii/.nii.gz files inside given
+    folders (sorted); and the other files of those folders, which are skipped (the .json side-cars
+    dcm2niix writes, .bval/.bvec, notes). A folder with no NIfTI file at all is refused (subfolders
+    are not searched).
     """
     from ..io import nifti_stem
 
@@ -70,6 +72,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         return p.is_file() and nifti_stem(p) is not None
 
     files: list[Path] = []
+    skipped: list[Path] = []
     for item in inputs:
         path = Path(item)
         if not path.is_dir():
@@ -80,19 +83,28 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             inside = [d for d in sorted(path.iterdir()) if d.is_dir() and any(map(is_nifti, d.iterdir()))]
             hint = f"; {inside[0]} holds some, give that folder" if inside else ""
             raise ValueError(f"{path}: no .nii/.nii.gz files in this folder (subfolders are not searched){hint}")
-        files.extend(members)
-    return files
+        files.extend(p for p in members if is_nifti(p))
+        skipped.extend(p for p in members if not is_nifti(p))
+    return files, skipped
+
+
+# Names that look like a file rather than a folder: -o with one of these is a typo, not a new folder.
+_FILE_LIKE = (".txt", ".csv", ".json", ".png", ".jpg", ".gz", ".zip", ".nrrd", ".mha", ".mhd", ".dcm", ".npy", ".npz")
 
 
 def output_paths(files: list[Path], output: Path) -> list[Path]:
     """`output/<stem>.nii.gz` per file, or `output` itself for one file and a .nii/.nii.gz output."""
     from ..io import NIFTI_SUFFIXES, nifti_stem
 
-    if output.name.lower().endswith(NIFTI_SUFFIXES):
+    name = output.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
         if len(files) == 1:
             return [output]
         raise ValueError(f"-o {output}: {len(files)} inputs need an output folder, not a file name; "
                          f"e.g. -o {output.parent / nifti_stem(output)}")
+    if not output.is_dir() and (".nii" in name or name.endswith(_FILE_LIKE)):
+        raise ValueError(f"-o {output}: neither a folder nor a .nii/.nii.gz file name; give a folder, or for one "
+                         "input a name ending with .nii.gz")
     return [output / f"{nifti_stem(f) or f.stem}.nii.gz" for f in files]
 
 
@@ -145,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from ..inference import check_single_channel, segment
-    from ..postprocess import statistics_csv_text, write_text
+    from ..postprocess import check_statistics_path, statistics_csv_text, write_statistics
     from ..pretrained import load_pretrained
 
     debug = getattr(args, "debug", False)
@@ -155,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.overlap < 1.0:
         raise ValueError(f"--overlap {args.overlap}: must be in [0, 1); 0.5 is the usual choice")
     batch = sw_batch_size(args.sw_batch_size)
-    files = collect_inputs(args.inputs)
+    files, skipped = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no input files in {args.inputs}; give .nii/.nii.gz files or folders holding them")
     output = Path(args.output)
@@ -165,11 +177,21 @@ def run(args: argparse.Namespace) -> int:
     if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per rank
     device = resolve_device(device)
+    stats_path = None
+    if args.stats:  # checked before the work, so a bad name does not wait for every file to be segmented
+        stats_path = Path(args.stats)
+        if world > 1:
+            stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
+        check_statistics_path(stats_path)
     model = load_pretrained(args.weights, device=device)  # before creating anything: bad weights leave no trace
     check_single_channel(model.config)
     created = make_output_folder(output) if targets and targets[0].parent == output else False
-    inputs = {f.resolve() for f in files}
+    inputs = {f.resolve() for f in files} | {f.resolve() for f in skipped}
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    if skipped and rank == 0:
+        names = ", ".join(p.name for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): {names}",
+              file=sys.stderr)
 
     failures, rows, seen = 0, [], set()
     # disable=None: bars only on a terminal, so logs and pipes get plain lines
@@ -213,12 +235,9 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
         rows.append((str(source), result.statistics))
 
-    if args.stats:
-        stats_path = Path(args.stats)
-        if world > 1:
-            stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
+    if stats_path is not None:
         text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",))
-        write_text(stats_path, text)
+        write_statistics(stats_path, text)
         tqdm.write(f"{tag}wrote {stats_path}")
     if created and world == 1 and not any(output.iterdir()):
         output.rmdir()  # nothing was written: leave no trace
