@@ -221,7 +221,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                     slides.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
                                                             interactive=False, elem_id=f"slider-{view}"))
                         position = gr.Markdown("", elem_id="position")
-                        table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
+                        table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False, max_height=720,
                                              elem_id="stats-table")
                     with gr.Tab("3D surfaces"):
                         surface = gr.Plot(label="organ surfaces (marching cubes, downsampled)", elem_id="surface")
