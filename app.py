@@ -156,12 +156,18 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             return views(session, preset, width, level, opacity, organs, contour)
         return handler
 
-    @friendly
     @GPU(duration=H.GPU_SETUP_SECONDS)  # one window
+    def attention_maps(session, block, head):
+        """The network's part: on ZeroGPU it runs in a worker on a copy of the session, so it returns the maps
+        and leaves the session to on_attention."""
+        return H.attention_view(model.get(), session, block, head)
+
+    @friendly
     def on_attention(session, block, head, preset, width, level):
         if session is None:
             raise gr.Error("Load a scan first, then click a voxel in the views.")
-        return H.attention_outputs(model.get(), session, block, head, vis.window_preset(preset, width, level))
+        window = vis.window_preset(preset, width, level)  # a bad custom window is refused before the GPU is asked
+        return H.show_attention(session, attention_maps(session, block, head), head, window)
 
     def on_attention_click(view):
         @friendly

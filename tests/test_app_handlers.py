@@ -201,10 +201,14 @@ def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_pa
         H.check_workload(small, tiny_model.config, tta=True, limit=7)
 
 
-def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, tiny_model):
-    """app.py under a stand-in `spaces` module: every model call is wrapped in spaces.GPU with a
-    duration, and the segmentation's duration follows the scan and the TTA switch."""
+def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, scan, tiny_model):
+    """app.py under a stand-in `spaces` module that, like ZeroGPU, runs each GPU function on pickled
+    copies of its arguments and results: every model call is wrapped with a duration, the
+    segmentation's duration follows the scan and the TTA switch, and the attention tab still works
+    (what the worker changes in its copy of the session is lost)."""
+    import functools
     import importlib.util
+    import pickle
     import sys
     import types
 
@@ -213,17 +217,29 @@ def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, 
     def GPU(fn=None, duration=None):  # records what app.py asks for, as spaces.GPU would receive it
         def wrap(f):
             requested[f.__name__] = duration
-            return f
+
+            @functools.wraps(f)
+            def in_a_worker(*args, **kwargs):
+                args, kwargs = pickle.loads(pickle.dumps((args, {k: v for k, v in kwargs.items() if k != "progress"})))
+                return pickle.loads(pickle.dumps(f(*args, **kwargs)))
+            return in_a_worker
         return wrap(fn) if fn is not None else wrap
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
     spec = importlib.util.spec_from_file_location("app_on_zerogpu", Path(__file__).parents[1] / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
-    app.build_demo(net=tiny_model)
+    demo = app.build_demo(net=tiny_model)
 
-    assert set(requested) == {"on_segment", "api_segment", "on_attention"}
-    assert requested["on_attention"] == H.GPU_SETUP_SECONDS
+    assert set(requested) == {"on_segment", "api_segment", "attention_maps"}
+    assert requested["attention_maps"] == H.GPU_SETUP_SECONDS
+    handler = {f.name: f.fn for f in demo.fns.values()}
+    session = H.load_scan(scan)
+    *images, figure, caption = handler["on_attention"](session, 0, 0, "abdomen", None, None)
+    assert images[0].ndim == 3 and "Query voxel" in caption
+    H.attention_click(session, "axial", 0, 0)  # needs the maps the worker computed
+    result, status = handler["on_segment"](session, 0.5, False, False, progress=lambda *a, **k: None)
+    assert result.mask is not None and result.mask.shape == session.volume.shape and "Segmented" in status
     ct = fixtures / "example_ct.nii.gz"
     session = H.Session(np.zeros((2, 2, 2), np.float32), (1.0, 1.0, 1.0), ct.name, str(ct))
     expected = H.gpu_seconds(ct, tiny_model.config, 0.5, False)

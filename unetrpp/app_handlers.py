@@ -408,27 +408,39 @@ def attention_choices(model) -> tuple[list[tuple[str, int]], list[tuple[str, int
     return blocks, heads
 
 
-def attention_outputs(model, session: Session, block: int | None, head: int | None,
-                      window: tuple[float, float]) -> list:
-    """The attention tab for the crosshair voxel: three heat-map views (RGB), the channel-attention
-    figure and a caption. `block` indexes `attention_choices`; `head` 0/None is the mean of heads."""
+def attention_view(model, session: Session, block: int | None, head: int | None):
+    """The network's part of the attention tab (what a GPU runs): the `visualize_attention.AttentionView`
+    of the crosshair voxel. `block` indexes `attention_choices`; `head` 0/None is the mean of heads.
+    It leaves `session` as it was, so it may run on a copy (a ZeroGPU worker gets one)."""
     from . import visualize_attention as va
 
     names = va.attention_blocks(model)
     if block is not None and not 0 <= int(block) < len(names):
         raise ValueError(f"block={block}: must be in [0, {len(names) - 1}]")
-    name = names[int(block or 0)]
     head_index = None if not head else int(head) - 1
-    view = va.compute_attention(model, session.volume, session.spacing, session.position, name, head_index,
-                                session.orientation)
+    return va.compute_attention(model, session.volume, session.spacing, session.position, names[int(block or 0)],
+                                head_index, session.orientation)
+
+
+def show_attention(session: Session, view, head: int | None, window: tuple[float, float]) -> list:
+    """The attention tab drawn from `attention_view`'s result: three heat-map views (RGB), the
+    channel-attention figure and a caption; the session remembers the view for clicks on it."""
+    from . import visualize_attention as va
+
     session.attention = (view, tuple(session.position))
-    label = va.block_label(name, view.grid)
+    label = va.block_label(view.block, view.grid)
     caption = (f"Query voxel (z, y, x) = {tuple(session.position)} at the centre of the "
                f"{' x '.join(map(str, view.window_hu.shape))} window; {label}; "
-               f"{'mean of heads' if head_index is None else f'head {head_index + 1}'}. Heat-map: the query's "
+               f"{f'head {int(head)}' if head else 'mean of heads'}. Heat-map: the query's "
                "attention weight (no unit), from its minimum (clear) to its maximum in this window (bright yellow).")
     return [*(va.render_attention(view, v, window) for v in vis.VIEWS),
             va.channel_figure(view.channel, f"channel attention, {label}"), caption]
+
+
+def attention_outputs(model, session: Session, block: int | None, head: int | None,
+                      window: tuple[float, float]) -> list:
+    """`attention_view` then `show_attention`, in one process."""
+    return show_attention(session, attention_view(model, session, block, head), head, window)
 
 
 def attention_click(session: Session, view: str, col: float, row: float) -> Session:
