@@ -21,8 +21,8 @@
 # input size (linear for efficient paired attention, quadratic for UNETR's self-attention); and why
 # "FLOPs" in papers must be read with care.
 #
-# **How long.** About 1–2 minutes in fast mode (`UNETRPP_FAST=1`, small inputs), about 10 minutes on a
-# laptop CPU in full mode (the paper's 64×128×128 input). Every number below is measured in this run,
+# **How long.** Measured on 2 CPU cores: under a minute in fast mode (`UNETRPP_FAST=1`, small inputs), 1–2
+# minutes in full mode (the paper's 64×128×128 input). Every number below is measured in this run,
 # on this machine; the paper's numbers sit beside them for comparison.
 
 # %% tags=["parameters"]
@@ -30,7 +30,7 @@ import os
 
 FAST = os.environ.get("UNETRPP_FAST", "0") == "1"  # set UNETRPP_FAST=1 for a quick run
 INPUT = (1, 1, 32, 64, 64) if FAST else (1, 1, 64, 128, 128)  # (B, C, Z, Y, X)
-REPEATS = 1 if FAST else 3  # timed forward passes per network (median)
+REPEATS = 3  # timed forward passes per network (median: one slow pass on a busy machine does not count)
 THREADS = 2  # CPU threads for the timings
 SIZES = [(16, 32, 32), (32, 64, 64), (32, 96, 96)] if FAST else [(32, 64, 64), (64, 128, 128), (64, 160, 160), (96, 192, 192)]
 
@@ -80,7 +80,7 @@ for name, r in runs.items():
 # 8× smaller too. Parameters barely depend on the input for Swin-UNETR; UNETR's positional embedding
 # has one vector per 16³ patch (92.66 M at 32×64×64 against 92.83 M at 64×128×128), and UNETR++'s
 # positional embeddings and E/F projections are sized by the number of tokens, so its count changes most.
-# At the paper's input, UNETR++ matches the released network to the parameter (42.96 M). The peers come
+# At the paper's input, UNETR++ matches the released network to the parameter (42.95 M). The peers come
 # from today's MONAI, whose blocks differ in small details from the versions the paper measured, so
 # their counts differ from the paper's table by under 1 % (the details were not traced).
 #

@@ -101,6 +101,12 @@ def test_cli_checks_the_output_first_and_writes_strict_json(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and json.loads(text)["cases"]["0001"]["spleen"]["hd95"] is None
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0  # its own results are replaced on a rerun
+    for name, mine in (("notes.csv", "my,own\n"), ("dataset.json", '{"name": "my data"}')):
+        (tmp_path / name).write_text(mine)  # anything else never is
+        assert main([*args, "--out", str(tmp_path / name)]) == 2
+        assert "not evaluation results written by unetrpp" in capsys.readouterr().err
+        assert (tmp_path / name).read_text() == mine
 
 
 def test_cli_refuses_another_label_scheme_and_names_grids_as_files_store_them(tmp_path, capsys):

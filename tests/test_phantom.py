@@ -99,3 +99,16 @@ def test_cli_writes_the_layout(tmp_path, capsys):
     assert (tmp_path / "p/imagesTr/img0001.nii.gz").is_file() and (tmp_path / "p/labelsTr/label0001.nii.gz").is_file()
     assert main(["phantom", "--out", str(tmp_path / "q"), "--cases", "0", "--size", "small"]) == 2
     assert "cases=0" in capsys.readouterr().err
+    # Its own folder may be written again; a folder with anyone else's files never is.
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--seed", "5", "--size", "small"]) == 0
+    real = tmp_path / "real"
+    (real / "imagesTr").mkdir(parents=True)
+    (real / "imagesTr" / "img0001.nii.gz").write_bytes(b"a real scan")
+    (real / "dataset.json").write_text('{"name": "BTCV"}')
+    assert main(["phantom", "--out", str(real), "--cases", "1", "--size", "small"]) == 2
+    assert "not a phantom folder written by `unetrpp phantom`" in capsys.readouterr().err
+    assert (real / "imagesTr" / "img0001.nii.gz").read_bytes() == b"a real scan"
+    assert (real / "dataset.json").read_text() == '{"name": "BTCV"}' and not (real / "labelsTr").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["phantom", "--out", str(tmp_path / "afile" / "p"), "--cases", "1", "--size", "small"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -54,6 +54,8 @@ def test_loss_falls_and_inference_model_is_saved(phantoms, tmp_path):
     assert model.config.preprocessing.spacing == (10.0, 6.0, 6.0)  # the override is recorded,
     assert model.config.preprocessing.orientation == "RAS"  # merged into the preset's preprocessing
     assert model.config.synthetic is True  # trained on phantoms, and the weights say so
+    card = (result.model_dir / "README.md").read_text()
+    assert "SYNTHETIC phantoms" in card and "16 steps" in card and "More Information Needed" not in card
     model.eval()
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
 
@@ -101,6 +103,17 @@ def test_a_run_is_never_overwritten_and_resume_keeps_its_options(phantoms, tmp_p
     resumed = train(options(phantoms, tmp_path / "run", max_steps=3, resume=True, lr=0.5))
     assert resumed.step == 3 and "lr=0.5 (the run has 0.003)" in caplog.text
     assert json.loads((tmp_path / "run/options.json").read_text())["lr"] == 3e-3
+    caplog.clear()  # an option left at its default was not asked for; a run already past max_steps says so
+    again = train(options(phantoms, tmp_path / "run", max_steps=2, resume=True, val_every=200))
+    assert again.step == 3 and "already at step 3, not below max_steps=2: nothing to train" in caplog.text
+    assert "val_every" not in caplog.text
+
+
+def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setattr("unetrpp.train.prepare_cases", lambda *a: pytest.fail("the data was prepared first"))
+    with pytest.raises(ValueError, match=r"--out .*afile/run: .*afile is a file, not a folder"):
+        train(options(phantoms, tmp_path / "afile" / "run", max_steps=2))
 
 
 @pytest.mark.parametrize("change, words", [({"grad_clip": -1.0}, "grad_clip=-1.0: must be a positive"),

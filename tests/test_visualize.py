@@ -177,12 +177,18 @@ def test_plot_views_for_notebooks():
     import matplotlib
 
     matplotlib.use("Agg")
-    vol = np.zeros((6, 20, 30), np.float32)
+    vol = np.full((6, 20, 30), 40.0, np.float32)  # soft tissue
     mask = np.zeros(vol.shape, np.uint8)
     mask[2:4, 5:10, 5:10] = 6
     fig = vis.plot_views(vol, (3.0, 1.0, 1.0), mask, class_names=NAMES, title="SYNTHETIC")
     assert [ax.get_title() for ax in fig.axes] == list(vis.VIEWS)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver"]
+    # The swatch has the colour the liver overlay has on the image, not the full label colour.
+    drawn = vis.render_view(vol, "axial", (3, 7, 7), (3.0, 1.0, 1.0), mask=mask, crosshair=False)
+    liver = drawn[(drawn != drawn[0, 0]).any(-1)][0]
+    swatch = np.array(fig.legends[0].get_patches()[0].get_facecolor()[:3]) * 255
+    np.testing.assert_allclose(swatch, liver, atol=1.5)
+    assert np.abs(swatch - BTCV_COLORS[6]).max() > 10
 
 
 def test_organ_colours_can_be_told_apart():

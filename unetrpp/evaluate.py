@@ -147,7 +147,24 @@ def check_results_path(path: str | os.PathLike) -> Path:
         raise ValueError(f"--out {path}: unknown format; use a .csv or .json file name")
     if not path.parent.is_dir():
         raise ValueError(f"--out {path}: the folder {path.parent} does not exist; create it or choose another")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a .csv or .json file name")
+    if path.exists() and not _is_results_file(path):
+        raise ValueError(f"--out {path}: the file exists and is not evaluation results written by unetrpp; it is "
+                         "never overwritten: choose another name or remove it first")
+    io.check_folder_can_be_written(path.parent)
     return path
+
+
+def _is_results_file(path: Path) -> bool:
+    """Whether `path` holds results `write_results` wrote (safe to replace on a rerun)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".csv":
+            return text.startswith("case,organ,dice,hd95_mm\n")
+        return {"cases", "mean"} <= set(json.loads(text))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 def _nan_to_none(value):

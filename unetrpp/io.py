@@ -355,6 +355,25 @@ def usual_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+def check_folder_can_be_written(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """`folder` if it is, or can be created as, a folder this process may write in; else one-line ValueError.
+    Nothing is created: the nearest existing ancestor is tested with a temporary file."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {folder}: {existing} is a file, not a folder; give a folder path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".unetrpp-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{option} {folder}: cannot write in {existing} ({exc.strerror}); choose a writable "
+                         "folder") from None
+    return folder
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` on a temporary file next to `path`, then move it into place."""
     parent = path.parent if str(path.parent) else Path(".")

@@ -28,6 +28,7 @@ from .data.btcv import Case, check_cases, is_synthetic, read_datalist, split_cas
 from .evaluate import dice
 from .fast import reuse_freed_memory
 from .inference import sliding_window_probabilities
+from .io import check_folder_can_be_written
 from .model import UNETRPP
 from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
@@ -178,13 +179,31 @@ _CHANGEABLE_ON_RESUME = ("max_steps", "device", "resume", "progress", "data", "o
 
 
 def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
-    """The checkpoint's options with the changeable ones from `given`; says which others were ignored."""
+    """The checkpoint's options with the changeable ones from `given`; says which others were asked for
+    and ignored (a value left at its default was not asked for)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainOptions)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults["lr"] = DEFAULT_LR.get(given.optimizer, defaults["lr"])
     ignored = [f"{k}={getattr(given, k)!r} (the run has {v!r})" for k, v in saved.items()
-               if k not in _CHANGEABLE_ON_RESUME and getattr(given, k) != v]
+               if k not in _CHANGEABLE_ON_RESUME and getattr(given, k) != v and getattr(given, k) != defaults.get(k)]
     if ignored:
         log.warning("resuming with the run's own options; these given ones differ and are ignored: %s",
                     ", ".join(ignored))
     return TrainOptions(**{**saved, **{k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME}})
+
+
+def _model_card(config: UNETRPPConfig, options: TrainOptions, history: list[dict], step: int, n_train: int,
+                n_val: int) -> str:
+    """The README.md of RUN_DIR/model: what was trained on what, and how to use it."""
+    vals = [h["val_mean_dice"] for h in history if "val_mean_dice" in h]
+    dice = f"; last validation mean Dice {vals[-1]:.3f}" if vals else ""
+    data = ("**SYNTHETIC phantoms** (`python -m unetrpp phantom`): teaching weights, not a segmentation of real "
+            "anatomy" if config.synthetic else f"`{options.data}`")
+    return (f"# UNETR++ `{config.name}` trained with `python -m unetrpp train`\n\n"
+            f"Data: {data}. {n_train} training and {n_val} validation cases, {step} steps{dice}.\n\n"
+            "Use: `python -m unetrpp predict SCAN -o OUT --weights THIS_FOLDER`, or "
+            "`unetrpp.pretrained.load_pretrained(\"THIS_FOLDER\")`. Not a medical device.\n")
 
 
 def _rng_path(run_dir: Path, rank: int) -> Path:
@@ -234,6 +253,10 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     elif ckpt_path.is_file() or (run_dir / "metrics.jsonl").is_file():
         raise ValueError(f"{run_dir} already holds a training run; add --resume to continue it, "
                          "or give another --out folder (nothing was changed)")
+    check_folder_can_be_written(run_dir)  # before the data is prepared, not after
+    if start_step >= options.max_steps:
+        log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
+                    "go on); the model is saved again", start_step, options.max_steps)
     config = build_config(options.name, options.config_overrides)
     _check_batch_norm(config, options.batch_size)
     if is_synthetic(options.data):  # the saved weights say so wherever they are used
@@ -248,6 +271,12 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     prepared = prepare_cases(train_cases + val_cases, config)  # every case checked before any step
     train_data, val_data = prepared[: len(train_cases)], prepared[len(train_cases):]
     log.info("rank %d: %d training and %d validation cases", ctx.rank, len(train_data), len(val_data))
+    if ctx.is_main and not val_cases:
+        log.warning("no validation cases (%d case(s) in all): the run reports no validation Dice; give more "
+                    "cases or --val-cases", len(train_cases))
+    if ctx.is_main and options.max_steps < options.warmup_steps:
+        log.warning("max_steps=%d ends inside the %d warm-up steps: the learning rate never reaches its peak",
+                    options.max_steps, options.warmup_steps)
 
     model, opt, sched = _build(options, config, ctx.device, options.max_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda")
@@ -290,16 +319,19 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         if on_step is not None:
             on_step(entry)
 
-    bar = None
+    bar, above_the_bar = None, contextlib.nullcontext()
     if ctx.is_main and options.progress:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         bar = tqdm(total=options.max_steps, initial=start_step, desc="train", unit="step")
+        above_the_bar = logging_redirect_tqdm()  # log lines print above the bar, not glued to its end
     # elapsed_s counts training time over all sessions of a resumed run
     step, t0, running = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0), []
     net.train()
     whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
-    with reuse_freed_memory(), _stop_between_steps(ctx) as stop:
+    with reuse_freed_memory(), _stop_between_steps(ctx) as stop, above_the_bar:
         try:
             while step < options.max_steps:
                 epoch, offset = divmod(step, per_epoch)
@@ -358,7 +390,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     model_dir = None
     if ctx.is_main:
         plot_curves(history, run_dir / "training_curve.png", curve_title)
-        model_dir = save_for_inference(model, run_dir / "model")
+        model_dir = save_for_inference(model, run_dir / "model", card=_model_card(config, options, history, step,
+                                                                                  len(train_data), len(val_data)))
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
 

@@ -336,13 +336,15 @@ def heatmap_overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.55, cma
 def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | None = None,
                position: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                title: str | None = None, **kwargs):
-    """A matplotlib Figure of the three views (for notebooks), with an organ legend when `mask` is given.
+    """A matplotlib Figure of the three views (for notebooks), with patient directions and scale bars,
+    and an organ legend when `mask` is given, its swatches blended as the overlay is over soft tissue.
 
     `volume` and `mask` are (Z, Y, X); keyword arguments go to `render_view` (window, opacity, ...).
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    kwargs.setdefault("annotate", True)
     views = orthogonal_views(volume, position, spacing, mask=mask, **kwargs)
     widths = [views[v].shape[1] / views[v].shape[0] for v in VIEWS]  # equal heights, true aspect
     fig, axes = plt.subplots(1, 3, figsize=(4 * sum(widths), 4.6), gridspec_kw={"width_ratios": widths})
@@ -351,8 +353,12 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
         ax.set_title(view)
         ax.axis("off")
     if mask is not None and class_names is not None:
-        entries = legend_entries(class_names, np.unique(mask))
-        fig.legend(handles=[Patch(color=color, label=name) for _, name, color in entries],
+        entries = legend_entries(class_names, np.unique(mask), kwargs.get("colors"))
+        alpha = 1.0 if kwargs.get("contour_only") else kwargs.get("opacity", 0.5)
+        tissue = float(apply_window(np.array([40.0]), *kwargs.get("window", WINDOW_PRESETS["abdomen"]))[0])  # 40 HU
+        swatch = [tuple((alpha * int(c[i:i + 2], 16) + (1 - alpha) * tissue) / 255 for i in (1, 3, 5))
+                  for _, _, c in entries]
+        fig.legend(handles=[Patch(color=rgb, label=name) for rgb, (_, name, _) in zip(swatch, entries)],
                    loc="lower center", ncol=min(len(entries), 7), frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)

@@ -51,6 +51,9 @@ ORGAN_HU = {1: (45, 120), 2: (35, 180), 3: (35, 180), 4: (10, 12), 5: (40, 60), 
 SPLEEN, RKID, LKID, GALL, ESO, LIVER, STOMACH, AORTA, IVC, VEIN, PANCREAS, RADR, LADR = range(1, 14)
 
 
+PHANTOM_REFERENCE = "unetrpp.data.phantom (this package)"  # in dataset.json: marks a folder written here
+
+
 def make_grid(size: str = "default") -> tuple[Grid, tuple[float, float, float]]:
     """The world grid (mm, RAS, in-plane centred on the body axis, z from the bottom slice)."""
     if size not in SIZES:
@@ -212,13 +215,28 @@ def generate_case(seed: int, index: int = 0, size: str = "default") -> tuple[np.
     return image, labels, spacing
 
 
+def check_phantom_folder(out: str | os.PathLike) -> Path:
+    """`out` if phantoms may be written there: a new or empty folder, or one this generator wrote
+    before (its dataset.json says so). A folder holding anything else, real data above all, is refused."""
+    out = io.check_folder_can_be_written(out)
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            ours = json.loads((out / "dataset.json").read_text()).get("reference") == PHANTOM_REFERENCE
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out}: the folder holds files and is not a phantom folder written by "
+                             "`unetrpp phantom`; give a new or empty folder (nothing was written)")
+    return out
+
+
 def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, size: str = "default",
                           first_index: int = 1) -> Path:
     """Write `cases` SYNTHETIC cases as imagesTr/imgNNNN.nii.gz, labelsTr/labelNNNN.nii.gz and an
     MSD-style dataset.json that says they are synthetic. Returns the folder."""
     if not isinstance(cases, int) or cases < 1:
         raise ValueError(f"cases={cases!r}: need a positive number of cases, e.g. --cases 4")
-    out = Path(out)
+    out = check_phantom_folder(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     grid, spacing = make_grid(size)
@@ -235,7 +253,7 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
         "name": "UNETR++ SYNTHETIC abdominal CT phantom",
         "description": SYNTHETIC_NOTE,
         "synthetic": True,
-        "reference": "unetrpp.data.phantom (this package)",
+        "reference": PHANTOM_REFERENCE,
         "licence": "CC0-1.0 (generated data)",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
