@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -163,6 +164,17 @@ def test_hub_repo_id_from_a_prefilled_cache_and_offline_error(tmp_path, tiny):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "OK unetrpp_tiny" in out.stdout, out.stderr
     assert "ERR could not get weights 'someone/not-cached'" in out.stdout and "HF_HUB_OFFLINE" in out.stdout and "if you meant a local folder" in out.stdout
+    # Without HF_HUB_OFFLINE on a machine whose DNS cannot find the Hub: the cache at once, no half minute
+    # of retries, and a message that says what happened.
+    no_dns = ("import socket\n"
+              "def fail(*a, **k):\n    raise socket.gaierror(-2, 'Name or service not known')\n"
+              "socket.getaddrinfo = fail\n")
+    env.pop("HF_HUB_OFFLINE")
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", no_dns + code], env=env, capture_output=True, text=True, timeout=300)
+    assert "OK unetrpp_tiny" in out.stdout, out.stderr
+    assert "the Hub is out of reach (huggingface.co: Name or service not known)" in out.stdout, out.stdout
+    assert "Retrying" not in out.stderr and time.time() - started < 25
 
 
 def test_state_dict_that_is_not_tensors_is_refused(tmp_path):

@@ -231,14 +231,33 @@ def _from_hub(repo_id: str) -> UNETRPP:
         raise ValueError(f"weights {repo_id!r}: no such folder or file here, nor a valid Hugging Face repo id "
                          f"(owner/name of letters, digits, '-', '_', '.'); give a weights folder, a .model checkpoint, "
                          f"a repo id, or one of the local weights {sorted(local_weights()) or '(none)'}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    unreachable = None if offline else _hub_unreachable()
     try:
-        return UNETRPP.from_pretrained(repo_id, strict=True)
+        # Out of reach, huggingface_hub would retry for half a minute before falling back to its cache.
+        return UNETRPP.from_pretrained(repo_id, strict=True, local_files_only=unreachable is not None)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}"
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
+               f"the Hub is out of reach ({unreachable}) and it is not in the local cache" if unreachable else
+               f"{type(exc).__name__}")
         raise ValueError(f"could not get weights {repo_id!r} from the Hugging Face Hub ({why}); download them "
                          "where the Hub is reachable (huggingface-cli download) and pass the folder (if you meant "
                          "a local folder: none of that name exists here)") from None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub's host cannot be reached (its name does not resolve), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    return None
 
 
 def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRPPConfig | None = None,
