@@ -163,7 +163,7 @@ def test_segment_scan_runs_the_precision_it_is_given(scan, tiny_model, tmp_path)
     assert next(tiny_model.parameters()).dtype == torch.float32  # the viewer's model stays float32
 
 
-def test_gpu_seconds_count_the_windows_of_the_scan(fixtures):
+def test_gpu_seconds_count_the_windows_of_the_scan(fixtures, monkeypatch):
     """The ZeroGPU request: the setup allowance plus a share per window on the weights' target grid,
     counted from the header; eight times the windows with TTA; capped; the allowance for unreadable files."""
     from unetrpp.config import get_config
@@ -178,17 +178,25 @@ def test_gpu_seconds_count_the_windows_of_the_scan(fixtures):
     assert windows == 126  # as benchmarks/README.md reports for this scan
     assert H.gpu_seconds(ct, config) == int(H.GPU_SETUP_SECONDS + windows * H.GPU_SECONDS_PER_WINDOW)
     assert H.gpu_seconds(ct, config, tta=True) == int(H.GPU_SETUP_SECONDS + 8 * windows * H.GPU_SECONDS_PER_WINDOW)
-    assert H.gpu_seconds(ct, config, overlap=0.95) == H.GPU_MAX_SECONDS
     for unreadable in (None, fixtures / "missing.nii.gz", fixtures / "README.md"):
         assert H.gpu_seconds(unreadable, config) == H.GPU_SETUP_SECONDS
+    assert H.check_workload(ct, config) == windows  # the real CT passes the viewer's limit; not at any overlap:
+    with pytest.raises(ValueError, match=r"spans 336 x 303 x 366 mm .* window passes .* above this viewer's limit"):
+        H.check_workload(ct, config, overlap=0.99)  # segment() accepts 0.99, so the limit must count it as it is
+    with pytest.raises(ValueError, match=r"overlap=1.0: must be in \[0, 1\)"):
+        H.check_workload(ct, config, overlap=1.0)
+    # A scan the viewer refuses asks only for the time it takes to say so; the request is capped.
+    assert H.gpu_seconds(ct, config, overlap=0.95) == H.gpu_seconds(ct, config, overlap=1.0) == H.GPU_SETUP_SECONDS
+    monkeypatch.setattr(H, "MAX_WINDOWS", 10**9)
+    assert H.gpu_seconds(ct, config, overlap=0.95) == H.GPU_MAX_SECONDS
 
 
 def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_path, tiny_model):
     """An 11 KB file whose header says 5-10 cm voxels spans 1.6 m: thousands of windows on a shared server."""
     bad = tmp_path / "huge_spacing.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 8), np.int16), np.diag([50.0, 50.0, 100.0, 1.0])), bad)
-    windows, grid = H.scan_windows(bad, tiny_model.config)
-    assert windows > H.MAX_WINDOWS and grid == (200, 640, 640)
+    windows, grid, extent = H.scan_windows(bad, tiny_model.config)
+    assert windows > H.MAX_WINDOWS and grid == (200, 640, 640) and extent == "800 x 1600 x 1600"
     with pytest.raises(ValueError, match=r"spans 800 x 1600 x 1600 mm .* above this viewer's limit of 2,000 "
                                          r"\(UNETRPP_MAX_WINDOWS\); check the voxel spacing") as info:
         H.segment_scan(bad, tiny_model, tmp_path / "out", tta=True)
@@ -203,7 +211,8 @@ def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_pa
 
 def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, scan, tiny_model):
     """app.py under a stand-in `spaces` module that, like ZeroGPU, runs each GPU function on pickled
-    copies of its arguments and results: every model call is wrapped with a duration, the
+    copies of its arguments and results (progress callbacks aside, which the real one forwards and
+    this one drops): every model call is wrapped with a duration, the
     segmentation's duration follows the scan and the TTA switch, and the attention tab still works
     (what the worker changes in its copy of the session is lost)."""
     import functools

@@ -292,6 +292,18 @@ def test_header_grid_is_the_grid_load_gives(orientation, tmp_path):
         np.testing.assert_allclose(spacing, volume.spacing, rtol=1e-6)
 
 
+def test_header_grid_refuses_what_load_refuses(tmp_path):
+    flat = _zero_spacing(tmp_path)  # nibabel would invent 1 mm
+    odd = write_nifti(tmp_path / "odd.nii", _phantom())
+    raw = bytearray(odd.read_bytes())
+    raw[70:72] = np.array([12345], "<i2").tobytes()  # datatype: no such code
+    odd.write_bytes(bytes(raw))
+    for path, words in ((flat, "zero voxel spacing"), (odd, "cannot read the NIfTI header")):
+        for read in (io.load, io.header_grid):
+            with pytest.raises(ValueError, match=words):
+                read(path)
+
+
 def test_save_mask_never_replaces_a_file_it_did_not_write(tmp_path):
     """Not the scan itself, not someone's JSON beside it; its own mask and side-car, yes (a rerun)."""
     path = write_nifti(tmp_path / "ct.nii.gz", _phantom())

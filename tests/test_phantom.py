@@ -109,6 +109,21 @@ def test_cli_writes_the_layout(tmp_path, capsys):
     assert "not a phantom folder written by `unetrpp phantom`" in capsys.readouterr().err
     assert (real / "imagesTr" / "img0001.nii.gz").read_bytes() == b"a real scan"
     assert (real / "dataset.json").read_text() == '{"name": "BTCV"}' and not (real / "labelsTr").exists()
+    # A run stopped half-way leaves a folder that is still its own.
+    calls = []
+
+    def stop_on_the_third_file(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return save_array(*args, **kwargs)
+
+    save_array = io.save_array
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(io, "save_array", stop_on_the_third_file)
+        write_phantom_dataset(tmp_path / "half", cases=2, size="small")
+    assert write_phantom_dataset(tmp_path / "half", cases=2, size="small") == tmp_path / "half"
+    assert json.loads((tmp_path / "half/dataset.json").read_text())["numTraining"] == 2
     (tmp_path / "afile").write_text("x")
     assert main(["phantom", "--out", str(tmp_path / "afile" / "p"), "--cases", "1", "--size", "small"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

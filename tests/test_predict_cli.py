@@ -116,6 +116,9 @@ def test_statistics_never_replace_a_file_they_did_not_write(tmp_path, weights, c
     table = tmp_path / "stats.csv"
     assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", table) == 0
     assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", table) == 0  # a rerun
+    inside = tmp_path / "masks" / "statistics.csv"  # in the output folder this very run creates
+    assert predict(source, "-o", tmp_path / "masks", "--weights", weights, "--stats", inside) == 0
+    assert inside.read_text().startswith("file,label,name")
 
 
 @pytest.mark.parametrize("name", ["mask.nii.gzz", "mask.txt", "mask.csv"])

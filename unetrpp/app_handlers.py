@@ -259,29 +259,30 @@ GPU_SECONDS_PER_WINDOW = 0.05
 GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
 
 
-def scan_windows(path: str | os.PathLike, config: Any, overlap: float = 0.5) -> tuple[int, tuple[int, int, int]]:
-    """Sliding-window positions for the NIfTI at `path` and the target grid they cover, from its header
-    alone (ValueError/OSError as `io.load` for a file that cannot be read)."""
+def scan_windows(path: str | os.PathLike, config: Any, overlap: float = 0.5) -> tuple[int, tuple[int, int, int], str]:
+    """Sliding-window positions for the NIfTI at `path`, the target grid they cover and the scan's extent
+    ("Z x Y x X" mm), from its header alone (ValueError/OSError as `io.load` for a file it cannot read)."""
     from .inference import count_windows
     from .preprocess import target_shape
 
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
     prep = config.preprocessing
     shape, spacing = io.header_grid(path, prep.orientation)
     grid = target_shape(shape, spacing, prep.spacing)
-    return count_windows(grid, config.patch_size, min(max(float(overlap), 0.0), 0.95)), grid
+    extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, spacing))
+    return count_windows(grid, config.patch_size, float(overlap)), grid, extent
 
 
 def check_workload(path: str | os.PathLike, config: Any, overlap: float = 0.5, tta: bool = False,
-                   limit: int | None = None) -> None:
-    """ValueError (one line, with what would work) when segmenting the scan at `path` takes more than
-    `limit` window passes (default `MAX_WINDOWS`)."""
+                   limit: int | None = None) -> int:
+    """The window passes segmenting the scan at `path` takes; ValueError (one line, with what would work)
+    when they are more than `limit` (default `MAX_WINDOWS`)."""
     limit = MAX_WINDOWS if limit is None else limit
-    windows, grid = scan_windows(path, config, overlap)
+    windows, grid, extent = scan_windows(path, config, overlap)
     passes = windows * (8 if tta else 1)
     if passes <= limit:
-        return
-    shape, spacing = io.header_grid(path, config.preprocessing.orientation)
-    extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, spacing))
+        return passes
     fixes = ["check the voxel spacing in the header"] + (["switch off test-time augmentation"] if tta else []) + (
         ["lower the overlap"] if overlap > 0.25 else []) + ["crop the scan", "run `python -m unetrpp predict`"]
     raise ValueError(f"{Path(path).name} spans {extent} mm (z, y, x): {passes:,} window passes on a "
@@ -291,13 +292,14 @@ def check_workload(path: str | os.PathLike, config: Any, overlap: float = 0.5, t
 
 def gpu_seconds(path: str | os.PathLike | None, config: Any, overlap: float = 0.5, tta: bool = False) -> int:
     """Seconds of GPU time one segmentation of the NIfTI at `path` asks for, from its header alone:
-    the sliding-window positions on the weights' target grid (times 8 mirrorings with `tta`). A file
-    that cannot be read asks for the setup allowance (the call then says what is wrong)."""
+    the window passes on the weights' target grid (`check_workload`). A file that cannot be read, or
+    that the viewer refuses (too many passes, a bad overlap), asks for the setup allowance: the call
+    then says what is wrong at once."""
     try:
-        windows, _ = scan_windows(path, config, overlap)
-    except (TypeError, ValueError, OSError):
+        passes = check_workload(path, config, overlap, tta)
+    except (TypeError, ValueError, OSError):  # segment_scan says what is wrong, inside the call
         return GPU_SETUP_SECONDS
-    return int(min(GPU_MAX_SECONDS, GPU_SETUP_SECONDS + windows * (8 if tta else 1) * GPU_SECONDS_PER_WINDOW))
+    return int(min(GPU_MAX_SECONDS, GPU_SETUP_SECONDS + passes * GPU_SECONDS_PER_WINDOW))
 
 
 def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike, overlap: float = 0.5,

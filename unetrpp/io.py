@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.spatialimages import HeaderDataError
 
 from .labels import BTCV_COLORS, BTCV_LABELS
 
@@ -218,22 +219,26 @@ def _to_orientation(data_ijk: np.ndarray, affine: np.ndarray, orientation: str) 
     return data, affine @ inv_ornt_aff(transform, data_ijk.shape)
 
 
-def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
-    """Read a NIfTI file into a `Volume` (array (Z, Y, X)) in `orientation`, slope/intercept applied.
-
-    Every refusal is a one-line ValueError (FileNotFoundError when missing); see the module docstring.
-    """
-    path = Path(path)
+def _open(path: Path) -> nib.Nifti1Image:
+    """The image at `path` with its voxels still on disk, after `sniff`; one-line ValueError otherwise."""
     raw = sniff(path)
     # nibabel silently turns a zero pixdim into 1 mm; without an sform that would invent a spacing.
     if int(raw["sform_code"]) == 0 and np.any(np.asarray(raw["pixdim"][1:4]) == 0):
         raise ValueError(f"{path}: zero voxel spacing (pixdim {tuple(float(v) for v in raw['pixdim'][1:4])}) and no "
                          "sform, so the affine is singular; set the real voxel size in the header")
     try:
-        img = nib.load(str(path), mmap=False)
-    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        return nib.load(str(path), mmap=False)
+    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
         raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); {_HINT}") from None
-    volume = from_image(img, orientation=orientation, dtype=dtype, name=str(path))
+
+
+def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
+    """Read a NIfTI file into a `Volume` (array (Z, Y, X)) in `orientation`, slope/intercept applied.
+
+    Every refusal is a one-line ValueError (FileNotFoundError when missing); see the module docstring.
+    """
+    path = Path(path)
+    volume = from_image(_open(path), orientation=orientation, dtype=dtype, name=str(path))
     volume.path = path
     return volume
 
@@ -272,8 +277,7 @@ def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
 
 def header_grid(path: str | os.PathLike, orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The (Z, Y, X) shape and spacing (mm) that `load(path, orientation)` gives, from the header alone."""
-    sniff(path)
-    img = nib.load(str(path))  # the voxels stay on disk
+    img = _open(Path(path))  # the voxels stay on disk
     raw_shape = check_image(img, str(path))
     affine, _ = _affine_mm(img)
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))

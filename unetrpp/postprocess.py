@@ -87,10 +87,11 @@ def _is_statistics_csv(path: Path) -> bool:
         return False
 
 
-def check_statistics_path(path: str | os.PathLike) -> Path:
+def check_statistics_path(path: str | os.PathLike, folder_to_come: str | os.PathLike | None = None) -> Path:
     """`path` if a statistics CSV may be written there (ValueError / FileNotFoundError, one line, if not):
-    a name ending in .csv in an existing folder, new or a statistics table written before. Any other
-    file, a scan given as input above all, is never overwritten."""
+    a name ending in .csv in an existing folder (or in `folder_to_come`, which the caller creates), new
+    or a statistics table written before. Any other file, a scan given as input above all, is never
+    overwritten."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"statistics file {path} is a folder; give a file name ending with .csv")
@@ -99,7 +100,8 @@ def check_statistics_path(path: str | os.PathLike) -> Path:
     if path.exists() and not _is_statistics_csv(path):
         raise ValueError(f"{path} exists and is not a statistics table written by unetrpp; it is never "
                          "overwritten: choose another name or remove it first")
-    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() and not (folder_to_come is not None and parent.resolve() == Path(folder_to_come).resolve()):
         raise FileNotFoundError(f"folder {path.parent} for the statistics does not exist; create it or choose "
                                 "another path")
     return path

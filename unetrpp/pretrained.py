@@ -246,12 +246,16 @@ def _from_hub(repo_id: str) -> UNETRPP:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub's host cannot be reached (its name does not resolve), or None."""
+    """Why the Hugging Face Hub's host cannot be reached (its name does not resolve), or None; None
+    behind a proxy, which resolves names for the client."""
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     from huggingface_hub import constants
 
+    if getproxies().get("https"):
+        return None
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)

@@ -254,7 +254,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         raise ValueError(f"{run_dir} already holds a training run; add --resume to continue it, "
                          "or give another --out folder (nothing was changed)")
     check_folder_can_be_written(run_dir)  # before the data is prepared, not after
-    if start_step >= options.max_steps:
+    if start_step >= options.max_steps and ctx.is_main:
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
                     "go on); the model is saved again", start_step, options.max_steps)
     config = build_config(options.name, options.config_overrides)

@@ -353,12 +353,11 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
         ax.set_title(view)
         ax.axis("off")
     if mask is not None and class_names is not None:
-        entries = legend_entries(class_names, np.unique(mask), kwargs.get("colors"))
+        entries = legend_entries(class_names, np.unique(mask))
         alpha = 1.0 if kwargs.get("contour_only") else kwargs.get("opacity", 0.5)
         tissue = float(apply_window(np.array([40.0]), *kwargs.get("window", WINDOW_PRESETS["abdomen"]))[0])  # 40 HU
-        swatch = [tuple((alpha * int(c[i:i + 2], 16) + (1 - alpha) * tissue) / 255 for i in (1, 3, 5))
-                  for _, _, c in entries]
-        fig.legend(handles=[Patch(color=rgb, label=name) for rgb, (_, name, _) in zip(swatch, entries)],
+        swatch = (alpha * label_lut(kwargs.get("colors")).astype(float) + (1 - alpha) * tissue) / 255
+        fig.legend(handles=[Patch(color=tuple(swatch[k]), label=name) for k, name, _ in entries],
                    loc="lower center", ncol=min(len(entries), 7), frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)

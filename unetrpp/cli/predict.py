@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         stats_path = Path(args.stats)
         if world > 1:
             stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
-        check_statistics_path(stats_path)
+        check_statistics_path(stats_path, folder_to_come=output)  # -o masks/ --stats masks/s.csv on a first run
     model = load_pretrained(args.weights, device=device)  # before creating anything: bad weights leave no trace
     check_single_channel(model.config)
     created = make_output_folder(output) if targets and targets[0].parent == output else False

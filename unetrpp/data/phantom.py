@@ -239,6 +239,9 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
     out = check_phantom_folder(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    if not (out / "dataset.json").exists():  # the folder is marked as ours first: an interrupted run may be rerun
+        (out / "dataset.json").write_text(json.dumps({"name": "UNETR++ SYNTHETIC abdominal CT phantom (being written)",
+                                                     "synthetic": True, "reference": PHANTOM_REFERENCE}))
     grid, spacing = make_grid(size)
     origin = (float(grid.x[0]), float(grid.y[0]), float(grid.z[0]))
     training = []
