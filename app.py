@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -80,6 +81,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     model = H.ModelHolder(spec, notice, model=net)
     if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU runs each @GPU call in a fork of this process: load the
         model.get()  # weights here, once, or every request would load them again inside its GPU time
+    else:  # load while the page is being opened, so the first scan does not wait for it (a failure is
+        threading.Thread(target=H.warm_up, args=(model,), daemon=True).start()  # reported by that scan)
 
     def sliders(session):
         return [gr.Slider(minimum=0, maximum=n - 1, value=p, step=1, interactive=True)
@@ -298,18 +301,25 @@ def startup_demo(weights: str | None) -> gr.Blocks:
         sys.exit(f"error: {exc}")
 
 
-demo = startup_demo(os.environ.get("UNETRPP_WEIGHTS"))
 QUEUE = dict(max_size=int(os.environ.get("UNETRPP_QUEUE_SIZE", "24")), default_concurrency_limit=8)
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}")
-demo.queue(**QUEUE)
+
+
+def __getattr__(name: str):
+    """`app.demo` (what `gradio app.py` looks for), built on first use: importing app.py builds no page and
+    loads no weights."""
+    if name == "demo":
+        globals()["demo"] = startup_demo(os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE)
+        return globals()["demo"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="UNETR++ segmentation viewer (not a medical device)")
     parser.add_argument("--weights", help="weights folder, name under weights/, or Hugging Face repo id")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.weights:
-        demo = startup_demo(args.weights).queue(**QUEUE)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)
+    startup_demo(args.weights or os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)

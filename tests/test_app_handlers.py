@@ -76,6 +76,36 @@ def test_model_holder_falls_back_to_untrained_tiny():
     assert model is holder.get() and model.config.name == "unetrpp_tiny" and not model.training
 
 
+def test_the_viewer_loads_its_weights_while_the_page_opens(monkeypatch, tmp_path, tiny_model):
+    """No request needed: the first scan does not wait for the weights. A failure waits for a request."""
+    import threading
+
+    import app
+
+    tiny_model.save_pretrained(tmp_path / "w")
+    loaded, real_get = threading.Event(), H.ModelHolder.get
+    monkeypatch.setattr(H.ModelHolder, "get", lambda holder: (real_get(holder), loaded.set())[0])
+    app.build_demo(str(tmp_path / "w"))
+    assert loaded.wait(60)
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"broken")
+    H.warm_up(H.ModelHolder(str(tmp_path / "w"), "", device="cpu"))  # no exception, no traceback
+    with pytest.raises(ValueError, match="model.safetensors: unreadable"):
+        H.ModelHolder(str(tmp_path / "w"), "", device="cpu").get()
+
+
+def test_importing_the_app_builds_nothing_until_demo_is_asked_for():
+    import subprocess
+    import sys
+
+    code = ("import app, gradio\n"
+            "assert 'demo' not in vars(app)\n"
+            "assert isinstance(app.demo, gradio.Blocks) and app.demo is app.demo\n"
+            "print('OK')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip() == "OK", out.stderr
+
+
 def test_model_holder_loads_a_weights_folder(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "w")
     spec, notice = H.resolve_weights(str(tmp_path / "w"))

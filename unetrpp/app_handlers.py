@@ -116,6 +116,15 @@ class ModelHolder:
             return self._model
 
 
+def warm_up(holder: ModelHolder) -> None:
+    """Load the holder's model now (a background thread at start-up); a failure is left for the first
+    request to report, with its one-line message."""
+    try:
+        holder.get()
+    except Exception as exc:  # any failure: the request that needs the model reports it
+        logger.debug("loading the model in advance failed: %s", exc)
+
+
 # ---- one viewing session --------------------------------------------------------------------------
 @dataclass
 class Session:
