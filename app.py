@@ -82,7 +82,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU runs each @GPU call in a fork of this process: load the
         model.get()  # weights here, once, or every request would load them again inside its GPU time
     else:  # load while the page is being opened, so the first scan does not wait for it (a failure is
-        threading.Thread(target=H.warm_up, args=(model,), daemon=True).start()  # reported by that scan)
+        threading.Thread(target=model.warm_up, daemon=True).start()  # reported by that scan)
 
     def sliders(session):
         return [gr.Slider(minimum=0, maximum=n - 1, value=p, step=1, interactive=True)
@@ -230,8 +230,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                     slides.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
                                                             interactive=False, elem_id=f"slider-{view}"))
                         position = gr.Markdown("", elem_id="position")
-                        table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False, max_height=720,
-                                             elem_id="stats-table")
+                        table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
+                                             max_height=720, elem_id="stats-table")
                     with gr.Tab("3D surfaces"):
                         surface = gr.Plot(label="organ surfaces (marching cubes, downsampled)", elem_id="surface")
                     with gr.Tab("Attention"):

@@ -88,7 +88,7 @@ def test_the_viewer_loads_its_weights_while_the_page_opens(monkeypatch, tmp_path
     app.build_demo(str(tmp_path / "w"))
     assert loaded.wait(60)
     (tmp_path / "w" / "model.safetensors").write_bytes(b"broken")
-    H.warm_up(H.ModelHolder(str(tmp_path / "w"), "", device="cpu"))  # no exception, no traceback
+    H.ModelHolder(str(tmp_path / "w"), "", device="cpu").warm_up()  # no exception, no traceback
     with pytest.raises(ValueError, match="model.safetensors: unreadable"):
         H.ModelHolder(str(tmp_path / "w"), "", device="cpu").get()
 
@@ -349,10 +349,10 @@ def test_attention_outputs_and_click_recentre(scan, tiny_model):
     blocks, heads = H.attention_choices(tiny_model)
     assert [v for _, v in blocks] == list(range(7)) and heads[0] == ("mean of heads", 0) and len(heads) == 5
     start = list(session.position)
-    *images, figure, caption = H.attention_outputs(tiny_model, session, 2, 1, (400.0, 40.0))
+    *images, figure, caption = H.show_attention(session, H.attention_view(tiny_model, session, 2, 1), 1, (400.0, 40.0))
     assert len(images) == 3 and "head 1" in caption and str(tuple(start)) in caption
     H.attention_click(session, "axial", 0, 0)  # top-left of the window: anterior (+y) and patient's right (+x)
     assert session.position[0] == start[0]
     assert session.position[1] > start[1] and session.position[2] > start[2]
     with pytest.raises(ValueError, match="block"):
-        H.attention_outputs(tiny_model, session, 99, 0, (400.0, 40.0))
+        H.attention_view(tiny_model, session, 99, 0)

@@ -115,14 +115,13 @@ class ModelHolder:
                     self._model = load_pretrained(self.spec, device=self.device)
             return self._model
 
-
-def warm_up(holder: ModelHolder) -> None:
-    """Load the holder's model now (a background thread at start-up); a failure is left for the first
-    request to report, with its one-line message."""
-    try:
-        holder.get()
-    except Exception as exc:  # any failure: the request that needs the model reports it
-        logger.debug("loading the model in advance failed: %s", exc)
+    def warm_up(self) -> None:
+        """Load the model now (a background thread at start-up); a failure is left for the first request
+        to report, with its one-line message."""
+        try:
+            self.get()
+        except Exception as exc:  # any failure: the request that needs the model reports it
+            logger.debug("loading the model in advance failed: %s", exc)
 
 
 # ---- one viewing session --------------------------------------------------------------------------
@@ -271,16 +270,15 @@ GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
 def scan_windows(path: str | os.PathLike, config: Any, overlap: float = 0.5) -> tuple[int, tuple[int, int, int], str]:
     """Sliding-window positions for the NIfTI at `path`, the target grid they cover and the scan's extent
     ("Z x Y x X" mm), from its header alone (ValueError/OSError as `io.load` for a file it cannot read)."""
-    from .inference import count_windows
+    from .inference import check_overlap, count_windows
     from .preprocess import target_shape
 
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
+    overlap = check_overlap(overlap)
     prep = config.preprocessing
     shape, spacing = io.header_grid(path, prep.orientation)
     grid = target_shape(shape, spacing, prep.spacing)
     extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, spacing))
-    return count_windows(grid, config.patch_size, float(overlap)), grid, extent
+    return count_windows(grid, config.patch_size, overlap), grid, extent
 
 
 def check_workload(path: str | os.PathLike, config: Any, overlap: float = 0.5, tta: bool = False,
@@ -446,12 +444,6 @@ def show_attention(session: Session, view, head: int | None, window: tuple[float
                "attention weight (no unit), from its minimum (clear) to its maximum in this window (bright yellow).")
     return [*(va.render_attention(view, v, window) for v in vis.VIEWS),
             va.channel_figure(view.channel, f"channel attention, {label}"), caption]
-
-
-def attention_outputs(model, session: Session, block: int | None, head: int | None,
-                      window: tuple[float, float]) -> list:
-    """`attention_view` then `show_attention`, in one process."""
-    return show_attention(session, attention_view(model, session, block, head), head, window)
 
 
 def attention_click(session: Session, view: str, col: float, row: float) -> Session:

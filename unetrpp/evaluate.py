@@ -149,9 +149,7 @@ def check_results_path(path: str | os.PathLike) -> Path:
         raise ValueError(f"--out {path}: the folder {path.parent} does not exist; create it or choose another")
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder; give a .csv or .json file name")
-    if path.exists() and not _is_results_file(path):
-        raise ValueError(f"--out {path}: the file exists and is not evaluation results written by unetrpp; it is "
-                         "never overwritten: choose another name or remove it first")
+    io.check_replaceable(path, _is_results_file, "evaluation results")
     io.check_folder_can_be_written(path.parent)
     return path
 

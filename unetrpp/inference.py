@@ -96,6 +96,13 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
     return math.prod(len(window_starts(max(size, p), p, overlap)) for size, p in zip(shape, patch))
 
 
+def check_overlap(overlap: float) -> float:
+    """`overlap` as a float in [0, 1), else a one-line ValueError."""
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
+    return float(overlap)
+
+
 def ct_warning(array: np.ndarray) -> str | None:
     """A warning when intensities do not look like CT in HU: nothing as low as fat (-100 HU; a scan that
     reaches out of the body also has air near -1000), or a range far beyond bone. MRI in any scaling,
@@ -300,8 +307,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     Returns a `SegmentationResult` whose mask is (Z, Y, X) uint8 on the grid of `result.volume`.
     """
     start = time.perf_counter()
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
+    overlap = check_overlap(overlap)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
     if not isinstance(compile, bool):

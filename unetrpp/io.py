@@ -275,7 +275,8 @@ def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
     return img.affine, None
 
 
-def header_grid(path: str | os.PathLike, orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+def header_grid(path: str | os.PathLike,
+                orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The (Z, Y, X) shape and spacing (mm) that `load(path, orientation)` gives, from the header alone."""
     img = _open(Path(path))  # the voxels stay on disk
     raw_shape = check_image(img, str(path))
@@ -378,6 +379,14 @@ def check_folder_can_be_written(folder: str | os.PathLike, option: str = "--out"
     return folder
 
 
+def check_replaceable(path: Path, written_here: Callable[[Path], bool], what: str, note: str = "") -> None:
+    """One-line ValueError when `path` exists and `written_here(path)` says this package did not write it:
+    outputs replace only their own earlier selves, never a scan or anyone's other file."""
+    if path.exists() and not path.is_dir() and not written_here(path):
+        raise ValueError(f"{path} exists and is not {what} written by unetrpp{note}; it is never overwritten: "
+                         "choose another name or remove it first")
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` on a temporary file next to `path`, then move it into place."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -424,11 +433,9 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
                          "give a mask on the volume's (Z, Y, X) grid")
     if mask_zyx.size and (mask_zyx.min() < 0 or mask_zyx.max() > 255):
         raise ValueError(f"mask values span {mask_zyx.min()}..{mask_zyx.max()}; labels must be 0..255 for uint8")
-    targets = [(path, "mask")] + ([(sidecar_path(path), "label side-car")] if label_names is not None else [])
-    for target, what in targets:
-        if target.exists() and not target.is_dir() and not written_by_save_mask(target):
-            raise ValueError(f"{target} exists and is not a {what} written by unetrpp (the scan itself?); it is "
-                             "never overwritten: choose another name or remove it first")
+    check_replaceable(path, written_by_save_mask, "a mask", " (the scan itself?)")
+    if label_names is not None:
+        check_replaceable(sidecar_path(path), written_by_save_mask, "a label side-car")
     data = np.ascontiguousarray(to_source_grid(mask_zyx, volume)).astype(np.uint8)
     if volume.source is not None:
         header = volume.source.header.copy()

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .io import atomic_write
+from .io import atomic_write, check_replaceable
 
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
 
@@ -97,9 +97,7 @@ def check_statistics_path(path: str | os.PathLike, folder_to_come: str | os.Path
         raise ValueError(f"statistics file {path} is a folder; give a file name ending with .csv")
     if not path.name.lower().endswith(".csv"):
         raise ValueError(f"statistics file {path}: the name must end with .csv")
-    if path.exists() and not _is_statistics_csv(path):
-        raise ValueError(f"{path} exists and is not a statistics table written by unetrpp; it is never "
-                         "overwritten: choose another name or remove it first")
+    check_replaceable(path, _is_statistics_csv, "a statistics table")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() and not (folder_to_come is not None and parent.resolve() == Path(folder_to_come).resolve()):
         raise FileNotFoundError(f"folder {path.parent} for the statistics does not exist; create it or choose "

@@ -195,7 +195,8 @@ def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
     suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
     first = text.replace("\\", "/").split("/")[0]
-    return (text.startswith((".", "/", "~", "\\")) or text.endswith((".model", ".pth", ".pt", ".safetensors", "/", "\\"))
+    return (text.startswith((".", "/", "~", "\\"))
+            or text.endswith((".model", ".pth", ".pt", ".safetensors", "/", "\\"))
             or (first != "" and Path(first).expanduser().is_dir()))
 
 
