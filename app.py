@@ -82,7 +82,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU runs each @GPU call in a fork of this process: load the
         model.get()  # weights here, once, or every request would load them again inside its GPU time
     else:  # load while the page is being opened, so the first scan does not wait for it (a failure is
-        threading.Thread(target=model.warm_up, daemon=True).start()  # reported by that scan)
+        # reported by that scan). Not a daemon: a process that ends while torch is loading the weights in
+        # a daemon thread aborts ("terminate called without an active exception"), so it waits instead.
+        threading.Thread(target=model.warm_up, name="load weights").start()
 
     def sliders(session):
         return [gr.Slider(minimum=0, maximum=n - 1, value=p, step=1, interactive=True)

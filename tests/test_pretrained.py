@@ -107,8 +107,23 @@ def test_save_and_load_pretrained_round_trip_is_bit_exact(tmp_path, tiny):
 def test_shared_projection_survives_the_round_trip(tmp_path):
     model = create_model("unetrpp_synapse", patch_size=(32, 64, 64))
     model.save_pretrained(tmp_path / "s")
-    epa = UNETRPP.from_pretrained(tmp_path / "s").unetr_pp_encoder.stages[0][0].epa_block
-    assert epa.E is epa.F
+    for model in (UNETRPP.from_pretrained(tmp_path / "s"), load_pretrained(tmp_path / "s")):
+        epa = model.unetr_pp_encoder.stages[0][0].epa_block
+        assert epa.E is epa.F
+
+
+def test_loading_a_weights_folder_prints_nothing_and_leaves_stdout_alone(tmp_path, tiny, capsys, monkeypatch):
+    # stdout is the whole process's: the viewer loads weights in a thread while the server prints its URL
+    import safetensors.torch
+
+    tiny.save_pretrained(tmp_path / "w")
+    stdout, seen, real_load = sys.stdout, [], safetensors.torch.load_model
+    monkeypatch.setattr(safetensors.torch, "load_model", lambda *a, **k: (seen.append(sys.stdout), real_load(*a, **k))[1])
+    model = load_pretrained(tmp_path / "w")
+    assert seen == [stdout] and capsys.readouterr().out == ""
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        assert not model.training and torch.equal(model(x), tiny(x))
 
 
 def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):

@@ -6,9 +6,7 @@ This is the only module that knows about checkpoint formats, files and hubs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from .config import UNETRPPConfig, get_config
@@ -213,9 +212,11 @@ def _from_folder(path: Path) -> UNETRPP:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {hint}") from None
     try:
-        # huggingface_hub prints "Loading weights from local directory" to stdout; keep the CLI's output clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return UNETRPP.from_pretrained(path, strict=True)  # a missing tensor is an error, not random values
+        # What UNETRPP.from_pretrained(path) does, without its print to stdout (swallowing that with
+        # redirect_stdout would swallow every thread's output while the weights load, the viewer's URL too).
+        model = UNETRPP(config)
+        safetensors.torch.load_model(model, path / "model.safetensors", strict=True)  # missing tensor: an error
+        return model.eval()
     except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__  # one line, e.g. the missing keys
         raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
