@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from unetrpp import create_model, load_original_checkpoint
-from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, FastLinear, _glibc,
-                          optimize_for_inference)
+from unetrpp.attention import TransformerBlock, capture_attention
+from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, FastLinear, FastTransformerBlock,
+                          _glibc, optimize_for_inference)
 
 from golden import FIXTURES, golden_state_dict, save_released_style
 
@@ -40,6 +41,28 @@ def test_fast_layers_compute_the_same_function(layer, shape):
         if isinstance(layer, nn.Linear):  # tokens that are a slice of wider rows take the plain path
             wide = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
             torch.testing.assert_close(fast(wide), layer(wide), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
+                                                           ("single", "sum")])
+def test_channel_major_transformer_block_computes_the_same_function(kv_projection, branch_fusion):
+    torch.manual_seed(0)
+    block = TransformerBlock((4, 6, 8), dim=16, proj_size=8, heads=4, kv_projection=kv_projection,
+                             branch_fusion=branch_fusion, attn_dropout=0.1, conv_dropout=0.1, extra_conv=False,
+                             layer_scale_init=1e-6).eval()
+    with torch.no_grad():  # the attention's parameters, layer scale and temperatures included, away from their init
+        for name, p in block.named_parameters():
+            if not name.startswith("conv"):
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0) + (1.0 if p.dim() <= 1 else 0.0))
+    fast = optimize_for_inference(copy.deepcopy(block))
+    assert type(fast) is FastTransformerBlock
+    x = torch.randn(2, 16, 4, 6, 8) * 3 + 1  # two samples, and a mean the LayerNorm must remove
+    with torch.inference_mode():
+        expected = block(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-5)
+        with capture_attention(fast) as maps:  # stored maps: the plain path, the same outputs
+            torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-5)
+        assert maps[""]["spatial"].shape == (2, 4, 4 * 6 * 8, 8)
 
 
 def test_a_refused_onednn_call_falls_back_to_torch(monkeypatch, caplog):

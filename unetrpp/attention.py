@@ -158,10 +158,17 @@ class TransformerBlock(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens + layer-scaled EPA of their LayerNorm, back as a feature map (B, C, Z, Y, X)."""
         B, C, Z, Y, X = x.shape
         t = rearrange(x, "b c z y x -> b (z y x) c") + self.pos_embed  # (B, N, C)
         t = t + self.gamma * self.epa_block(self.norm(t))
-        skip = rearrange(t, "b (z y x) c -> b c z y x", z=Z, y=Y, x=X)
+        return rearrange(t, "b (z y x) c -> b c z y x", z=Z, y=Y, x=X)
+
+    def convolve(self, skip: torch.Tensor) -> torch.Tensor:
+        """The conv ResBlock(s) and a 1x1x1 conv, added to the map they start from."""
         a = self.conv51(skip)
         if self.conv52 is not None:
             a = self.conv52(a)

@@ -11,7 +11,9 @@ same state_dict, training still works). Measured on 2 CPU cores (benchmarks/READ
 - those matrix products, and Linear layers on contiguous tokens, go to oneDNN's matrix product rather
   than MKL's sgemm: on AMD CPUs MKL keeps to its AVX2 code (about 200 GFLOP/s on 2 Zen 5 cores, against
   about 400 for oneDNN), which makes a forward pass 4-5 % slower (not measured on Intel CPUs);
-- instance norm becomes group norm with one channel per group (the same statistics, a faster kernel).
+- instance norm becomes group norm with one channel per group (the same statistics, a faster kernel);
+- the attention half of each TransformerBlock runs channel-major, the layout the feature map already
+  has, with EPA's small maps folded into its output projections (`FastTransformerBlock`).
 Outputs agree with the plain network to float32 rounding (about 1e-6 relative).
 
 `reuse_freed_memory()` keeps the C library from handing large freed blocks back to the system while a
@@ -31,8 +33,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
+
+from .attention import TransformerBlock, spatial_attention_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,15 @@ class FastConvTranspose3d(nn.ConvTranspose3d):
         B, C, Z, Y, X = x.shape
         kz, ky, kx = self.kernel_size
         y = _mix_channels(self.weight.flatten(1).t(), x)  # (B, O*kz*ky*kx, N)
-        y = rearrange(y, "b (o kz ky kx) (z y x) -> b o (z kz) (y ky) (x kx)", kz=kz, ky=ky, kx=kx, z=Z, y=Y, x=X)
-        return y + self.bias.view(1, -1, 1, 1, 1) if self.bias is not None else y
+        O = self.out_channels
+        out = y.new_empty(B, O, Z * kz, Y * ky, X * kx)
+        # each voxel's (kz, ky, kx) block into place, the bias added on the way (one pass, not two)
+        blocks = y.view(B, O, kz, ky, kx, Z, Y, X).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, O, Z, kz, Y, ky, X, kx)
+        if self.bias is None:
+            out.view(blocks.shape).copy_(blocks)
+        else:
+            torch.add(blocks, self.bias.view(1, O, 1, 1, 1, 1, 1, 1), out=out.view(blocks.shape))
+        return out
 
 
 class FastInstanceNorm3d(nn.InstanceNorm3d):
@@ -122,8 +132,70 @@ class FastInstanceNorm3d(nn.InstanceNorm3d):
         return F.group_norm(x, x.shape[1], eps=self.eps)  # one channel per group = instance norm
 
 
+class FastTransformerBlock(TransformerBlock):
+    """The attention half of a TransformerBlock computed channel-major, one sample at a time.
+
+    The feature map arrives and leaves channel-major, (C, N) per sample, and EPA's products all have
+    a channel-major form (the original code itself turns q, k and v to (h, d, N)), so only the
+    LayerNorm runs on tokens: the qkvv product writes q, k and both value sets as dense (C, N) row
+    blocks that oneDNN reads directly; k and the spatial values meet E in one product when E and F
+    are shared; the channel branch's (d x d) maps and out_proj2 become one (C/2, C) matrix; the layer
+    scale goes into the output projections' weights. About 20 % less time for a first-stage block.
+    """
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        epa = self.epa_block
+        if (not _fast_path(x) or x.dtype != torch.float32 or epa.store_attention
+                or x.shape[2:] != self.grid or _onednn_linear is None):
+            return super().attend(x)
+        B, C, Z, Y, X = x.shape
+        N, h = Z * Y * X, epa.heads
+        d = C // h
+        w = epa.qkvv.weight  # rows q, k, v_ca, v_sa
+        w = torch.cat((w[:2 * C], w[3 * C:], w[2 * C:3 * C]))  # rows q, k, v_sa, v_ca: k next to v_sa
+        out = x.new_empty(B, C, N)
+        for b in range(B):
+            t = torch.add(self.pos_embed[0], x[b].view(C, N).t(), out=x.new_empty(N, C))  # (N, C) tokens
+            qkvv = _linear(w, self.norm(t), None)  # (4C, N)
+            q, k, v_sa, v_ca = qkvv.split(C)  # each (C, N), rows (h d)
+            lengths = torch.linalg.vector_norm(qkvv[:2 * C], dim=-1).clamp_min(1e-12)  # (2C,), as F.normalize
+            q_len, k_len = lengths.view(2, h, d, 1)  # each (h, d, 1)
+
+            if epa.kv_projection == "shared":  # the projections act along N: (C, N) @ (N, P)
+                k_proj, v_proj = _linear(qkvv[C:3 * C], epa.E.weight, epa.E.bias).split(C)  # each (C, P)
+            elif epa.kv_projection == "separate":
+                k_proj, v_proj = _linear(k, epa.E.weight, epa.E.bias), _linear(v_sa, epa.F.weight, epa.F.bias)
+            else:
+                k_proj, v_proj = _linear(qkvv[C:3 * C], epa.EF.t(), None).split(C)
+            P = k_proj.shape[1]
+
+            # channel attention: the diagonal (d, d) blocks of q k^T (C, C), as cosines
+            cosine = _linear(q, k, None).view(h, d, h, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (h, d, d)
+            attn_ca = (cosine / (q_len * k_len.transpose(-2, -1)) * epa.temperature).softmax(dim=-1)
+            mix_ca = torch.block_diag(*attn_ca)  # (C, C): x_ca = mix_ca @ v_ca
+
+            # spatial attention, as EPA computes it on the CPU; q (h, N, d) is a transposed view
+            k_scaled = k_proj.view(h, d, P) * (epa.temperature2 / q_len)  # (h, d, P)
+            x_sa = spatial_attention_in_chunks(q.view(1, h, d, N).mT, k_scaled.mT[None], v_proj.view(1, h, d, P).mT)
+            x_sa = x_sa.transpose(1, 2).reshape(N, C)  # the original's token/channel-mixing reshape
+
+            g = self.gamma[:, None]  # (C, 1)
+            o = out[b]  # (C, N)
+            if epa.branch_fusion == "concat":  # spatial half first, each through its projection
+                half = C // 2
+                w_sa, w_ca = epa.out_proj.weight * g[:half], (epa.out_proj2.weight @ mix_ca) * g[half:]
+                torch.cat((_linear(w_sa, x_sa, None), _linear(w_ca, v_ca.t(), None)), out=o)
+                o += torch.cat((epa.out_proj.bias, epa.out_proj2.bias))[:, None] * g
+            else:  # sum
+                torch.mm(mix_ca, v_ca, out=o)
+                o += x_sa.t()
+                o *= g
+            o += t.t()
+        return out.view(B, C, Z, Y, X)
+
+
 _SWAPS = {nn.Conv3d: FastConv3d, nn.ConvTranspose3d: FastConvTranspose3d, nn.InstanceNorm3d: FastInstanceNorm3d,
-          nn.Linear: FastLinear}
+          nn.Linear: FastLinear, TransformerBlock: FastTransformerBlock}
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
