@@ -83,7 +83,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         model.get()  # weights here, once, or every request would load them again inside its GPU time
     else:  # load while the page is being opened, so the first scan does not wait for it (a failure is
         # reported by that scan). Not a daemon: a process that ends while torch is loading the weights in
-        # a daemon thread aborts ("terminate called without an active exception"), so it waits instead.
+        # a daemon thread aborts ("terminate called without an active exception"), so it waits instead
+        # (for a Hub download in progress, Ctrl-C a second time to stop at once).
         threading.Thread(target=model.warm_up, name="load weights").start()
 
     def sliders(session):

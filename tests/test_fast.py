@@ -1,6 +1,7 @@
 """Inference-time rewrites compute the same function as the plain layers, and leave training alone."""
 
 import copy
+import functools
 import subprocess
 import sys
 
@@ -43,12 +44,12 @@ def test_fast_layers_compute_the_same_function(layer, shape):
             torch.testing.assert_close(fast(wide), layer(wide), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
-                                                           ("single", "sum")])
+@pytest.mark.parametrize("kv_projection", ["shared", "separate", "single"])
+@pytest.mark.parametrize("branch_fusion", ["concat", "sum"])
 def test_channel_major_transformer_block_computes_the_same_function(kv_projection, branch_fusion):
     torch.manual_seed(0)
-    block = TransformerBlock((4, 6, 8), dim=16, proj_size=8, heads=4, kv_projection=kv_projection,
-                             branch_fusion=branch_fusion, attn_dropout=0.1, conv_dropout=0.1, extra_conv=False,
+    block = TransformerBlock((8, 8, 12), dim=16, proj_size=8, heads=4, kv_projection=kv_projection,
+                             branch_fusion=branch_fusion, attn_dropout=0.5, conv_dropout=0.1, extra_conv=False,
                              layer_scale_init=1e-6).eval()
     with torch.no_grad():  # the attention's parameters, layer scale and temperatures included, away from their init
         for name, p in block.named_parameters():
@@ -56,13 +57,30 @@ def test_channel_major_transformer_block_computes_the_same_function(kv_projectio
                 p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0) + (1.0 if p.dim() <= 1 else 0.0))
     fast = optimize_for_inference(copy.deepcopy(block))
     assert type(fast) is FastTransformerBlock
-    x = torch.randn(2, 16, 4, 6, 8) * 3 + 1  # two samples, and a mean the LayerNorm must remove
+    x = torch.randn(2, 16, 8, 8, 12) * 3 + 1  # two samples, and a mean the LayerNorm must remove
     with torch.inference_mode():
-        expected = block(x)
-        torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-5)
+        expected = block.attend(x)  # (2, 16, 8, 8, 12)
+        scale = expected.abs().max()  # float32 rounding of sums over 768 tokens: a few 1e-7 of it
+        close = functools.partial(torch.testing.assert_close, rtol=0, atol=5e-6 * scale)
+        assert not torch.equal(fast.attend(x), expected)  # the channel-major path ran
+        close(fast.attend(x), expected)
+        full = block(x)
+        torch.testing.assert_close(fast(x), full, rtol=0, atol=5e-6 * full.abs().max())  # then the same convs
+        # a map whose grid axes cannot be merged without a copy
+        odd = x.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
+        close(fast.attend(odd), expected)
         with capture_attention(fast) as maps:  # stored maps: the plain path, the same outputs
-            torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-5)
-        assert maps[""]["spatial"].shape == (2, 4, 4 * 6 * 8, 8)
+            close(fast.attend(x), expected)
+        assert maps[""]["spatial"].shape == (2, 4, 8 * 8 * 12, 8)
+        fast.train()  # attention dropout is applied in training mode, gradients or not
+        torch.manual_seed(1)
+        dropped = fast.attend(x)
+        block.train()
+        torch.manual_seed(1)
+        close(dropped, block.attend(x))
+        assert not torch.allclose(dropped, expected, atol=1e-3 * scale)
+        fast.eval().double()  # parameters of another dtype than the input: the plain path's behaviour
+        torch.testing.assert_close(fast.attend(x), block.eval().double().attend(x))
 
 
 def test_a_refused_onednn_call_falls_back_to_torch(monkeypatch, caplog):
