@@ -186,7 +186,7 @@ plt.show()
 #   time, so the ratio of the forward times in section 1 is not the ratio of the MACs. On this
 #   project's 2-core test machine, with the machine otherwise idle, plain UNETR++ took about 0.75× of
 #   UNETR's time for 0.55× of its MACs; the rewrites `unetrpp.segment()` runs (`unetrpp.fast`) bring it
-#   to about 0.5× (benchmarks/README.md says where the time goes).
+#   to about 0.45× (benchmarks/README.md says where the time goes).
 #
 # ## Exercises
 # 1. Change `INPUT` to a patch whose depth is not a multiple of 16 (for UNETR++: of the stem × 8).
