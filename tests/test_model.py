@@ -101,6 +101,28 @@ def test_attention_capture_leaves_outputs_unchanged(name):
     assert all(not b.epa_block.attention_maps for b in model.modules() if hasattr(b, "epa_block"))
 
 
+def test_capture_attention_records_its_own_thread_only():
+    # the viewer shares one model: one visitor's attention maps while another's scan is segmented
+    import threading
+
+    from unetrpp.fast import optimize_for_inference
+
+    torch.manual_seed(0)
+    model = optimize_for_inference(create_model("unetrpp_tiny").eval())
+    mine, theirs = torch.randn(2, 1, 1, 32, 64, 64)
+    with torch.no_grad():
+        with capture_attention(model) as alone:
+            model(mine)
+        with capture_attention(model) as maps:
+            model(mine)
+            other = threading.Thread(target=torch.no_grad()(model), args=(theirs,))
+            other.start()
+            other.join()
+    assert maps.keys() == alone.keys()
+    for name in alone:
+        assert torch.equal(maps[name]["spatial"], alone[name]["spatial"]), name
+
+
 @pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
                                                            ("single", "sum")])
 def test_chunked_spatial_attention_equals_the_explicit_form(kv_projection, branch_fusion, monkeypatch):

@@ -10,6 +10,7 @@ Shapes below: B batch, N tokens, C channels, h heads, d = C / h, P projected len
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
@@ -19,6 +20,11 @@ from torch import nn
 
 from .layers import ResBlock
 
+
+# The maps `capture_attention` is collecting in this thread (None: not collecting). Context-local, so
+# that one thread's capture neither sees another thread's forward passes through the same model (a
+# viewer segmenting for one visitor while drawing attention for another) nor slows them down.
+_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unetrpp_attention_capture", default=None)
 
 # Queries per step of the spatial attention at inference: the (h, chunk, P) scores of one step
 # (2 MiB of float32 for the synapse network's first stage, batch 1) stay in the CPU cache between the two products.
@@ -55,7 +61,8 @@ class EPA(nn.Module):
     synapse network), or "single" (one parameter matrix EF of shape (N, P), the tumor network).
     `branch_fusion`: "concat" halves each branch with out_proj/out_proj2 and concatenates them;
     "sum" (tumor) adds the two full-width branches.
-    Set `store_attention = True` to keep the last attention maps in `self.attention_maps`.
+    Set `store_attention = True` to keep the last attention maps in `self.attention_maps`, or use
+    `capture_attention`, which collects them for its own thread only.
     """
 
     def __init__(self, tokens: int, dim: int, proj_size: int, heads: int, kv_projection: str = "separate",
@@ -80,6 +87,10 @@ class EPA(nn.Module):
         self.attn_drop_2 = nn.Dropout(attn_dropout)
         self.store_attention = False
         self.attention_maps: dict[str, torch.Tensor] = {}
+
+    def keeps_attention(self) -> bool:
+        """Whether this forward pass must produce the (N, P) spatial map to keep it."""
+        return self.store_attention or _CAPTURE.get() is not None
 
     def project(self, t: torch.Tensor, which: str) -> torch.Tensor:
         """Project the token axis N -> P: (B, h, N, d) -> (B, h, P, d)."""
@@ -119,7 +130,7 @@ class EPA(nn.Module):
         # the 1/length of q's channels scale whole channels of q, so they go onto the (P, d) keys
         # instead, the same q.k for every score.
         k_proj = k_proj * (self.temperature2 / q_len)  # (B, h, P, d)
-        if self.store_attention or (self.training and self.attn_drop_2.p > 0):
+        if self.keeps_attention() or (self.training and self.attn_drop_2.p > 0):
             attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
             x_sa = v_proj.transpose(-2, -1) @ self.attn_drop_2(attn_sa).transpose(-2, -1)  # (B, h, d, N)
         elif q.device.type == "cpu":  # the same products, a few thousand queries at a time
@@ -130,8 +141,12 @@ class EPA(nn.Module):
         # straight to (B, N, C), which mixes tokens and channels. The released weights expect it.
         x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
 
-        if self.store_attention:
-            self.attention_maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
+        if self.keeps_attention():
+            maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
+            if self.store_attention:
+                self.attention_maps = maps
+            if _CAPTURE.get() is not None:
+                _CAPTURE.get()[self] = maps
         if self.branch_fusion == "sum":
             return x_sa + x_ca
         return torch.cat((self.out_proj(x_sa), self.out_proj2(x_ca)), dim=-1)  # spatial half first
@@ -182,19 +197,18 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, dict]]:
     Yields a dict filled after the forward: module name -> {"channel": (B, h, d, d),
     "spatial": (B, h, N, P), "grid": (z, y, x) token grid, "E": (P, N) key projection or None}.
     The effective spatial attention of query token q over all tokens is spatial[b, h, q] @ E.
-    Recording does not change any output.
+    Recording does not change any output. Only forward passes run by this thread (this context) are
+    recorded, so other threads may use the same model meanwhile.
     """
     maps: dict[str, dict] = {}
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, TransformerBlock)}
-    for block in blocks.values():
-        block.epa_block.store_attention = True
+    collected: dict[EPA, dict[str, torch.Tensor]] = {}
+    token = _CAPTURE.set(collected)
     try:
         yield maps
     finally:
-        for name, block in blocks.items():
-            epa = block.epa_block
-            epa.store_attention = False
-            if epa.attention_maps:
+        _CAPTURE.reset(token)
+        for name, block in model.named_modules():
+            if isinstance(block, TransformerBlock) and block.epa_block in collected:
+                epa = block.epa_block
                 e = epa.EF.t() if epa.kv_projection == "single" else epa.E.weight
-                maps[name] = {**epa.attention_maps, "grid": block.grid, "E": e.detach()}
-            epa.attention_maps = {}
+                maps[name] = {**collected[epa], "grid": block.grid, "E": e.detach()}

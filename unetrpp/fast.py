@@ -155,7 +155,7 @@ class FastTransformerBlock(TransformerBlock):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         epa = self.epa_block
         if (not _fast_path(x) or x.dtype != torch.float32 or self.gamma.dtype != x.dtype or self.training
-                or epa.store_attention or x.shape[2:] != self.grid or _onednn_linear is None
+                or epa.keeps_attention() or x.shape[2:] != self.grid or _onednn_linear is None
                 or x[0, 0].numel() < MIN_CHANNEL_MAJOR_TOKENS):
             return super().attend(x)  # dropout in training mode, attention maps, other dtypes, small grids
         B, C, Z, Y, X = x.shape
