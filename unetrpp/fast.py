@@ -145,11 +145,12 @@ class FastTransformerBlock(TransformerBlock):
     - the qkvv product writes q, k and the spatial values as dense (C, N) row blocks, which oneDNN
       reads directly; k and the spatial values meet E in one product when one matrix projects both
       ("shared", "single");
-    - the channel values are never stored: they, the channel branch's (d x d) maps and out_proj2
-      ("concat") multiply into one small matrix applied to the tokens;
+    - the channel values are never stored: their weights, the channel branch's (d x d) maps and
+      out_proj2 ("concat") multiply into one small matrix applied to the tokens;
     - the layer scale goes into the output projections ("concat") or scales the sum ("sum").
-    The attention half of a first-stage synapse block takes about 30 % less time (14.6 -> 10.4 ms on 2
-    cores); grids of fewer than MIN_CHANNEL_MAJOR_TOKENS tokens keep the plain path, where it is slower. EPA's own modules (and hooks on them) are not called.
+    The attention half of a first-stage synapse block takes about 30 % less time (14.6 -> 10.4 ms on
+    2 cores); grids of fewer than MIN_CHANNEL_MAJOR_TOKENS tokens keep the plain path, where this one
+    is slower. EPA's own submodules are not called, so hooks on them do not fire.
     """
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
