@@ -436,9 +436,11 @@ def show_attention(session: Session, view, head: int | None, window: tuple[float
     channel-attention figure and a caption; the session remembers the view for clicks on it."""
     from . import visualize_attention as va
 
-    session.attention = (view, tuple(session.position))
+    # the voxel the maps were computed at, not session.position: the crosshair may have moved meanwhile
+    centre = view.centre if view.centre is not None else tuple(session.position)
+    session.attention = (view, centre)
     label = va.block_label(view.block, view.grid)
-    caption = (f"Query voxel (z, y, x) = {tuple(session.position)} at the centre of the "
+    caption = (f"Query voxel (z, y, x) = {centre} at the centre of the "
                f"{' x '.join(map(str, view.window_hu.shape))} window; {label}; "
                f"{f'head {int(head)}' if head else 'mean of heads'}. Heat-map: the query's "
                "attention weight (no unit), from its minimum (clear) to its maximum in this window (bright yellow).")

@@ -30,6 +30,7 @@ class AttentionView:
     spacing: tuple[float, float, float]  # window spacing (z, y, x) mm
     block: str
     orientation: str = "RAS"  # axis codes of the window (the model's), for display the right way round
+    centre: tuple[int, int, int] | None = None  # the query voxel (z, y, x) in the volume the window came from
 
 
 def attention_blocks(model) -> list[str]:
@@ -109,7 +110,8 @@ def compute_attention(model, volume: np.ndarray, spacing: Sequence[float], centr
     heat = F.interpolate(effective.reshape(1, 1, *grid), size=patch, mode="trilinear", align_corners=False)
     channel = m["channel"][0].float().cpu().numpy()
     return AttentionView(window, heat[0, 0].cpu().numpy(), channel, query, grid,
-                         tuple(cfg.preprocessing.spacing), block, cfg.preprocessing.orientation.upper())
+                         tuple(cfg.preprocessing.spacing), block, cfg.preprocessing.orientation.upper(),
+                         tuple(int(c) for c in centre))
 
 
 def render_attention(view_data: AttentionView, view: str, window: tuple[float, float] = vis.WINDOW_PRESETS["abdomen"],
