@@ -4,6 +4,7 @@ import copy
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,27 @@ with reuse_freed_memory():
     inside = settled(16 * 2**20)
 print(outside, inside, settled(24 * 2**20))  # after: 96 MB, larger than anything the heap kept
 """
+
+
+_IN_A_THREAD = _PAGE_FAULTS.split("outside =")[0] + """
+import threading
+import app  # the viewer, whose requests run in worker threads started after it is imported
+
+def work():
+    with reuse_freed_memory():
+        print(settled(16 * 2**20))
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc (Linux) only; elsewhere reuse_freed_memory does nothing")
+def test_worker_threads_of_the_viewer_reuse_freed_memory_too():
+    run = subprocess.run([sys.executable, "-c", _IN_A_THREAD], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert int(run.stdout.split()[-1]) < 1000  # 16384 faults per 64 MB map without share_main_heap()
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc (Linux) only; elsewhere reuse_freed_memory does nothing")
