@@ -140,7 +140,7 @@ def test_bf16_segmentation_agrees_with_float32_and_leaves_the_model_alone(tmp_pa
 
 # Run in a fresh interpreter: the allocator is process-wide, and large free blocks other tests left in
 # this process's heap would serve the allocation without any page fault.
-_PAGE_FAULTS = """
+_FAULT_COUNTING = """
 import resource, torch
 from unetrpp.fast import reuse_freed_memory
 
@@ -153,7 +153,8 @@ def settled(floats):  # the fewest faults of three allocations after twelve were
     for _ in range(12):  # with a small one after it cannot take the next, 64-byte aligned request, so the
         torch.ones(floats)  # heap may grow by a few blocks before freed ones merge (up to 7 seen)
     return min(faults(floats) for _ in range(3))
-
+"""
+_PAGE_FAULTS = _FAULT_COUNTING + """
 outside = settled(16 * 2**20)  # 64 MB
 with reuse_freed_memory():
     with reuse_freed_memory():  # nested blocks: the outer one keeps the setting
@@ -163,7 +164,7 @@ print(outside, inside, settled(24 * 2**20))  # after: 96 MB, larger than anythin
 """
 
 
-_IN_A_THREAD = _PAGE_FAULTS.split("outside =")[0] + """
+_IN_A_THREAD = _FAULT_COUNTING + """
 import threading
 import app  # the viewer, whose requests run in worker threads started after it is imported
 

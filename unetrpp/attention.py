@@ -130,7 +130,8 @@ class EPA(nn.Module):
         # the 1/length of q's channels scale whole channels of q, so they go onto the (P, d) keys
         # instead, the same q.k for every score.
         k_proj = k_proj * (self.temperature2 / q_len)  # (B, h, P, d)
-        if self.keeps_attention() or (self.training and self.attn_drop_2.p > 0):
+        keep = self.keeps_attention()
+        if keep or (self.training and self.attn_drop_2.p > 0):
             attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
             x_sa = v_proj.transpose(-2, -1) @ self.attn_drop_2(attn_sa).transpose(-2, -1)  # (B, h, d, N)
         elif q.device.type == "cpu":  # the same products, a few thousand queries at a time
@@ -141,12 +142,12 @@ class EPA(nn.Module):
         # straight to (B, N, C), which mixes tokens and channels. The released weights expect it.
         x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
 
-        if self.keeps_attention():
+        if keep:
             maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
             if self.store_attention:
                 self.attention_maps = maps
-            if _CAPTURE.get() is not None:
-                _CAPTURE.get()[self] = maps
+            if (capture := _CAPTURE.get()) is not None:
+                capture[self] = maps
         if self.branch_fusion == "sum":
             return x_sa + x_ca
         return torch.cat((self.out_proj(x_sa), self.out_proj2(x_ca)), dim=-1)  # spatial half first
