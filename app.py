@@ -224,7 +224,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                     width = gr.Number(400, label="custom W (HU)", min_width=90)
                     level = gr.Number(40, label="custom L (HU)", min_width=90)
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
-                    contour = gr.Checkbox(False, label="contours only")
+                    contour = gr.Checkbox(False, label="contours only", elem_id="contours")
                 organs = gr.CheckboxGroup([], label="organs shown", elem_id="organs")
                 legend = gr.HTML("", elem_id="legend")
                 images, slides = [], []
@@ -311,7 +311,9 @@ def startup_demo(weights: str | None) -> gr.Blocks:
 
 QUEUE = dict(max_size=int(os.environ.get("UNETRPP_QUEUE_SIZE", "24")), default_concurrency_limit=8)
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
-              css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}")
+              css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
+                  # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
+                  " #contours {min-width: 140px !important}")
 
 
 def __getattr__(name: str):

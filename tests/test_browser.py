@@ -153,3 +153,12 @@ def test_viewer_end_to_end(page, tmp_path):
     page.locator("#view-sagittal img").first.wait_for()
     page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / "06_still_usable.png"), full_page=True)
+
+    # On a phone-width screen (390 px) every display control keeps its whole label inside its box.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(500)
+    for label in ("custom W (HU)", "custom L (HU)", "overlay opacity", "contours only"):
+        text_right, box_right = page.get_by_text(label, exact=True).first.evaluate(
+            "e => [e.getBoundingClientRect().right, e.closest('.block').getBoundingClientRect().right]")
+        assert text_right <= box_right, f"{label!r} cut at 390 px: text ends at {text_right}, its box at {box_right}"
+    page.screenshot(path=str(ARTIFACTS / "07_phone_width.png"), full_page=True)
