@@ -213,7 +213,7 @@ def test_gpu_seconds_count_the_windows_of_the_scan(fixtures, monkeypatch):
     assert H.check_workload(ct, config) == windows  # the real CT passes the viewer's limit; not at any overlap:
     with pytest.raises(ValueError, match=r"spans 336 x 303 x 366 mm .* window passes .* above this viewer's limit"):
         H.check_workload(ct, config, overlap=0.99)  # segment() accepts 0.99, so the limit must count it as it is
-    with pytest.raises(ValueError, match=r"overlap=1.0: must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"overlap=1.0: must be a number in \[0, 1\)"):
         H.check_workload(ct, config, overlap=1.0)
     # A scan the viewer refuses asks only for the time it takes to say so; the request is capped.
     assert H.gpu_seconds(ct, config, overlap=0.95) == H.gpu_seconds(ct, config, overlap=1.0) == H.GPU_SETUP_SECONDS

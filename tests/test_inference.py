@@ -18,7 +18,7 @@ from test_io import write_nifti, write_scaled
 
 from unetrpp import Preprocessing, create_model, io
 from unetrpp.devices import resolve_device
-from unetrpp.inference import count_windows, ct_warning, segment, window_starts
+from unetrpp.inference import count_windows, ct_warning, large_scan_warning, segment, window_starts
 from unetrpp.postprocess import largest_component, organ_statistics
 from unetrpp.preprocess import normalize, prepare, resample, resample_torch
 
@@ -65,8 +65,8 @@ def test_real_ct_mask_has_the_input_grid(tmp_path, fixtures):
     np.testing.assert_array_equal(result.affine, src.affine)
     np.testing.assert_array_equal(result.mask_on_source_grid(), np.asarray(out.dataobj))
     assert io.read_label_names(tmp_path / "mask.nii.gz") == result.class_names
-    scrap = io.save_array(np.full((5, 5, 5), 40, np.int16), (1.0, 1.0, 1.0), tmp_path / "scrap.nii.gz")
-    assert any("spans only 5 x 5 x 5 mm (z, y, x), under half of one network window (192 x 384 x 384 mm)" in w
+    scrap = io.save_array(np.full((15, 15, 15), 40, np.int16), (1.0, 1.0, 1.0), tmp_path / "scrap.nii.gz")
+    assert any("spans only 15 x 15 x 15 mm (z, y, x), under half of one network window (192 x 384 x 384 mm)" in w
                for w in segment(scrap, model=coarse).warnings)
     synthetic = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)), synthetic=True)
     made_up = segment(source, model=synthetic)
@@ -191,7 +191,9 @@ def test_a_result_is_never_saved_over_the_scan_or_a_foreign_table(tmp_path, mode
     result.statistics_csv(tmp_path / "stats.csv")  # its own table is replaced
 
 
-@pytest.mark.parametrize("kwargs, words", [({"overlap": 1.0}, "overlap"), ({"sw_batch_size": 0}, "sw_batch_size")])
+@pytest.mark.parametrize("kwargs, words", [({"overlap": 1.0}, "overlap"), ({"overlap": "a"}, "overlap='a': must be a number"),
+                                           ({"overlap": None}, "overlap=None: must be a number"),
+                                           ({"overlap": float("nan")}, "overlap"), ({"sw_batch_size": 0}, "sw_batch_size")])
 def test_bad_options_are_refused(kwargs, words, tmp_path, model):
     with pytest.raises(ValueError, match=words):
         segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model, **kwargs)
@@ -390,6 +392,19 @@ def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resa
     fine = create_model("unetrpp_tiny", preprocessing=Preprocessing(spacing=(0.5, 0.5, 0.5)))
     with pytest.raises(ValueError, match="MAX_TARGET_VOXELS.*check the voxel spacing"):
         segment(path, model=fine)
+
+
+def test_a_scan_thinner_than_one_voxel_of_the_weights_grid_is_refused(tmp_path, model):
+    """0.01 mm voxels (a header in the wrong unit, say): the scan would become a single voxel."""
+    path = write_nifti(tmp_path / "tiny_voxels.nii.gz", phantom_ras(), np.diag([0.01, 0.01, 0.01, 1.0]))
+    with pytest.raises(ValueError, match=r"spans only .* a single slice; check the voxel spacing"):
+        segment(path, model=model)
+
+
+def test_a_scan_wider_than_a_body_along_two_axes_is_warned_about():
+    assert large_scan_warning((56, 48, 40), (30.0, 30.0, 30.0)).startswith("the scan spans 1680 x 1440 x 1200 mm")
+    assert large_scan_warning((1900, 512, 512), (1.0, 0.98, 0.98)) is None  # a whole-body CT
+    assert large_scan_warning((100, 1200, 10), (1.0, 1.0, 1.0)) is None  # long along one axis only
 
 
 def test_ct_warning_spares_a_crop_inside_the_body_but_not_mri_or_a_missing_intercept():

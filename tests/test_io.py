@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -140,6 +141,24 @@ def _huge(d: Path) -> Path:
     return path
 
 
+def _patched_header(d: Path, name: str, offset: int, values: np.ndarray) -> Path:
+    """A valid small file with header bytes from `offset` replaced by `values` (a corrupt header)."""
+    path = write_nifti(d / name, _phantom())
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + values.nbytes] = values.tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _negative_axis(d: Path) -> Path:
+    return _patched_header(d, "negative.nii", 42, np.array([-10], "<i2"))  # dim[1]
+
+
+def _bad_dim0(d: Path) -> Path:
+    # dim[0] = 9: nibabel would take the header for byte-swapped and complain about other fields
+    return _patched_header(d, "dim0.nii", 40, np.array([9], "<i2"))
+
+
 BAD_CASES = {
     "png": (_png, "PNG"),
     "text": (_text, "text file"),
@@ -156,6 +175,8 @@ BAD_CASES = {
     "zero_spacing": (_zero_spacing, "singular"),
     "all_nan": (_all_nan, "NaN"),
     "huge": (_huge, "MAX_VOXELS"),
+    "negative_axis": (_negative_axis, "negative axis length"),
+    "bad_dim0": (_bad_dim0, "dim[0]"),
 }
 
 
@@ -174,6 +195,45 @@ def test_bad_input_is_refused_with_one_line_and_left_untouched(case, tmp_path):
     assert str(path) in message  # says which file
     assert peak < 50e6  # refused before allocating the claimed volume
     assert sha(path) == before
+
+
+@pytest.mark.parametrize("orientation", ["RRS", "XYZ", "RA", "RASL", ""])
+def test_an_orientation_without_one_code_per_axis_is_refused(orientation, tmp_path):
+    path = write_nifti(tmp_path / "ct.nii.gz", _phantom())
+    for call in (io.load, io.header_grid):
+        with pytest.raises(ValueError, match="one each of L/R, A/P and S/I"):
+            call(path, orientation=orientation)
+    assert io.load(path, orientation="lpi").orientation == "LPI"
+
+
+def test_header_repairs_by_nibabel_become_one_warning_not_stderr_lines(tmp_path, capfd):
+    path = write_nifti(tmp_path / "negative_pixdim.nii", _phantom(), sform_code=0)
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = np.array([-2.0], "<f4").tobytes()  # pixdim[1] < 0, with the qform alone giving the grid
+    path.write_bytes(bytes(raw))
+    volume = io.load(path)
+    assert capfd.readouterr().err == ""
+    assert [w for w in volume.warnings if "nibabel repaired the header (pixdim" in w], volume.warnings
+
+
+def test_a_slope_beyond_float32_gives_no_numpy_warning_only_ours(tmp_path):
+    stored = _phantom()
+    stored[:2] = 0  # zero stays finite at any slope; the rest overflows
+    path = write_scaled(tmp_path / "overflow.nii.gz", stored, 1e38, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered" would fail here
+        volume = io.load(path)
+    assert any("non-finite voxels" in w for w in volume.warnings)
+
+
+def test_data_that_ends_early_is_named_without_a_dangling_from(tmp_path):
+    path = write_nifti(tmp_path / "offset.nii", _phantom())
+    raw = bytearray(path.read_bytes())
+    raw[108:112] = np.array([1e6], "<f4").tobytes()  # vox_offset past the end of the file
+    path.with_suffix(".nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
+        io.load(path.with_suffix(".nii.gz"))
+    assert "from )" not in str(info.value)
 
 
 def test_missing_file_is_file_not_found(tmp_path):

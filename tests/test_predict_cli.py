@@ -130,14 +130,14 @@ def test_an_output_name_with_a_typo_is_not_made_a_folder(name, tmp_path, weights
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_single_bad_file_exits_2_with_one_line_and_writes_nothing(case, tmp_path, weights, capsys):
+def test_single_bad_file_exits_2_with_one_line_and_writes_nothing(case, tmp_path, weights, capfd):
     build, words = BAD_CASES[case]
     path = build(tmp_path)
     before = sha(path)
     status = predict(path, "-o", tmp_path / "out", "--weights", weights)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()  # file descriptors: nibabel's own handler included
     assert status == 2
-    assert err[0].startswith(f"error: {path}: ") and words in err[0]
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and words in err[0], err
     assert not (tmp_path / "out").exists()  # nothing written, not even the folder
     assert sha(path) == before
 
@@ -296,3 +296,18 @@ def test_an_output_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path, weight
     assert taken.read_text() == "mine"
     assert predict(*sources, "-o", taken / "sub", "--weights", weights) == 2
     assert "cannot create this folder" in capsys.readouterr().err
+
+
+def test_a_scan_wider_than_a_body_is_warned_about_before_the_run(tmp_path, weights, capsys, monkeypatch):
+    """30 mm voxels in the header (a wrong unit, say): the run would take thousands of windows."""
+    import unetrpp.inference
+
+    def stop(*args, **kwargs):
+        raise ValueError("segment() was reached")
+
+    monkeypatch.setattr(unetrpp.inference, "segment", stop)
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(3, (40, 48, 56)), np.diag([30.0, 30.0, 30.0, 1.0]))
+    assert predict(source, "-o", tmp_path / "mask.nii.gz", "--weights", weights) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "wider than a body" in err[0] and "windows to run)" in err[0], err
+    assert "segment() was reached" in err[1]

@@ -98,9 +98,13 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
 
 def check_overlap(overlap: float) -> float:
     """`overlap` as a float in [0, 1), else a one-line ValueError."""
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap={overlap}: must be in [0, 1); 0.5 is the usual choice")
-    return float(overlap)
+    try:
+        value = float(overlap)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(overlap, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"overlap={overlap!r}: must be a number in [0, 1); 0.5 is the usual choice")
+    return value
 
 
 def ct_warning(array: np.ndarray) -> str | None:
@@ -124,6 +128,20 @@ def small_scan_warning(shape: Sequence[int], spacing: Sequence[float], config) -
         return (f"the scan spans only {' x '.join(f'{e:.0f}' for e in extent)} mm (z, y, x), under half of one "
                 f"network window ({' x '.join(f'{w:.0f}' for w in window)} mm) along every axis; the network "
                 "recognises organs in their surroundings, so expect few or none")
+    return None
+
+
+# No body is wider than this along two axes (whole-body CT: about 2000 x 500 x 500 mm).
+BODY_WIDTH_MM = 1000.0
+
+
+def large_scan_warning(shape: Sequence[int], spacing: Sequence[float]) -> str | None:
+    """A warning when the scan is wider than a body along two or more axes: usually a voxel size that is
+    wrong in the header, which makes the run slow and the mask meaningless."""
+    extent = [n * s for n, s in zip(shape, spacing)]
+    if sum(e > BODY_WIDTH_MM for e in extent) >= 2:
+        return (f"the scan spans {' x '.join(f'{e:.0f}' for e in extent)} mm (z, y, x), wider than a body along "
+                "more than one axis; check the voxel spacing in the header (pixdim): if it is wrong, so is the mask")
     return None
 
 
@@ -330,7 +348,8 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
         warnings.append(why_not)
         logger.warning(why_not)
     for message in (ct_warning(volume.array) if prep.normalization == "ct" else None,
-                    small_scan_warning(volume.shape, volume.spacing, config)):
+                    small_scan_warning(volume.shape, volume.spacing, config),
+                    large_scan_warning(volume.shape, volume.spacing)):
         if message:
             warnings.append(message)
             logger.warning(message)

@@ -5,26 +5,30 @@ named orientation, its spacing (z, y, x) in mm, and what is needed to write a re
 the exact grid, affine and header codes of the file it came from.
 
 Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, any integer or float
-data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed). Everything
-else is refused with a one-line `ValueError` before any voxel is read (see `check_image`).
-Non-finite voxels (NaN/Inf) are replaced by the minimum finite value, with a warning in
-`Volume.warnings`. Files are only ever opened for reading; outputs are written to a temporary file
+data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed; results are
+written 3-D on its grid). Everything else is refused with a one-line `ValueError` before any voxel
+is read (see `check_image`). Non-finite voxels (NaN/Inf) are replaced by the minimum finite value,
+and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`. Files are only ever opened for reading; outputs are written to a temporary file
 in the target folder and moved into place, so a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import gzip
 import json
 import logging
 import math
 import os
+import re
+import struct
 import tempfile
 import zlib
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -46,6 +50,44 @@ _PAIR_MAGICS = (b"ni1\0", b"ni2\0")
 _HINT = "give a 3-D NIfTI image (.nii or .nii.gz)"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+_AXIS_PAIRS = ("LR", "AP", "SI")
+
+# nibabel logs each header problem it repairs on its own logger, which prints to stderr and also
+# passes the line to any root handler (twice on a command line). While a file is read here, its
+# lines become one warning of ours instead; elsewhere nibabel's logging is left as it is.
+_NIBABEL_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_NIBABEL_NOTES", default=None)
+
+
+class _CollectNibabelNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = _NIBABEL_NOTES.get()
+        if notes is None:
+            return True
+        notes.append(record.getMessage())
+        return False
+
+
+logging.getLogger("nibabel.global").addFilter(_CollectNibabelNotes())
+
+
+@contextlib.contextmanager
+def _nibabel_notes() -> Iterator[list[str]]:
+    notes: list[str] = []
+    token = _NIBABEL_NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NIBABEL_NOTES.reset(token)
+
+
+def check_orientation(orientation: str) -> str:
+    """`orientation` as three upper-case axis codes, one from each of L/R, A/P and S/I; else a ValueError."""
+    codes = str(orientation).upper()
+    pairs = sorted(next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), 3) for c in codes)
+    if pairs != [0, 1, 2]:
+        raise ValueError(f"orientation={orientation!r}: give three axis codes, one each of L/R, A/P and S/I "
+                         "(e.g. 'RAS' or 'LPS')")
+    return codes
 
 
 @dataclasses.dataclass
@@ -135,6 +177,13 @@ def sniff(path: str | os.PathLike) -> nib.Nifti1Header:
         raise ValueError(f"{path}: the name says {'.nii.gz' if name.endswith('.gz') else '.nii'} but the file is "
                          f"{'' if compressed else 'not '}gzip-compressed; rename it to end with "
                          f"{'.nii.gz' if compressed else '.nii'}")
+    # dim[0], the number of dimensions, also tells readers the byte order: outside 1-7 in both orders,
+    # nibabel would read the header byte-swapped and report unrelated problems.
+    order = "<" if struct.unpack_from("<i", head)[0] in (348, 540) else ">"
+    ndim = struct.unpack_from(order + ("h" if version == 1 else "q"), head, 40 if version == 1 else 16)[0]
+    if not 1 <= ndim <= 7:
+        raise ValueError(f"{path}: the header's dim[0] (the number of dimensions) is {ndim}, not 1 to 7, so the "
+                         "header is corrupt; re-export the image")
     header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
     # Only the fixed-size header: extensions lie past these bytes and are read with the image.
     return header_class.from_fileobj(BytesIO(head[:header_class.sizeof_hdr]), check=False)
@@ -152,6 +201,9 @@ def check_image(img: nib.Nifti1Image, name: str = "image") -> tuple[int, int, in
     shape = tuple(int(s) for s in img.header.get_data_shape())
     if len(shape) < 3:
         raise ValueError(f"{name}: a {len(shape)}-D image of shape {shape}; {_HINT}")
+    if min(shape) < 0:
+        raise ValueError(f"{name}: shape {shape} has a negative axis length, so the header is corrupt; "
+                         "re-export the image")
     if 0 in shape:
         raise ValueError(f"{name}: shape {shape} has a zero-length axis (no voxels); {_HINT}")
     if len(shape) > 3 and math.prod(shape[3:]) != 1:
@@ -181,12 +233,14 @@ def _read_data(img: nib.Nifti1Image, shape: tuple[int, int, int], name: str, dty
     try:
         # In-memory arrays are copied (NaN replacement works in place); proxies read straight
         # into `dtype`, so scaled int16 never passes through float64.
-        if isinstance(img.dataobj, np.ndarray):
-            data = np.array(img.dataobj, dtype=dtype)
-        else:
-            data = np.asarray(img.dataobj, dtype=dtype)
+        # A slope that overflows float32 gives Inf, which _replace_non_finite reports: no numpy warning.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if isinstance(img.dataobj, np.ndarray):
+                data = np.array(img.dataobj, dtype=dtype)
+            else:
+                data = np.asarray(img.dataobj, dtype=dtype)
     except (OSError, EOFError, zlib.error, ValueError) as exc:
-        reason = str(exc).splitlines()[0]
+        reason = re.sub(r"\s+from\s*$", "", str(exc).splitlines()[0])  # nibabel names no file for a gzip stream
         raise ValueError(f"{name}: the image data is truncated or corrupt ({reason}); "
                          "re-export or re-download the file") from None
     data = np.asarray(data).reshape(shape)
@@ -238,7 +292,10 @@ def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | No
     Every refusal is a one-line ValueError (FileNotFoundError when missing); see the module docstring.
     """
     path = Path(path)
-    volume = from_image(_open(path), orientation=orientation, dtype=dtype, name=str(path))
+    with _nibabel_notes() as notes:
+        volume = from_image(_open(path), orientation=orientation, dtype=dtype, name=str(path))
+    if notes:
+        volume.warnings.append(f"{path}: nibabel repaired the header ({'; '.join(dict.fromkeys(notes))})")
     volume.path = path
     return volume
 
@@ -250,11 +307,13 @@ _TO_MM = {"meter": 1000.0, "micron": 1e-3}
 def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype | None = np.float32,
                name: str = "image") -> Volume:
     """Like `load`, for a nibabel image already in memory."""
+    orientation = check_orientation(orientation)
     shape = check_image(img, name)
     data = _read_data(img, shape, name, dtype)
     warnings = _replace_non_finite(data, name)
     if len(img.shape) > 3:
-        warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D")
+        warnings.append(f"{name}: a {len(img.shape)}-D image of shape {img.shape} holding one volume; used as 3-D "
+                        "(a mask of it is written 3-D, on the same grid)")
     if isinstance(img, nib.Nifti1Pair) and int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
         warnings.append(f"{name}: the header does not say how the image lies in the body (qform_code and "
                         "sform_code are 0), so left and right may be swapped; set them if the orientation is known")
@@ -264,7 +323,7 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     data, new_affine = _to_orientation(data, affine, orientation)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
     spacing_xyz = voxel_sizes(new_affine)
-    return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation.upper(), warnings)
+    return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation, warnings)
 
 
 def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
@@ -278,7 +337,9 @@ def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
 def header_grid(path: str | os.PathLike,
                 orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The (Z, Y, X) shape and spacing (mm) that `load(path, orientation)` gives, from the header alone."""
-    img = _open(Path(path))  # the voxels stay on disk
+    orientation = check_orientation(orientation)
+    with _nibabel_notes():  # `load` reports them
+        img = _open(Path(path))  # the voxels stay on disk
     raw_shape = check_image(img, str(path))
     affine, _ = _affine_mm(img)
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))

@@ -166,6 +166,10 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
     a CUDA `device` with the memory free the resampling runs there (milliseconds, not most of a second)."""
     target = preprocessing.spacing
     shape = target_shape(volume.shape, volume.spacing, target)
+    if min(shape) < 2:
+        extent = " x ".join(f"{n * s:.3g}" for n, s in zip(volume.shape, volume.spacing))
+        raise ValueError(f"the scan spans only {extent} mm (z, y, x): at the weights' spacing {tuple(target)} mm "
+                         f"that is {shape} voxels, a single slice; check the voxel spacing in the header (pixdim)")
     if math.prod(shape) > MAX_TARGET_VOXELS:
         raise ValueError(f"at the weights' spacing {tuple(target)} mm the {volume.shape} scan with spacing "
                          f"{tuple(round(v, 3) for v in volume.spacing)} mm becomes {shape} = {math.prod(shape):,} voxels, "

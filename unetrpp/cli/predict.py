@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..devices import resolve_device
-    from ..inference import check_single_channel, segment
+    from .. import io
+    from ..inference import check_single_channel, count_windows, large_scan_warning, segment
+    from ..preprocess import target_shape
     from ..postprocess import check_statistics_path, statistics_csv_text, write_statistics
     from ..pretrained import load_pretrained
 
@@ -203,6 +205,13 @@ def run(args: argparse.Namespace) -> int:
                                  "choose another output folder or rename the input")
             if reason := clobbers(target, inputs):
                 raise ValueError(reason)
+            # A voxel size that is wrong in the header can make a run last hours: say so before it starts.
+            prep = model.config.preprocessing
+            shape, spacing = io.header_grid(source, prep.orientation)
+            said = large_scan_warning(shape, spacing)
+            if said:
+                windows = count_windows(target_shape(shape, spacing, prep.spacing), model.config.patch_size, args.overlap)
+                tqdm.write(_line("warning", source, f"{said} ({windows:,} windows to run)"), file=sys.stderr)
             with tqdm(total=100, desc=f"{tag}{source.name}", leave=False, disable=None,
                       bar_format="{l_bar}{bar}| {postfix}") as bar:
                 def progress(fraction: float, message: str) -> None:
@@ -230,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
                        file=sys.stderr)
             continue
         for warning in result.warnings:
-            tqdm.write(_line("warning", source, warning), file=sys.stderr)
+            if warning != said:
+                tqdm.write(_line("warning", source, warning), file=sys.stderr)
         organs = ", ".join(f"{s['name']} {s['volume_ml']:.0f} mL" for s in result.statistics) or "no organs found"
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
         rows.append((str(source), result.statistics))
@@ -242,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     if created and world == 1 and not any(output.iterdir()):
         output.rmdir()  # nothing was written: leave no trace
     if failures:
-        print(f"{tag}{failures} of {len(pairs)} file(s) failed", file=sys.stderr)
+        if len(pairs) > 1:  # a single file's error line says it all
+            print(f"{tag}{failures} of {len(pairs)} files failed", file=sys.stderr)
         return 2
     return 0
