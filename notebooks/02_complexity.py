@@ -21,8 +21,9 @@
 # input size (linear for efficient paired attention, quadratic for UNETR's self-attention); and why
 # "FLOPs" in papers must be read with care.
 #
-# **How long.** Measured on 2 CPU cores: under a minute in fast mode (`UNETRPP_FAST=1`, small inputs), 1–2
-# minutes in full mode (the paper's 64×128×128 input). Every number below is measured in this run,
+# **How long.** Measured on 2 CPU cores with nothing else running: under a minute in fast mode
+# (`UNETRPP_FAST=1`, small inputs), about a minute in full mode (the paper's 64×128×128 input; 61 s).
+# Other programs running at the same time can make it several times longer. Every number below is measured in this run,
 # on this machine; the paper's numbers sit beside them for comparison.
 
 # %% tags=["parameters"]
@@ -80,9 +81,11 @@ for name, r in runs.items():
 # 8× smaller too. Parameters barely depend on the input for Swin-UNETR; UNETR's positional embedding
 # has one vector per 16³ patch (92.66 M at 32×64×64 against 92.83 M at 64×128×128), and UNETR++'s
 # positional embeddings and E/F projections are sized by the number of tokens, so its count changes most.
-# At the paper's input, UNETR++ matches the released network to the parameter (42.95 M). The peers come
-# from today's MONAI, whose blocks differ in small details from the versions the paper measured, so
-# their counts differ from the paper's table by under 1 % (the details were not traced).
+# At the paper's input, UNETR++ has exactly as many parameters as the released synapse checkpoint
+# holds, 42.95 M (the paper's table prints 42.96 M). The peers come from today's MONAI, whose blocks
+# differ in small details from the versions the paper measured, so their counts differ from the paper's
+# table by up to about 1 % (UNETR 92.83 M against 92.49 M, Swin-UNETR 62.19 M against 62.83 M; the
+# details were not traced).
 #
 # The forward times are medians of a few runs on whatever else this machine is doing: on a shared or
 # busy laptop they can vary several-fold between runs, while parameters and MACs never change. If the
@@ -106,8 +109,14 @@ plt.show()
 #
 # Hover over the bars. The convolutional ResBlocks inside each TransformerBlock hold the most
 # parameters; E/F and the positional embeddings come next because they scale with the token count.
-# The MACs, on the other hand, sit mostly at full resolution (`encoder1`, `decoder2`), where a few
-# 16-channel convolutions touch every voxel.
+# The MACs, on the other hand, are about half at full resolution (`encoder1` and `decoder2`, the
+# modules named as in the released checkpoint), where a few 16-channel convolutions touch every voxel,
+# while those layers hold under 0.1 % of the parameters.
+#
+# The network here is built with deep supervision, as it is trained, so that every parameter of the
+# released checkpoint is counted: "segmentation heads" includes the two auxiliary heads `out2` and
+# `out3`, and their 0.02 G MACs make the total here 47.47 G, against 47.45 G for the inference network
+# of section 3, which has the one head `out1`.
 
 # %%
 model = create_model("unetrpp_synapse", patch_size=INPUT[2:], deep_supervision=True)
@@ -116,10 +125,12 @@ flops, per_module = count_flops(model, INPUT)
 fig = go.Figure(go.Bar(x=[v / 1e6 for v in params.values()], y=list(params), orientation="h",
                        hovertemplate="%{y}: %{x:.3f} M parameters<extra></extra>"))
 fig.update_layout(title="UNETR++ parameters by component", xaxis_title="parameters (millions)",
-                  yaxis=dict(autorange="reversed"), height=420, margin=dict(l=10, r=10, t=40, b=40))
+                  yaxis=dict(autorange="reversed", title="component"), height=420,
+                  margin=dict(l=10, r=10, t=40, b=40))
 fig.show()
 fig = px.bar(x=list(per_module), y=[v / 2e9 for v in per_module.values()],
-             labels={"x": "module", "y": "G MACs"}, title="UNETR++ MACs by top-level module")
+             labels={"x": "top-level module (attribute of the model)", "y": "G MACs"},
+             title="UNETR++ MACs by top-level module")
 fig.show()
 
 # %% [markdown]
@@ -151,9 +162,11 @@ fig.update_xaxes(title="input voxels")
 fig.show()
 
 # %% [markdown]
-# The same comparison inside one EPA block against standard self-attention, in theory: for N tokens
-# of C channels, self-attention needs about 2·N²·C MACs for QKᵀ and AV; EPA needs about
-# 2·N·C·(C/h) for the channel branch plus 2·N·P·C/h·h for the spatial branch and 2·N·P·C for E and F.
+# The same comparison inside one EPA block against standard self-attention, counted from formulas
+# (nothing is run): for N tokens of C channels in h heads, self-attention needs about 2·N²·C MACs for
+# QKᵀ and AV. EPA needs about 2·N·C·(C/h) for the channel branch (h maps of (C/h)×(C/h)), 2·N·P·C for
+# the spatial branch (h maps of N×P, each over C/h channels) and 2·N·P·C for projecting keys and values
+# to P tokens with E and F. Here C = 32, h = 4 and P = 64, as in the first encoder stage.
 
 # %%
 import numpy as np
@@ -167,7 +180,7 @@ ax.loglog(N, self_attention / 1e9, "o-", label="self-attention (quadratic)")
 ax.loglog(N, epa / 1e9, "s-", label="EPA (linear)")
 ax.set_xlabel("tokens N")
 ax.set_ylabel("G MACs per block (C = 32)")
-ax.set_title("Attention cost against the token count")
+ax.set_title(f"Attention cost against the token count\n(from the formulas; C = {C}, h = {h}, P = {P})")
 ax.legend()
 fig.tight_layout()
 plt.show()
@@ -183,10 +196,11 @@ plt.show()
 #   and the paper's table says 47.98 G. UNETR comes out at 86.97 G MACs here against the paper's 75.76 G:
 #   different counters disagree on attention and transposed convolutions.
 # - MACs are not seconds. Memory traffic, layouts and the kernels a library picks decide the wall
-#   time, so the ratio of the forward times in section 1 is not the ratio of the MACs. On this
-#   project's 2-core test machine, with the machine otherwise idle, plain UNETR++ took about 0.75× of
-#   UNETR's time for 0.55× of its MACs; the rewrites `unetrpp.segment()` runs (`unetrpp.fast`) bring it
-#   to about 0.45× (benchmarks/README.md says where the time goes).
+#   time, so the ratio of the forward times in section 1 is not the ratio of the MACs. Section 1
+#   times the plain network; in `benchmarks/README.md` (2 CPU cores, machine otherwise idle) plain
+#   UNETR++ took about 0.75× of UNETR's time for 0.55× of its MACs, and the rewrites
+#   `unetrpp.segment()` runs (`unetrpp.fast`) bring it to about 0.45×. Your ratio above may differ:
+#   it depends on the CPU, and on anything else running while it was measured.
 #
 # ## Exercises
 # 1. Change `INPUT` to a patch whose depth is not a multiple of 16 (for UNETR++: of the stem × 8).

@@ -182,6 +182,7 @@ def test_plot_views_for_notebooks():
     mask[2:4, 5:10, 5:10] = 6
     fig = vis.plot_views(vol, (3.0, 1.0, 1.0), mask, class_names=NAMES, title="SYNTHETIC")
     assert [ax.get_title() for ax in fig.axes] == list(vis.VIEWS)
+    assert fig._suptitle.get_text() == "SYNTHETIC · CT window W 400 / L 40 HU"  # the grey scale is named
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver"]
     # The swatch has the colour the liver overlay has on the image, not the full label colour.
     drawn = vis.render_view(vol, "axial", (3, 7, 7), (3.0, 1.0, 1.0), mask=mask, crosshair=False)

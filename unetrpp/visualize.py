@@ -337,7 +337,8 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
                position: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                title: str | None = None, **kwargs):
     """A matplotlib Figure of the three views (for notebooks), with patient directions and scale bars,
-    and an organ legend when `mask` is given, its swatches blended as the overlay is over soft tissue.
+    the CT window in the title, and an organ legend when `mask` is given, its swatches blended as the
+    overlay is over soft tissue.
 
     `volume` and `mask` are (Z, Y, X); keyword arguments go to `render_view` (window, opacity, ...).
     """
@@ -345,6 +346,7 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
     from matplotlib.patches import Patch
 
     kwargs.setdefault("annotate", True)
+    window = kwargs.get("window", WINDOW_PRESETS["abdomen"])  # render_view's default
     views = orthogonal_views(volume, position, spacing, mask=mask, **kwargs)
     widths = [views[v].shape[1] / views[v].shape[0] for v in VIEWS]  # equal heights, true aspect
     fig, axes = plt.subplots(1, 3, figsize=(4 * sum(widths), 4.6), gridspec_kw={"width_ratios": widths})
@@ -355,11 +357,11 @@ def plot_views(volume: np.ndarray, spacing: Sequence[float], mask: np.ndarray | 
     if mask is not None and class_names is not None:
         entries = legend_entries(class_names, np.unique(mask))
         alpha = 1.0 if kwargs.get("contour_only") else kwargs.get("opacity", 0.5)
-        tissue = float(apply_window(np.array([40.0]), *kwargs.get("window", WINDOW_PRESETS["abdomen"]))[0])  # 40 HU
+        tissue = float(apply_window(np.array([40.0]), *window)[0])  # 40 HU
         swatch = (alpha * label_lut(kwargs.get("colors")).astype(float) + (1 - alpha) * tissue) / 255
         fig.legend(handles=[Patch(color=tuple(swatch[k]), label=name) for k, name, _ in entries],
                    loc="lower center", ncol=min(len(entries), 7), frameon=False, fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if mask is not None else 0, 1, 0.95 if title else 1))  # room for the title
+    caption = f"CT window W {window[0]:g} / L {window[1]:g} HU"
+    fig.suptitle(f"{title} · {caption}" if title else caption)
+    fig.tight_layout(rect=(0, 0.08 if mask is not None else 0, 1, 0.95))  # room for the title
     return fig
