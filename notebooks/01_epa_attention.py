@@ -230,10 +230,11 @@ plt.show()
 # the size of the stem, shown in the same orientation as the CT above).
 #
 # What to look for: whether a row weighs a compact region, broad areas of one sign, or everything
-# alike. Nothing forces a row to be smooth, since E may mix any tokens. E starts random, so the
-# teaching weights' rows, trained briefly on phantoms, still look mostly like noise; a random model's
-# rows are pure noise. Compare the rows of a first-stage block with those of a later stage, or of
-# the released weights if you have converted them.
+# alike. Nothing forces a row to be smooth, since E may mix any tokens, and E starts as random noise:
+# with the teaching weights, trained briefly on phantoms, some rows weigh a broad region of one sign
+# on top of that noise, while others are still mostly noise; a random model's rows are pure noise.
+# Compare the rows of a first-stage block with those of a later stage, or of the released weights if
+# you have converted them.
 
 # %%
 E = first["E"].numpy()  # (P, N)
