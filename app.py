@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = [str(ROOT / "examples" / name) for name in ("example_ct_sm.nii.gz", "phantom_synthetic.nii.gz")
             if (ROOT / "examples" / name).is_file()]
 MODEL_CONCURRENCY = int(os.environ.get("UNETRPP_CONCURRENCY", "1"))  # model runs at once
+START = "Upload a scan or pick an example: it shows at once, then is segmented."
 ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
                "[TotalSegmentator](https://github.com/wasserth/TotalSegmentator) "
                "(Wasserthal et al., Radiology: AI 2023), Apache-2.0. The phantom example is **SYNTHETIC** "
@@ -114,37 +115,55 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                 H.statistics_rows(session.statistics), figure, *(session.files + [None, None])[:2],
                 gr.CheckboxGroup(choices=organs, value=organs), *no_attention]
 
-    def on_file(path):
-        """Load an upload; a file that cannot be shown leaves an empty page and says why on the status line."""
+    def on_file(path, shown):
+        """Load an upload; a file that cannot be shown leaves an empty page and says why on the status line.
+        `shown` (this page's, changed in place) records the scan on the page, so a run for another gives way."""
+        shown["path"] = None
         if not path:
-            return None, ""
+            return None, START
         try:
             session = H.load_scan(path)
         except Exception as exc:
             return None, failure("Could not load the file", exc, "on_file")
+        shown["path"] = session.path
         return session, f"Loaded **{session.name}**: {H.describe(session)}."
 
-    def segment_seconds(session, overlap, tta, bf16=False, progress=None):
+    def segment_seconds(session, overlap, tta, bf16=False, shown=None, progress=None):
         """GPU seconds to ask ZeroGPU for (same arguments as on_segment): sized to the scan, see H.gpu_seconds."""
         return H.gpu_seconds(None if session is None else session.path, model.get().config, overlap, tta)
 
     @GPU(duration=segment_seconds)
-    def on_segment(session, overlap, tta, bf16, progress=gr.Progress()):
-        """Segment the session's scan; a failure keeps the scan shown and says why on the status line."""
-        if session is None:
-            raise gr.Error("Upload a CT volume (.nii / .nii.gz) or pick an example first.")
+    def on_segment(session, overlap, tta, bf16, shown, progress=gr.Progress()):
+        """Segment the session's scan; a failure keeps the scan shown and says why on the status line. A run
+        whose scan is no longer on the page stops at its next window and changes nothing."""
+        def report(fraction, message):
+            if shown.get("path") != session.path:
+                raise H.Superseded(session.name)
+            progress(fraction, desc=message)
+
         try:
             result, _, _ = H.segment_scan(session.path, model.get(), get_upload_folder(), overlap, tta, model.device,
-                                          progress=lambda f, msg: progress(f, desc=msg),
-                                          precision="bf16" if bf16 else "auto")
+                                          progress=report, precision="bf16" if bf16 else "auto")
+        except H.Superseded:
+            return gr.skip(), gr.skip()
         except Exception as exc:
             return session, failure("Could not segment the scan", exc, "on_segment")
+        if session.position != session.centre():
+            result.position = list(session.position)  # the user has moved the crosshair meanwhile: keep it
         for warning in result.warnings:
             gr.Warning(without_upload_folder(warning))
-        return result, f"Segmented **{result.name}**: {result.summary}."
+        return result, f"Segmented **{result.name}**: {result.summary}." + without_upload_folder(H.warnings_text(result))
 
-    def after_upload(session, overlap, tta, bf16, progress=gr.Progress()):
-        return [gr.skip()] * 2 if session is None else on_segment(session, overlap, tta, bf16, progress)
+    def segment_shown(session, overlap, tta, bf16, shown, progress=gr.Progress()):
+        """on_segment for the scan on the page; its result is dropped if another scan came meanwhile (on
+        ZeroGPU the run cannot see that: it works on a copy)."""
+        if session is None:
+            raise gr.Error("Upload a CT volume (.nii / .nii.gz) or pick an example first.", print_exception=False)
+        outputs = on_segment(session, overlap, tta, bf16, shown, progress=progress)
+        return outputs if shown.get("path") == session.path else (gr.skip(), gr.skip())
+
+    def after_upload(session, overlap, tta, bf16, shown, progress=gr.Progress()):
+        return [gr.skip()] * 2 if session is None else segment_shown(session, overlap, tta, bf16, shown, progress)
 
     @friendly
     @GPU(duration=lambda scan, overlap=0.5, tta=False: H.gpu_seconds(scan, model.get().config, overlap, tta))
@@ -197,6 +216,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         gr.Markdown("# UNETR++ abdominal organ segmentation viewer\n" + H.NOT_A_DEVICE)
         gr.Markdown(notice, elem_id="weights-notice")
         session = gr.State(None, time_to_live=3600, delete_callback=H.delete_session_files)
+        shown_scan = gr.State({"path": None})  # see on_file
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 scan = gr.File(label="CT volume (.nii / .nii.gz)", file_types=[".nii", ".gz"], type="filepath",
@@ -205,8 +225,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                     gr.Examples(EXAMPLES, inputs=[scan], label="Examples (real CT; SYNTHETIC phantom)",
                                 cache_examples=False)
                 run_btn = gr.Button("Segment (again)", variant="primary", elem_id="segment-btn")
-                status = gr.Markdown("Upload a scan or pick an example: it shows at once, then is segmented.",
-                                     elem_id="status", container=True, min_height=60)
+                status = gr.Markdown(START, elem_id="status", container=True, min_height=60)
                 with gr.Accordion("Settings", open=False):
                     overlap = gr.Slider(0.0, 0.75, value=0.5, step=0.05, label="sliding-window overlap",
                                         info="0.5 as the original; 0.25 is about 3x faster, 0.75 about 4x slower")
@@ -221,8 +240,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                 with gr.Row():
                     preset = gr.Radio([*vis.WINDOW_PRESETS, "custom"], value="abdomen", label="window",
                                       elem_id="window-preset")
-                    width = gr.Number(400, label="custom W (HU)", min_width=90)
-                    level = gr.Number(40, label="custom L (HU)", min_width=90)
+                    width = gr.Number(vis.WINDOW_PRESETS["abdomen"][0], label="window W (HU)", min_width=90)
+                    level = gr.Number(vis.WINDOW_PRESETS["abdomen"][1], label="level L (HU)", min_width=90)
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
                     contour = gr.Checkbox(False, label="contours only", elem_id="contours")
                 organs = gr.CheckboxGroup([], label="organs shown", elem_id="organs")
@@ -236,7 +255,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                     images.append(gr.Image(label=view, type="numpy", format="png", interactive=False,
                                                            elem_id=f"view-{view}", buttons=["fullscreen"]))
                                     slides.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
-                                                            interactive=False, elem_id=f"slider-{view}"))
+                                                            interactive=False, elem_id=f"slider-{view}",
+                                                            buttons=[]))  # its reset would go to slice 0
                         position = gr.Markdown("", elem_id="position")
                         table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
                                              max_height=720, elem_id="stats-table")
@@ -274,10 +294,13 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         # through the bar (the scan's size stays on the position line; a failed upload's message stays).
         clear = dict(fn=lambda s: gr.skip() if s is None else "", inputs=[session], outputs=[status],
                      show_progress="hidden", api_visibility="private")
-        scan.change(on_file, [scan], [session, status], api_visibility="private").success(**redraw).success(
-            **clear).success(after_upload, [session, overlap, tta, bf16], [session, status], **model_run).success(
+        # A scan uploaded while another is segmented: that run gives way (on_segment), and this one's run
+        # waits for it to end ("always_last"; the default, "once", would drop it).
+        scan.change(on_file, [scan, shown_scan], [session, status], api_visibility="private").success(
+            **redraw).success(**clear).success(after_upload, [session, overlap, tta, bf16, shown_scan],
+                                               [session, status], trigger_mode="always_last", **model_run).success(
             **redraw)
-        run_btn.click(**clear).success(on_segment, [session, overlap, tta, bf16], [session, status],
+        run_btn.click(**clear).success(segment_shown, [session, overlap, tta, bf16, shown_scan], [session, status],
                                        **model_run).success(**redraw)
         for view, image, slide in zip(vis.VIEWS, images, slides):
             slide.input(on_slider(view), [session, slide, *disp], [image, position], show_progress="hidden",
@@ -286,6 +309,11 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             image.select(on_click(view), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
         gr.on([preset.change, width.submit, level.submit, opacity.release, organs.change, contour.change],
               friendly(views), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
+        # The W/L boxes show the window in use: a preset fills them in, and typing in them makes it custom.
+        preset.change(lambda p: vis.WINDOW_PRESETS.get(p, (gr.skip(), gr.skip())), [preset], [width, level],
+                      show_progress="hidden", api_visibility="private")
+        gr.on([width.submit, level.submit], lambda: "custom", None, [preset], show_progress="hidden",
+              api_visibility="private")
         att_in, att_out = [session, block, head, preset, width, level], [*att_images, channel_plot, att_text]
         att_btn.click(on_attention, att_in, att_out, **model_run)
         for view, image in zip(vis.VIEWS, att_images):

@@ -277,8 +277,13 @@ def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, 
     *images, figure, caption = handler["on_attention"](session, 0, 0, "abdomen", None, None)
     assert images[0].ndim == 3 and "Query voxel" in caption
     H.attention_click(session, "axial", 0, 0)  # needs the maps the worker computed
-    result, status = handler["on_segment"](session, 0.5, False, False, progress=lambda *a, **k: None)
+    result, status = handler["segment_shown"](session, 0.5, False, False, {"path": session.path},
+                                              progress=lambda *a, **k: None)
     assert result.mask is not None and result.mask.shape == session.volume.shape and "Segmented" in status
+    # Another scan was put on the page meanwhile: this run's result changes nothing.
+    skipped = handler["segment_shown"](session, 0.5, False, False, {"path": "another.nii.gz"},
+                                       progress=lambda *a, **k: None)
+    assert list(skipped) == [app.gr.skip()] * 2
     ct = fixtures / "example_ct.nii.gz"
     session = H.Session(np.zeros((2, 2, 2), np.float32), (1.0, 1.0, 1.0), ct.name, str(ct))
     expected = H.gpu_seconds(ct, tiny_model.config, 0.5, False)
@@ -358,3 +363,13 @@ def test_attention_outputs_and_click_recentre(scan, tiny_model):
     assert session.position[1] > start[1] and session.position[2] > start[2]
     with pytest.raises(ValueError, match="block"):
         H.attention_view(tiny_model, session, 99, 0)
+
+
+def test_the_status_line_keeps_a_runs_warnings_except_the_synthetic_one():
+    from unetrpp.inference import SYNTHETIC_WEIGHTS_WARNING
+
+    mri = "intensities (1st-99th percentile 8..792) do not look like CT in Hounsfield units"
+    session = H.Session(np.zeros((4, 5, 6), np.float32), (1.0, 1.0, 1.0), "scan.nii.gz", "scan.nii.gz",
+                        warnings=[SYNTHETIC_WEIGHTS_WARNING, mri])
+    assert H.warnings_text(session) == f"\n\n**Warning**: {mri}"  # the summary already names SYNTHETIC weights
+    assert session.centre() == session.position == [2, 2, 3]

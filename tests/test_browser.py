@@ -4,10 +4,12 @@ against the app launched in-process. Screenshots go to tests/artifacts/ (gitigno
 Outside CI the test skips when no Chromium is found; under CI (CI=true) it must run.
 """
 
+import contextlib
 import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -30,15 +32,15 @@ if CHROMIUM is None:
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory):
+@contextlib.contextmanager
+def serve(net, cache):
+    """The viewer on a free local port, with `net` as its model; yields its URL."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_cache")))
+    mp.setenv("GRADIO_TEMP_DIR", str(cache))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     import app
 
-    torch.manual_seed(0)
-    demo = app.build_demo(net=create_model("unetrpp_tiny"))
+    demo = app.build_demo(net=net)
     demo.queue(**app.QUEUE)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,8 +53,8 @@ def url(tmp_path_factory):
         mp.undo()
 
 
-@pytest.fixture(scope="module")
-def page(url):
+@contextlib.contextmanager
+def browser_page(url):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -63,6 +65,19 @@ def page(url):
         pg.goto(url)
         yield pg
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    torch.manual_seed(0)
+    with serve(create_model("unetrpp_tiny"), tmp_path_factory.mktemp("gradio_cache")) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with browser_page(url) as pg:
+        yield pg
 
 
 def image_src(page, view: str) -> str:
@@ -76,6 +91,8 @@ def changed(page, view: str, before: str) -> None:
 
 
 def test_viewer_end_to_end(page, tmp_path):
+    from playwright.sync_api import expect
+
     ARTIFACTS.mkdir(exist_ok=True)
     page.get_by_text("Not a medical device").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "00_start.png"), full_page=True)
@@ -96,6 +113,15 @@ def test_viewer_end_to_end(page, tmp_path):
     before = image_src(page, "coronal")
     page.locator("#window-preset").get_by_text("lung", exact=True).click()
     changed(page, "coronal", before)
+    width_box, level_box = page.get_by_label("window W (HU)"), page.get_by_label("level L (HU)")
+    expect(width_box).to_have_value("1500")  # the boxes show the window in use
+    expect(level_box).to_have_value("-600")
+    # Typing a width makes the window custom, and the views use it.
+    before = image_src(page, "axial")
+    width_box.fill("800")
+    width_box.press("Enter")
+    changed(page, "axial", before)
+    expect(page.locator("#window-preset input[value='custom']")).to_be_checked()
     page.screenshot(path=str(ARTIFACTS / "02_slider_and_lung_window.png"), full_page=True)
     # Clicking the axial view moves the crosshair: the coronal and sagittal sliders follow.
     before = page.locator("#position").inner_text()
@@ -157,8 +183,30 @@ def test_viewer_end_to_end(page, tmp_path):
     # On a phone-width screen (390 px) every display control keeps its whole label inside its box.
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(500)
-    for label in ("custom W (HU)", "custom L (HU)", "overlay opacity", "contours only"):
+    for label in ("window W (HU)", "level L (HU)", "overlay opacity", "contours only"):
         text_right, box_right = page.get_by_text(label, exact=True).first.evaluate(
             "e => [e.getBoundingClientRect().right, e.closest('.block').getBoundingClientRect().right]")
         assert text_right <= box_right, f"{label!r} cut at 390 px: text ends at {text_right}, its box at {box_right}"
     page.screenshot(path=str(ARTIFACTS / "07_phone_width.png"), full_page=True)
+
+
+def test_a_scan_uploaded_during_a_segmentation_replaces_it(page, tmp_path):
+    """The newest upload wins: the run for the earlier scan gives way, and the new scan is segmented."""
+    torch.manual_seed(0)
+    slow = create_model("unetrpp_tiny")
+    slow.register_forward_pre_hook(lambda module, args: time.sleep(0.4))  # 12 windows: about 5 s a scan
+    second = tmp_path / "second_scan.nii.gz"
+    shutil.copy(EXAMPLE_CT, second)
+    with serve(slow, tmp_path / "cache") as address:
+        page.set_viewport_size({"width": 1600, "height": 1200})
+        page.goto(address)
+        page.get_by_text("Not a medical device").first.wait_for()
+        page.locator("#scan-upload input[type=file]").set_input_files(str(EXAMPLE_CT))
+        page.locator("#status").get_by_text("window").first.wait_for(timeout=60_000)  # its run has started
+        page.locator("#scan-upload button[aria-label='Clear']").first.click()
+        page.locator("#scan-upload input[type=file]").set_input_files(str(second))
+        page.locator("#status").get_by_text("Segmented second_scan.nii.gz").wait_for(timeout=60_000)
+        page.wait_for_timeout(6_000)  # the earlier run, had it gone on, would have ended by now
+        assert "Segmented second_scan.nii.gz" in page.locator("#status").inner_text()
+        assert "second_scan" in page.locator("#mask-file").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "08_second_upload_wins.png"), full_page=True)

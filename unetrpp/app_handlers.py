@@ -145,7 +145,11 @@ class Session:
 
     def __post_init__(self) -> None:
         if not self.position:
-            self.position = [n // 2 for n in self.volume.shape]
+            self.position = self.centre()
+
+    def centre(self) -> list[int]:
+        """The voxel a scan is first shown at: the middle of the volume."""
+        return [n // 2 for n in self.volume.shape]
 
 
 @dataclass
@@ -341,12 +345,26 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
                       statistics=list(result.statistics), files=[str(f) for f in (mask_path, csv_path) if f.exists()],
                       warnings=list(result.warnings), orientation=result.volume.orientation)
     session.position = centre_of_mask(session.mask)
-    session.summary = (f"{len(organ_choices(session))} organs found, {getattr(result, 'windows', '?')} windows in "
+    windows = getattr(result, "windows", "?")
+    session.summary = (f"{len(organ_choices(session))} organs found, {windows} window{'' if windows == 1 else 's'} in "
                        f"{getattr(result, 'seconds', 0.0):.1f} s on {getattr(result, 'device', device)}"
                        + (" by SYNTHETIC teaching weights (not real anatomy)" if getattr(result, "synthetic", False) else ""))
     for w in session.warnings:
         logger.warning("%s: %s", p.name, w)
     return session, str(mask_path), str(csv_path) if write_csv else None
+
+
+class Superseded(Exception):
+    """Raised from a segmentation's progress callback when its scan is no longer the one on the page."""
+
+
+def warnings_text(session: Session) -> str:
+    """The run's warnings for the status line, where they stay (toasts fade); the SYNTHETIC-weights one is
+    left out, as the summary says it."""
+    from .inference import SYNTHETIC_WEIGHTS_WARNING
+
+    kept = [w for w in session.warnings if w != SYNTHETIC_WEIGHTS_WARNING]
+    return "".join(f"\n\n**Warning**: {w}" for w in kept)
 
 
 def centre_of_mask(mask: np.ndarray) -> list[int]:
