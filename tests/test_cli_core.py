@@ -55,6 +55,21 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_convert_checks_its_output_folder_before_reading_the_checkpoint(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "not_read.model"), "--out", "/proc/unetrpp_weights"]) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc/unetrpp_weights: cannot write in /proc" in err and "not_read" not in err
+
+
+def test_a_file_of_a_weights_folder_is_answered_with_the_folder(tmp_path):
+    from unetrpp import create_model
+
+    create_model("unetrpp_tiny").save_pretrained(tmp_path / "w")
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(ValueError, match=f"part of the weights folder {tmp_path / 'w'}.*--weights {tmp_path / 'w'}"):
+            load_pretrained(tmp_path / "w" / name)
+
+
 def test_lung_checkpoint_needs_its_preprocessing_numbers(tmp_path, capsys):
     """The spec gives no lung preprocessing: converting without them would silently use the synapse CT ones."""
     from unetrpp import create_model
@@ -62,8 +77,11 @@ def test_lung_checkpoint_needs_its_preprocessing_numbers(tmp_path, capsys):
     ckpt = save_released_style(create_model("unetrpp_lung", deep_supervision=True).state_dict(), tmp_path / "lung.model")
     out = tmp_path / "weights" / "unetrpp_lung"
     assert main(["convert", str(ckpt), "--out", str(out), "--spacing", "1.5", "0.8", "0.8"]) == 2
-    assert "unetrpp_lung: the spec gives no preprocessing numbers" in capsys.readouterr().err
+    assert "unetrpp_lung: the release does not state the preprocessing" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["convert", str(ckpt), "--out", str(out), "--spacing", "1.5", "0.8", "0.8", "--clip", "-1000", "500",
+                 "--mean", "nan", "--std", "400"]) == 2  # would write "mean": NaN, which is not JSON
+    assert "a finite mean" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="--spacing --clip --mean --std"):
         load_pretrained(ckpt)
     assert main(["convert", str(ckpt), "--out", str(out), "--spacing", "1.5", "0.8", "0.8", "--clip", "-1000", "500",

@@ -124,3 +124,25 @@ def test_cli_refuses_another_label_scheme_and_names_grids_as_files_store_them(tm
     io.save_array(np.zeros((6, 8, 9), np.uint8), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
     assert main(args) == 2
     assert "prediction grid (9, 8, 6) differs from truth grid (10, 8, 6)" in capsys.readouterr().err
+
+
+def test_cli_scores_the_classes_a_mask_names_not_btcv_organs(tmp_path, capsys):
+    """A mask from the ACDC weights (right ventricle, myocardium, left ventricle) is scored on those."""
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    truth = np.zeros((10, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 3
+    pred = np.zeros_like(truth)
+    pred[2:4, 2:6, 2:6] = 3
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    image = io.load(io.save_array(truth, spacing, tmp_path / "img0001.nii.gz", dtype=np.int16))
+    io.save_mask(pred, image, tmp_path / "pred/img0001.nii.gz",
+                 label_names=("background", "right ventricle", "myocardium", "left ventricle"))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    mean = json.loads((tmp_path / "r.json").read_text())["mean"]
+    assert list(mean) == ["right ventricle", "myocardium", "left ventricle", "mean"]
+    assert mean["left ventricle"]["dice"] == pytest.approx(2 / 3)
+    assert mean["mean"]["dice"] == pytest.approx((2 + 2 / 3) / 3)  # not inflated by 10 absent BTCV organs
+    assert "spleen" not in capsys.readouterr().out

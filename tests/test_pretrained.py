@@ -56,6 +56,17 @@ def test_truncated_checkpoint(tmp_path, tiny):
         load_original_checkpoint(cut)
 
 
+@pytest.mark.parametrize("size", [5000, 8000, 20000])
+def test_a_legacy_format_checkpoint_cut_short_is_one_line(tmp_path, tiny, size):
+    """torch.save(..., _use_new_zipfile_serialization=False), as older releases are: cut early, torch's
+    reader fails with struct.error or IndexError rather than its usual errors."""
+    path = tmp_path / "legacy.model"
+    torch.save({"state_dict": tiny.state_dict(), "epoch": 1000}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(ValueError, match="maybe truncated"):
+        load_original_checkpoint(path)
+
+
 def test_checkpoint_of_another_network_is_named(tmp_path, tiny):
     path = save_released_style(tiny.state_dict(), tmp_path / "other.model")
     with pytest.raises(ValueError, match=r"other.model: not the weights of a released UNETR\+\+ network \(closest: "
@@ -102,6 +113,19 @@ def test_save_and_load_pretrained_round_trip_is_bit_exact(tmp_path, tiny):
     x = torch.randn(1, 1, 32, 64, 64)
     with torch.no_grad():
         assert torch.equal(back(x), tiny(x))
+
+
+def test_from_pretrained_refuses_a_folder_missing_a_tensor(tmp_path, tiny):
+    """huggingface_hub loads non-strictly by default, which would leave a layer randomly initialised."""
+    import safetensors.torch
+
+    tiny.save_pretrained(tmp_path / "w")
+    tensors = safetensors.torch.load_file(tmp_path / "w" / "model.safetensors")
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith("decoder2.")},
+                                tmp_path / "w" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="decoder2"):
+        UNETRPP.from_pretrained(tmp_path / "w")
+    assert UNETRPP.from_pretrained(tmp_path / "w", strict=False) is not None  # when asked for
 
 
 def test_shared_projection_survives_the_round_trip(tmp_path):

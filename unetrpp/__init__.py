@@ -20,6 +20,7 @@ _ON_FIRST_USE = {
     "UNETRPP": "model",
     "create_model": "model",
     "load_original_checkpoint": "pretrained",
+    "load_pretrained": "pretrained",
 }
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "UNETRPP",
     "create_model",
     "load_original_checkpoint",
+    "load_pretrained",
     "segment",
     "SegmentationResult",
 ]

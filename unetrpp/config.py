@@ -48,8 +48,10 @@ class Preprocessing:
             raise ValueError(
                 f"preprocessing.normalization={self.normalization!r}: must be one of {NORMALIZATIONS}"
             )
-        if self.normalization == "ct" and not (self.clip[0] < self.clip[1] and self.std > 0):
-            raise ValueError(f"preprocessing clip={self.clip}, std={self.std}: need clip low < high and std > 0")
+        if self.normalization == "ct" and not (self.clip[0] < self.clip[1] and self.std > 0
+                                               and math.isfinite(self.mean) and math.isfinite(self.std)):
+            raise ValueError(f"preprocessing clip={self.clip}, mean={self.mean}, std={self.std}: need clip low < "
+                             "high, a finite mean and a finite std > 0")
         if len(self.orientation) != 3 or not all(
             sum(c in pair for c in self.orientation.upper()) == 1 for pair in ("LR", "AP", "SI")
         ):

@@ -94,9 +94,11 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
 
 
 def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
-                     labels: dict[int, str] = BTCV_LABELS) -> dict:
+                     labels: dict[int, str] | None = None) -> dict:
     """Match masks by their case number (img0003 <-> label0003 <-> 0003) and score them.
 
+    `labels` {id: name} to score; None: those the predictions' label table names (masks written by
+    `unetrpp`, e.g. the ACDC classes), else the 13 BTCV organs.
     Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}.
     Every truth case needs a prediction; the truth's spacing is used.
     """
@@ -105,6 +107,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
     if missing:
         raise ValueError(f"no prediction for truth case(s) {', '.join(missing)} in {pred_dir}; predictions are "
                          "matched to truth by the numbers in their file names")
+    if labels is None:
+        names = io.read_label_names(preds[next(iter(truths))]) if truths else None
+        labels = dict(enumerate(names)) if names else dict(BTCV_LABELS)
+        labels.pop(0, None)  # background
     per_case = {}
     highest = max(max(labels), max(BTCV_LABELS))  # a subset of the organs still allows every BTCV label
     for case_id, truth_path in truths.items():

@@ -81,6 +81,12 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
             self.out3 = OutBlock(dims[1], cfg.out_channels)
         self.apply(_init_weights)
 
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> "UNETRPP":
+        """huggingface_hub's loader, strict unless asked otherwise: a missing tensor is an error, not a
+        randomly initialised layer (`UNETRPP.from_pretrained(folder_or_repo_id)` goes through here)."""
+        return super()._from_pretrained(strict=strict, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         enc1, enc2, enc3, enc4 = self.unetr_pp_encoder(x)  # grids: stage_grid(0..3)

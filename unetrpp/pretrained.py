@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -57,6 +58,9 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; expected a released model_final_checkpoint.model")
     expected = "expected a released UNETR++ model_final_checkpoint.model (a torch.save of a dict with 'state_dict')"
+    if path.name in ("model.safetensors", "config.json") and (path.parent / "config.json").is_file():
+        raise ValueError(f"{path} is part of the weights folder {path.parent} (already converted); give the "
+                         f"folder: --weights {path.parent}")
     if path.name.endswith(".model.pkl"):
         raise ValueError(f"{path} is the nnU-Net plans file that sits beside a checkpoint; give the .model file "
                          f"next to it ({path.name[:-len('.pkl')]})")
@@ -76,8 +80,10 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path}: refused to load, it would unpickle {unsafe.group(1)}, which is not on the "
                              f"allow-list (tensors, numpy scalars); {expected}") from None
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}); {expected}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError,
+            struct.error, IndexError) as exc:  # the last two: a legacy (non-zip) file cut short
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason if len(reason) <= 300 else reason[:300] + "…"
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, maybe truncated ({reason}); {expected}") from None
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
         if not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
@@ -218,7 +224,8 @@ def _from_folder(path: Path) -> UNETRPP:
         safetensors.torch.load_model(model, path / "model.safetensors", strict=True)  # missing tensor: an error
         return model.eval()
     except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__  # one line, e.g. the missing keys
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, e.g. the missing keys
+        reason = reason if len(reason) <= 300 else reason[:300] + "…"
         raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
                          f"({reason}); {hint}") from None
 
@@ -243,8 +250,9 @@ def _from_hub(repo_id: str) -> UNETRPP:
                f"the Hub is out of reach ({unreachable}) and it is not in the local cache" if unreachable else
                f"{type(exc).__name__}")
         raise ValueError(f"could not get weights {repo_id!r} from the Hugging Face Hub ({why}); download them "
-                         "where the Hub is reachable (huggingface-cli download) and pass the folder (if you meant "
-                         "a local folder: none of that name exists here)") from None
+                         f"where the Hub is reachable (`hf download {repo_id} --local-dir FOLDER`) and pass the "
+                         f"folder (if you meant a local folder: none of that name exists here; local weights: "
+                         f"{', '.join(sorted(local_weights())) or 'none'})") from None
 
 
 def _hub_unreachable() -> str | None:
@@ -293,8 +301,11 @@ def _missing_preprocessing(name: str, given: Any) -> str | None:
     if not missing:
         return None
     flags = " ".join(f"--{f}" for f in missing)
-    return (f"{name}: the spec gives no preprocessing numbers for these weights; convert the checkpoint with "
-            f"{flags} taken from the nnU-Net plans of its training run (model_final_checkpoint.model.pkl)")
+    return (f"{name}: the release does not state the preprocessing of these weights; convert the checkpoint "
+            f"with {flags} taken from the nnU-Net plans of its training run (model_final_checkpoint.model.pkl: "
+            "plans['plans_per_stage'][stage]['current_spacing'], and mean, sd, percentile_00_5 and "
+            "percentile_99_5 of plans['dataset_properties']['intensityproperties'][0]; read that pickle only "
+            "if you trust its source)")
 
 
 def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
@@ -326,7 +337,7 @@ Deep-supervision heads dropped (inference does not use them); every other tensor
 | preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
 {prep.orientation}, normalization {prep.normalization}{intensities} |
 
-Use: `python -m unetrpp predict CT.nii.gz -o out --weights THIS_FOLDER`. Not a medical device.
+Use: `python -m unetrpp predict SCAN.nii.gz -o out --weights THIS_FOLDER` (a {prep.modality} scan). Not a medical device.
 """
     out_dir = save_for_inference(model, out_dir, cfg, card=card)
     log.debug("wrote %s to %s", cfg.name, out_dir)

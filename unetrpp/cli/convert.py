@@ -19,11 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from ..io import check_folder_can_be_written
     from ..pretrained import convert_original
 
-    out = Path(args.out)
+    out = check_folder_can_be_written(args.out)  # before the checkpoint is read (seconds for the large ones)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a new folder, e.g. weights/unetrpp_synapse")
     if out.exists() and any(out.iterdir()):

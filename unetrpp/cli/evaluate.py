@@ -10,8 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truth", required=True, help="folder of ground-truth masks, e.g. DATA/labelsTr")
     parser.add_argument("--out", default=None, help="write the results to a .csv or .json file")
     parser.add_argument("--organs", choices=("all", "synapse8"), default="all",
-                        help="all: the 13 BTCV organs; synapse8: the 8 of the Synapse protocol the paper reports "
-                             "(spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas)")
+                        help="all: every class the predictions' label table names (masks written by unetrpp "
+                             "predict), else the 13 BTCV organs; synapse8: the 8 BTCV organs of the Synapse "
+                             "protocol the paper reports (spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_results_path(args.out)  # before the scoring, not after it
-    labels = {k: BTCV_LABELS[k] for k in SYNAPSE_EVAL_LABELS} if args.organs == "synapse8" else BTCV_LABELS
+    labels = {k: BTCV_LABELS[k] for k in SYNAPSE_EVAL_LABELS} if args.organs == "synapse8" else None
     result = evaluate_folders(args.pred, args.truth, labels)
     print(f"{len(result['cases'])} case(s); HD95 in mm (nan: organ empty in only one of prediction / truth)")
     print(format_table(result["mean"]))
