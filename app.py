@@ -195,7 +195,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     @friendly
     def on_attention(session, block, head, preset, width, level):
         if session is None:
-            raise gr.Error("Load a scan first, then click a voxel in the views.")
+            raise gr.Error("Load a scan first, then click a voxel in the views.", print_exception=False)
         window = vis.window_preset(preset, width, level)  # a bad custom window is refused before the GPU is asked
         return H.show_attention(session, attention_maps(session, block, head), head, window)
 

@@ -148,6 +148,16 @@ def test_mri_input_runs_with_a_warning(fixtures):
     assert any("do not look like CT" in w for w in result.warnings)
 
 
+def test_mri_weights_warn_about_a_ct_and_not_about_an_mri(fixtures):
+    torch.manual_seed(0)
+    mri_weights = create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(
+        spacing=(6.0, 6.0, 6.0), modality="MRI", normalization="zscore"))
+    on_ct = segment(fixtures / "example_ct_sm.nii.gz", model=mri_weights)
+    assert any("as air does in a CT" in w and "weights expect MRI" in w for w in on_ct.warnings), on_ct.warnings
+    on_mri = segment(fixtures / "example_mr_sm.nii.gz", model=mri_weights)
+    assert not any("CT" in w for w in on_mri.warnings), on_mri.warnings
+
+
 def test_nan_voxels_are_reported_in_the_result(tmp_path, model):
     data = phantom_ras()
     data[0, 0, 0] = np.nan

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io, postprocess
+from .config import Preprocessing
 from .devices import CompiledNetwork, auto_sw_batch_size, compile_network, resolve_device, true_float32
 from .fast import optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_statistics
@@ -116,6 +117,26 @@ def ct_warning(array: np.ndarray) -> str | None:
     if p1 > -50 or p99 > 4000:
         return (f"intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) do not look like CT in Hounsfield units "
                 "(fat near -100 HU, air near -1000 HU); these weights expect CT, so the mask may be meaningless")
+    return None
+
+
+def mri_weights_warning(array: np.ndarray, modality: str) -> str | None:
+    """A warning when weights for MRI (z-scored input) get what looks like a CT: air near -1000 HU. MRI
+    intensities are never that negative, whatever their scaling."""
+    sample = array[::2, ::2, ::2] if min(array.shape) > 8 else array
+    p1 = float(np.percentile(sample, 1))
+    if p1 < -500:
+        return (f"intensities reach {p1:.0f} (1st percentile), as air does in a CT in Hounsfield units; these "
+                f"weights expect {modality}, so the mask may be meaningless")
+    return None
+
+
+def modality_warning(array: np.ndarray, preprocessing: Preprocessing) -> str | None:
+    """`ct_warning` for CT weights, `mri_weights_warning` for MRI weights."""
+    if preprocessing.normalization == "ct":
+        return ct_warning(array)
+    if preprocessing.modality.upper().startswith("MR"):
+        return mri_weights_warning(array, preprocessing.modality)
     return None
 
 
@@ -347,7 +368,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     if why_not:
         warnings.append(why_not)
         logger.warning(why_not)
-    for message in (ct_warning(volume.array) if prep.normalization == "ct" else None,
+    for message in (modality_warning(volume.array, prep),
                     small_scan_warning(volume.shape, volume.spacing, config),
                     large_scan_warning(volume.shape, volume.spacing)):
         if message:
