@@ -61,6 +61,12 @@ def test_convert_checks_its_output_folder_before_reading_the_checkpoint(tmp_path
     assert "--out /proc/unetrpp_weights: cannot write in /proc" in err and "not_read" not in err
 
 
+def test_convert_checks_the_name_before_reading_the_checkpoint(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "not_read.model"), "--out", str(tmp_path / "o"), "--name", "synapse"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown UNETR++ model name 'synapse'" in err and "not_read" not in err
+
+
 def test_a_file_of_a_weights_folder_is_answered_with_the_folder(tmp_path):
     from unetrpp import create_model
 

@@ -315,6 +315,10 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     `preprocessing` overrides fields of the preset's `Preprocessing` (spacing, clip, mean, std, ...);
     the lung preset needs spacing, clip, mean and std (`UNKNOWN_PREPROCESSING`).
     """
+    if name is not None:  # a wrong name or preprocessing is answered before the checkpoint is read (seconds)
+        if reason := _missing_preprocessing(name, preprocessing):
+            raise ValueError(reason)
+        dataclasses.replace(get_config(name).preprocessing, **preprocessing)
     model = load_original_checkpoint(path, name=name, deep_supervision=False)
     if reason := _missing_preprocessing(model.config.name, preprocessing):
         raise ValueError(reason)
