@@ -107,7 +107,8 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     # x runs towards the patient's right in RAS volumes: view from the front (anterior), right on the left.
     fig.update_layout(
         title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), legend=dict(itemsizing="constant"),
-        scene=dict(aspectmode="data", xaxis_title="x (mm)", yaxis_title="y (mm)", zaxis_title="z (mm)",
+        scene=dict(aspectmode="data", xaxis_title="→ right (mm)", yaxis_title="→ anterior (mm)",
+                   zaxis_title="→ superior (mm)",
                    camera=dict(eye=dict(x=0.0, y=2.0, z=0.3), up=dict(x=0, y=0, z=1))),
     )
     return fig
