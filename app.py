@@ -199,6 +199,12 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         window = vis.window_preset(preset, width, level)  # a bad custom window is refused before the GPU is asked
         return H.show_attention(session, attention_maps(session, block, head), head, window)
 
+    def on_choice(session, block, head, preset, width, level):
+        """A block or head picked while maps are shown: show that block's or head's maps (none shown: wait)."""
+        if session is None or session.attention is None:
+            return [gr.skip()] * 5
+        return on_attention(session, block, head, preset, width, level)
+
     def on_attention_click(view):
         @friendly
         def handler(session, block, head, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
@@ -316,6 +322,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
               api_visibility="private")
         att_in, att_out = [session, block, head, preset, width, level], [*att_images, channel_plot, att_text]
         att_btn.click(on_attention, att_in, att_out, **model_run)
+        gr.on([block.input, head.input], on_choice, att_in, att_out, **model_run)
         for view, image in zip(vis.VIEWS, att_images):
             image.select(on_attention_click(view), [*att_in, opacity, organs, contour], [*att_out, *view_out],
                          **model_run)

@@ -158,6 +158,10 @@ def test_viewer_end_to_end(page, tmp_path):
     page.wait_for_function("q => document.querySelector('#position').innerText.includes(q)", arg=query.group(1),
                            timeout=30_000)
     page.get_by_role("tab", name="Attention").click()
+    # Picking a head while maps are shown shows that head's maps, without pressing the button again.
+    page.get_by_label("head").click()
+    page.get_by_role("option", name="head 2", exact=True).click()
+    page.get_by_text("; head 2. Heat-map").first.wait_for(timeout=60_000)
     page.get_by_role("tab", name="3D surfaces").click()
     page.locator("#surface .js-plotly-plot").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "04_surfaces.png"), full_page=True)
