@@ -46,13 +46,20 @@ def test_empty_conventions():
     assert m["liver"] == {"dice": 1.0, "hd95": 0.0}  # empty in both
 
 
-def test_cli_table_and_files(tmp_path, capsys):
-    (tmp_path / "pred").mkdir()
-    (tmp_path / "truth").mkdir()
+def _half_overlap(folder, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """pred/ and truth/ folders under `folder`; truth a 4x4x4 block of `label`, the prediction its upper
+    half (Dice 2/3)."""
+    (folder / "pred").mkdir()
+    (folder / "truth").mkdir()
     truth = np.zeros((10, 8, 8), np.uint8)
-    truth[2:6, 2:6, 2:6] = 6
+    truth[2:6, 2:6, 2:6] = label
     pred = np.zeros_like(truth)
-    pred[2:4, 2:6, 2:6] = 6
+    pred[2:4, 2:6, 2:6] = label
+    return truth, pred
+
+
+def test_cli_table_and_files(tmp_path, capsys):
+    truth, pred = _half_overlap(tmp_path, 6)
     spacing = (2.0, 1.0, 1.0)
     io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
     io.save_array(pred, spacing, tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
@@ -128,12 +135,7 @@ def test_cli_refuses_another_label_scheme_and_names_grids_as_files_store_them(tm
 
 def test_cli_scores_the_classes_a_mask_names_not_btcv_organs(tmp_path, capsys):
     """A mask from the ACDC weights (right ventricle, myocardium, left ventricle) is scored on those."""
-    (tmp_path / "pred").mkdir()
-    (tmp_path / "truth").mkdir()
-    truth = np.zeros((10, 8, 8), np.uint8)
-    truth[2:6, 2:6, 2:6] = 3
-    pred = np.zeros_like(truth)
-    pred[2:4, 2:6, 2:6] = 3
+    truth, pred = _half_overlap(tmp_path, 3)
     spacing = (2.0, 1.0, 1.0)
     io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
     image = io.load(io.save_array(truth, spacing, tmp_path / "img0001.nii.gz", dtype=np.int16))

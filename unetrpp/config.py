@@ -20,6 +20,16 @@ BRANCH_FUSIONS = ("concat", "sum")
 NORMALIZATIONS = ("ct", "zscore", "none")
 
 
+def check_orientation(orientation: str, name: str = "orientation") -> str:
+    """`orientation` as three upper-case axis codes, one from each of L/R, A/P and S/I (e.g. "RAS"); else a
+    one-line ValueError naming `name`."""
+    codes = str(orientation).upper()
+    if len(codes) != 3 or not all(sum(c in pair for c in codes) == 1 for pair in ("LR", "AP", "SI")):
+        raise ValueError(f"{name}={orientation!r}: give three axis codes, one each of L/R, A/P and S/I "
+                         "(e.g. 'RAS' or 'LPS')")
+    return codes
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What the weights expect of an input volume (nnU-Net v1 conventions, spec "Preprocessing").
@@ -52,13 +62,7 @@ class Preprocessing:
                                                and math.isfinite(self.mean) and math.isfinite(self.std)):
             raise ValueError(f"preprocessing clip={self.clip}, mean={self.mean}, std={self.std}: need clip low < "
                              "high, a finite mean and a finite std > 0")
-        if len(self.orientation) != 3 or not all(
-            sum(c in pair for c in self.orientation.upper()) == 1 for pair in ("LR", "AP", "SI")
-        ):
-            raise ValueError(
-                f"preprocessing.orientation={self.orientation!r}: need one letter of each pair L/R, A/P, S/I, "
-                "e.g. 'RAS' or 'LPS'"
-            )
+        check_orientation(self.orientation, "preprocessing.orientation")
 
 
 @dataclass(frozen=True)

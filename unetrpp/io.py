@@ -8,8 +8,9 @@ Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, a
 data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed; results are
 written 3-D on its grid). Everything else is refused with a one-line `ValueError` before any voxel
 is read (see `check_image`). Non-finite voxels (NaN/Inf) are replaced by the minimum finite value,
-and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`. Files are only ever opened for reading; outputs are written to a temporary file
-in the target folder and moved into place, so a failed write leaves nothing behind.
+and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`.
+Files are only ever opened for reading; outputs are written to a temporary file in the target
+folder and moved into place, so a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
 
+from .config import check_orientation
 from .labels import BTCV_COLORS, BTCV_LABELS
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ _PAIR_MAGICS = (b"ni1\0", b"ni2\0")
 _HINT = "give a 3-D NIfTI image (.nii or .nii.gz)"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-_AXIS_PAIRS = ("LR", "AP", "SI")
 
 # nibabel logs each header problem it repairs on its own logger, which prints to stderr and also
 # passes the line to any root handler (twice on a command line). While a file is read here, its
@@ -78,16 +79,6 @@ def _nibabel_notes() -> Iterator[list[str]]:
         yield notes
     finally:
         _NIBABEL_NOTES.reset(token)
-
-
-def check_orientation(orientation: str) -> str:
-    """`orientation` as three upper-case axis codes, one from each of L/R, A/P and S/I; else a ValueError."""
-    codes = str(orientation).upper()
-    pairs = sorted(next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), 3) for c in codes)
-    if pairs != [0, 1, 2]:
-        raise ValueError(f"orientation={orientation!r}: give three axis codes, one each of L/R, A/P and S/I "
-                         "(e.g. 'RAS' or 'LPS')")
-    return codes
 
 
 @dataclasses.dataclass
@@ -342,7 +333,7 @@ def header_grid(path: str | os.PathLike,
         img = _open(Path(path))  # the voxels stay on disk
     raw_shape = check_image(img, str(path))
     affine, _ = _affine_mm(img)
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation)))
     shape = [0, 0, 0]  # (X, Y, Z) after reorientation: input axis i becomes axis transform[i, 0]
     for n, (axis, _) in zip(raw_shape, transform):
         shape[int(axis)] = n

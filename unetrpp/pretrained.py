@@ -44,6 +44,11 @@ def _numpy_allow_list() -> list[Any]:
     return allowed
 
 
+def _reason(text: str, limit: int = 300) -> str:
+    """A library's error text as the parenthesis of one of ours: at most `limit` characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a released `model_final_checkpoint.model` without unpickling arbitrary objects.
 
@@ -82,8 +87,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}); {expected}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError,
             struct.error, IndexError) as exc:  # the last two: a legacy (non-zip) file cut short
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = reason if len(reason) <= 300 else reason[:300] + "…"
+        reason = _reason((str(exc).strip().splitlines() or [type(exc).__name__])[0])
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, maybe truncated ({reason}); {expected}") from None
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
         if not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
@@ -224,8 +228,7 @@ def _from_folder(path: Path) -> UNETRPP:
         safetensors.torch.load_model(model, path / "model.safetensors", strict=True)  # missing tensor: an error
         return model.eval()
     except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, e.g. the missing keys
-        reason = reason if len(reason) <= 300 else reason[:300] + "…"
+        reason = _reason(" ".join(str(exc).split()) or type(exc).__name__)  # one line, e.g. the missing keys
         raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
                          f"({reason}); {hint}") from None
 

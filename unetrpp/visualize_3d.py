@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .config import check_orientation
 from .visualize import label_lut
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,7 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     """
     import plotly.graph_objects as go
 
-    if len(orientation) != 3 or any(c not in "RLAPSI" for c in orientation.upper()):
-        raise ValueError(f"orientation={orientation!r}: need three axis codes such as 'RAS' or 'LPS'")
-    signs = np.array([-1.0 if c in "LPI" else 1.0 for c in orientation.upper()], np.float32)
+    signs = np.array([-1.0 if c in "LPI" else 1.0 for c in check_orientation(orientation)], np.float32)
     fig = go.Figure()
     meshes = organ_meshes(mask, spacing, class_names, colors, max_voxels)
     drawn = {m.label for m in meshes}

@@ -22,9 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_folder_can_be_written
     from ..pretrained import convert_original
 
-    out = check_folder_can_be_written(args.out)  # before the checkpoint is read (seconds for the large ones)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a new folder, e.g. weights/unetrpp_synapse")
+    # before the checkpoint is read (seconds for the large ones); also refuses an --out that is a file
+    out = check_folder_can_be_written(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new --out folder or remove it first")
     overrides = {k: getattr(args, k) for k in ("spacing", "orientation", "clip", "mean", "std")
