@@ -28,7 +28,9 @@ from .model import UNETRPP
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# The repository's weights/ in a checkout; in an installed wheel, its packaged copy (teaching weights only).
+_CHECKOUT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = _CHECKOUT_WEIGHTS if _CHECKOUT_WEIGHTS.is_dir() else Path(__file__).resolve().parent / "weights"
 ORIGINAL_VARIANTS = ("unetrpp_synapse", "unetrpp_acdc", "unetrpp_tumor", "unetrpp_lung")
 
 
@@ -162,10 +164,16 @@ def load_original_checkpoint(path: str | os.PathLike, name: str | None = None,
 
 
 def local_weights() -> dict[str, Path]:
-    """Weight folders shipped or converted into the repository's `weights/` folder, by name."""
-    if not WEIGHTS_DIR.is_dir():
-        return {}
-    return {p.name: p for p in sorted(WEIGHTS_DIR.iterdir()) if (p / "config.json").is_file()}
+    """Weight folders by name: those shipped or converted into the repository's `weights/` folder
+    (`WEIGHTS_DIR`), then those in `weights/` of the current folder, where `convert --out
+    weights/NAME` puts them when the package was installed with pip (the first of a name wins)."""
+    found: dict[str, Path] = {}
+    for folder in (WEIGHTS_DIR, Path("weights").resolve()):
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if (p / "config.json").is_file():
+                    found.setdefault(p.name, p)
+    return found
 
 
 def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None = None) -> UNETRPP:
