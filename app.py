@@ -21,7 +21,6 @@ from unetrpp import app_handlers as H
 from unetrpp import visualize as vis
 from unetrpp.devices import cpu_bf16_is_fast
 from unetrpp.fast import share_main_heap
-from unetrpp.visualize_3d import surface_figure
 
 try:  # ZeroGPU Spaces: borrow a GPU while the decorated function runs; a no-op elsewhere.
     from spaces import GPU
@@ -109,10 +108,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         if session is None:
             return [*views(None), "", [], None, None, None, gr.CheckboxGroup(choices=[], value=[]), *no_attention]
         organs = H.organ_choices(session)
-        figure = None if session.mask is None else surface_figure(session.mask, session.spacing, session.class_names,
-                                                                      orientation=session.orientation)
         return [*views(session, *disp[:4], organs, disp[5]), H.legend_html(session),
-                H.statistics_rows(session.statistics), figure, *(session.files + [None, None])[:2],
+                H.statistics_rows(session.statistics), H.surfaces(session), *(session.files + [None, None])[:2],
                 gr.CheckboxGroup(choices=organs, value=organs), *no_attention]
 
     def on_file(path, shown):
@@ -315,6 +312,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             image.select(on_click(view), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
         gr.on([preset.change, width.submit, level.submit, opacity.release, organs.change, contour.change],
               friendly(views), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
+        # Ticking organs off fades them in the legend and greys them in the 3-D plot's own legend too.
+        organs.input(lambda s, o: (H.legend_html(s, o), H.surfaces(s, o)) if s is not None else (gr.skip(), gr.skip()),
+                     [session, organs], [legend, surface], show_progress="hidden", api_visibility="private")
         # The W/L boxes show the window in use: a preset fills them in, and typing in them makes it custom.
         preset.change(lambda p: vis.WINDOW_PRESETS.get(p, (gr.skip(), gr.skip())), [preset], [width, level],
                       show_progress="hidden", api_visibility="private")

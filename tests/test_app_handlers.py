@@ -373,3 +373,22 @@ def test_the_status_line_keeps_a_runs_warnings_except_the_synthetic_one():
                         warnings=[SYNTHETIC_WEIGHTS_WARNING, mri])
     assert H.warnings_text(session) == f"\n\n**Warning**: {mri}"  # the summary already names SYNTHETIC weights
     assert session.centre() == session.position == [2, 2, 3]
+
+
+def test_organs_ticked_off_fade_in_the_legend_and_grey_in_the_3d_plot():
+    mask = np.zeros((12, 16, 16), np.uint8)
+    mask[2:6, 2:8, 2:8], mask[6:10, 8:14, 8:14] = 1, 2  # spleen, right kidney
+    session = H.Session(np.zeros(mask.shape, np.float32), (1.0, 1.0, 1.0), "m.nii.gz", "m.nii.gz", mask=mask,
+                        class_names=("background", "spleen", "right kidney"))
+    assert "line-through" not in H.legend_html(session) and "line-through" not in H.legend_html(session, ["spleen", "right kidney"])
+    legend = H.legend_html(session, ["spleen"])
+    faded = [item for item in legend.split("<span class='legend-item'")[1:] if "line-through" in item]
+    assert len(faded) == 1 and "right kidney" in faded[0]
+    everything = H.surfaces(session)
+    assert [(t.name, t.visible) for t in everything.data] == [("spleen", None), ("right kidney", None)]
+    built = session.surfaces
+    spleen_only = H.surfaces(session, ["spleen"])
+    assert [(t.name, t.visible) for t in spleen_only.data] == [("spleen", True), ("right kidney", "legendonly")]
+    assert session.surfaces is built and [t.visible for t in built.data] == [None, None]  # built once, kept whole
+    session.mask = None
+    assert H.surfaces(session) is None

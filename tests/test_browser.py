@@ -162,8 +162,17 @@ def test_viewer_end_to_end(page, tmp_path):
     page.get_by_label("head").click()
     page.get_by_role("option", name="head 2", exact=True).click()
     page.get_by_text("; head 2. Heat-map").first.wait_for(timeout=60_000)
+    # Ticking an organ off fades it in the legend and greys it in the 3-D plot's legend.
+    page.get_by_role("tab", name="Slices").click()
+    first_organ = page.locator("#organs label").first
+    organ = first_organ.inner_text().strip()
+    first_organ.click()
+    page.locator("#legend .legend-item[style*='line-through']").first.wait_for(timeout=30_000)
+    assert page.locator("#legend .legend-item[style*='line-through']").inner_text().strip() == organ
     page.get_by_role("tab", name="3D surfaces").click()
     page.locator("#surface .js-plotly-plot").first.wait_for(timeout=30_000)
+    page.wait_for_function("name => [...document.querySelector('#surface .js-plotly-plot').data]"
+                           ".some(t => t.name === name && t.visible === 'legendonly')", arg=organ, timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "04_surfaces.png"), full_page=True)
     page.get_by_role("tab", name="Slices").click()
 

@@ -142,6 +142,7 @@ class Session:
     orientation: str = "RAS"  # of the (Z, Y, X) arrays
     summary: str = ""  # one line about the segmentation run
     attention: Any = None  # the last visualize_attention.AttentionView shown, and its centre voxel
+    surfaces: Any = None  # the plotly figure of every organ's surface, built once for this mask
 
     def __post_init__(self) -> None:
         if not self.position:
@@ -390,20 +391,42 @@ def statistics_rows(statistics: Sequence[dict]) -> list[list]:
     return rows
 
 
-def legend_html(session: Session) -> str:
-    """Colour swatches with organ names for the labels present in the mask."""
+def legend_html(session: Session, shown: Sequence[str] | None = None) -> str:
+    """Colour swatches with organ names for the labels present in the mask; organs not in `shown`
+    (the "organs shown" boxes; None: all) are faded and struck through."""
     if session.mask is None:
         return "<p class='legend-empty'>Run the segmentation to see the organ legend.</p>"
     present = np.unique(session.mask)
     entries = vis.legend_entries(session.class_names, present)
     if not entries:
         return "<p class='legend-empty'>No organ found in this scan.</p>"
+    hidden = set() if shown is None else {name for _, name, _ in entries} - set(shown)
+    faded = ";opacity:0.4;text-decoration:line-through' title='hidden: tick it under organs shown"
     items = "".join(
-        f"<span class='legend-item' style='display:inline-flex;align-items:center;margin:2px 10px 2px 0'>"
-        f"<span style='width:14px;height:14px;border-radius:3px;background:{color};display:inline-block;"
-        f"margin-right:5px;border:1px solid #0004'></span>{html.escape(name)}</span>"
+        f"<span class='legend-item' style='display:inline-flex;align-items:center;margin:2px 10px 2px 0"
+        f"{faded if name in hidden else ''}'><span style='width:14px;height:14px;border-radius:3px;"
+        f"background:{color};display:inline-block;margin-right:5px;border:1px solid #0004'></span>"
+        f"{html.escape(name)}</span>"
         for _, name, color in entries)
     return f"<div class='organ-legend'>{items}</div>"
+
+
+def surfaces(session: Session, shown: Sequence[str] | None = None):
+    """The 3-D surfaces of the session's organs (None before segmentation). Marching cubes runs once
+    per mask; organs not in `shown` (None: all) stay in the plot's legend, greyed, one click from view."""
+    import plotly.graph_objects as go
+
+    from .visualize_3d import surface_figure
+
+    if session.mask is None:
+        return None
+    if session.surfaces is None:
+        session.surfaces = surface_figure(session.mask, session.spacing, session.class_names,
+                                          orientation=session.orientation)
+    figure = go.Figure(session.surfaces)
+    if shown is not None:
+        figure.for_each_trace(lambda trace: trace.update(visible=True if trace.name in shown else "legendonly"))
+    return figure
 
 
 def organ_choices(session: Session) -> list[str]:
