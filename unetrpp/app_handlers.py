@@ -27,10 +27,10 @@ logger = logging.getLogger(__name__)
 
 NOT_A_DEVICE = ("**Not a medical device.** For research and teaching only; never use these masks for "
                 "diagnosis or treatment.")
-SYNTHETIC_NOTICE = ("These weights were trained on **synthetic phantoms** (teaching weights): expect "
-                    "rough masks on real scans. For real CT, convert the released UNETR++ synapse weights "
-                    "(`python -m unetrpp convert`) into `weights/unetrpp_synapse/` and restart, or pass "
-                    "`--weights`.")
+SYNTHETIC_NOTICE = ("These weights were trained only on **synthetic phantoms** (teaching weights): they show how "
+                    "the viewer works, but on a real CT their masks are not the real organs (Dice 0 on the bundled "
+                    "real CT). Whoever runs this viewer can give it the released UNETR++ synapse weights for real "
+                    "CT: `python -m unetrpp convert`, then `--weights` (see the README).")
 UNTRAINED_NOTICE = ("**UNTRAINED MODEL: random weights.** No weights were found (`--weights`, `UNETRPP_WEIGHTS`, "
                     "`weights/`), so the masks below are noise. Train the teaching weights or convert the "
                     "released synapse weights into `weights/`.")
