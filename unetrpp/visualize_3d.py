@@ -105,7 +105,9 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
                                 lighting=dict(ambient=0.45, diffuse=0.8, specular=0.2, roughness=0.6)))
     # x runs towards the patient's right in RAS volumes: view from the front (anterior), right on the left.
     fig.update_layout(
-        title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), legend=dict(itemsizing="constant"),
+        # the legend below the scene, in rows: beside it, it took half of a phone's width
+        title=dict(text=title, font=dict(size=13)), margin=dict(l=0, r=0, t=30 if title else 0, b=0),
+        legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=0, x=0),
         scene=dict(aspectmode="data", xaxis_title="→ right (mm)", yaxis_title="→ anterior (mm)",
                    zaxis_title="→ superior (mm)",
                    camera=dict(eye=dict(x=0.0, y=2.0, z=0.3), up=dict(x=0, y=0, z=1))),

@@ -149,17 +149,21 @@ def channel_figure(channel: np.ndarray, title: str = ""):
     from plotly.subplots import make_subplots
 
     heads = channel.shape[0]
-    fig = make_subplots(rows=1, cols=heads, subplot_titles=[f"head {h + 1}" for h in range(heads)],
-                        horizontal_spacing=0.03)
+    rows = 1 if heads == 1 else 2  # a 2 x 2 grid for four heads stays legible on a phone as on a desktop
+    cols = -(-heads // rows)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h + 1}" for h in range(heads)],
+                        horizontal_spacing=0.12, vertical_spacing=0.16)
     for h in range(heads):
+        row, col = h // cols + 1, h % cols + 1
         fig.add_trace(go.Heatmap(z=channel[h], colorscale="Inferno", showscale=h == heads - 1,
-                                 colorbar=dict(title=dict(text="weight<br>(no unit)", side="right")),
+                                 colorbar=dict(thickness=12, title=dict(text="weight<br>(no unit)", side="right")),
                                  hovertemplate="query channel %{y}<br>key channel %{x}<br>weight %{z:.3f}"
                                                "<extra></extra>"),
-                      row=1, col=h + 1)
-        fig.update_xaxes(title_text="key channel", row=1, col=h + 1)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{h + 1 if h else ''}", row=1, col=h + 1,
-                         title_text="query channel" if h == 0 else None)
-    fig.update_layout(title=title or "channel attention (d x d per head)", height=360,
-                      margin=dict(l=10, r=10, t=60, b=10))
+                      row=row, col=col)
+        # square cells: the panel shrinks to fit instead of the axes running past the d channels
+        fig.update_xaxes(constrain="domain", title_text="key channel" if row == rows else None, row=row, col=col)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{h + 1 if h else ''}", constrain="domain",
+                         title_text="query channel" if col == 1 else None, row=row, col=col)
+    fig.update_layout(title=dict(text=title or "channel attention (d x d per head)", font=dict(size=14)),
+                      height=300 * rows + 60, margin=dict(l=10, r=10, t=60, b=10))
     return fig
