@@ -14,7 +14,9 @@
 # Arguments go to gpu.py (e.g. --compile-batches 4, or --budget 100 for a shorter run).
 # GPU_CHECK_TESTS=1 then runs the test suite there too (on CUDA wherever a test leaves the device
 # to segment()), without the viewer, browser and notebook tests, whose packages that machine lacks.
-# With $OUT set (the device tool sets it) the output is also written to $OUT/gpu.log and $OUT/tests.log.
+# Where the host CPU has AMX, the CPU forward pass (forward.py --bf16) is timed on two of its cores too
+# (GPU_CHECK_AMX=0 skips it).
+# With $OUT set (the device tool sets it) the output is also written to $OUT/gpu.log, amx.log and tests.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -38,6 +40,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,cl
 export PYTHONUNBUFFERED=1
 log() { if [ -n "${OUT:-}" ]; then tee "$OUT/$1"; else cat; fi; }
 "$PY" benchmarks/gpu.py "$@" 2>&1 | log gpu.log || echo "gpu_check: benchmarks/gpu.py exited with an error (above)"
+# Issue 7's bf16 goal is for a CPU with AMX; the GPU machine's host CPU may have it: time it there on two
+# of its cores (a minute or two), as benchmarks/forward.py does on this project's own machine.
+if grep -qw amx_bf16 /proc/cpuinfo && [ "${GPU_CHECK_AMX:-1}" = 1 ]; then
+    echo "=== CPU forward pass on 2 cores of this host, which has AMX ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2))"
+    pin=$(command -v taskset >/dev/null && echo "taskset -c 0,1" || true)
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES= timeout 200 $pin "$PY" benchmarks/forward.py --bf16 --no-swin --repeats 5 2>&1 \
+        | log amx.log || echo "gpu_check: the AMX forward timing stopped early"
+fi
 if [ "${GPU_CHECK_TESTS:-0}" = 1 ]; then
     echo "=== the test suite on this machine"
     parallel=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where present
