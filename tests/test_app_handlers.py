@@ -115,11 +115,21 @@ def test_model_holder_loads_a_weights_folder(tmp_path, tiny_model):
     assert torch.equal(model.state_dict()[first], tiny_model.state_dict()[first])
 
 
-def test_load_scan_gives_ras_volume(scan):
+def test_load_scan_gives_ras_volume(scan, tmp_path):
     session = H.load_scan(scan)
     assert session.volume.shape == (12, 40, 48) and session.spacing == (5.0, 3.0, 2.5)
-    assert session.position == [6, 20, 24] and session.mask is None
+    assert session.position == [6, 20, 24] and session.mask is None and session.orientation == "RAS"
     assert session.volume[5, 20, 20] > -100  # HU kept
+    # A file stored as DICOM stores it (LPS: stored x runs to the patient's left, y to the back), with markers
+    # in two top corners; in the session (RAS: x to the right, y to the front) they change sides.
+    data = np.full((6, 5, 4), -1000, np.int16)  # (x, y, z) as stored
+    data[-1, -1, -1] = 900  # left, posterior, superior: RAS x = 0, y = 0, z = last
+    data[0, 0, -1] = 500  # right, anterior, superior: RAS x = last, y = last, z = last
+    lps = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([-2.0, -3.0, 4.0, 1.0])), lps)  # x: left, y: posterior, z: superior
+    loaded = H.load_scan(str(lps))
+    assert loaded.volume.shape == (4, 5, 6) and loaded.spacing == (4.0, 3.0, 2.0)
+    assert loaded.volume[-1, 0, 0] == 900 and loaded.volume[-1, -1, -1] == 500
 
 
 @pytest.mark.parametrize("content, name, match", [
@@ -173,8 +183,6 @@ def test_segment_scan_writes_aligned_mask_and_csv(scan, tiny_model, tmp_path):
     names = H.organ_choices(session)
     assert all(n in H.legend_html(session) for n in names)
     assert [r[1] for r in rows] == names
-    only_first = H.render(session, "axial", H.Display(visible=names[:1], opacity=1.0))
-    assert only_first.shape[2] == 3
     H.delete_session_files(session)
     assert not Path(mask_path).exists() and not Path(mask_path).parent.exists()
 
@@ -187,8 +195,13 @@ def test_segment_scan_rejects_bad_overlap(scan, tiny_model, tmp_path):
 def test_segment_scan_runs_the_precision_it_is_given(scan, tiny_model, tmp_path):
     with pytest.raises(ValueError, match="precision='fp8'"):
         H.segment_scan(scan, tiny_model, tmp_path, precision="fp8")
+    seen = []  # the dtype each forward pass gets (the hook travels with segment()'s bf16 copy of the model)
+    hook = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     full, _, _ = H.segment_scan(scan, tiny_model, tmp_path, write_csv=False)
+    ran_full, seen[:] = set(seen), []
     half, _, _ = H.segment_scan(scan, tiny_model, tmp_path, write_csv=False, precision="bf16")
+    hook.remove()
+    assert ran_full == {torch.float32} and set(seen) == {torch.bfloat16}
     assert half.mask.shape == full.mask.shape and (half.mask == full.mask).mean() > 0.95
     assert next(tiny_model.parameters()).dtype == torch.float32  # the viewer's model stays float32
 
@@ -329,6 +342,32 @@ def test_attention_view_on_the_tiny_model(scan, tiny_model):
     assert len(va.channel_figure(view.channel).data) == heads
 
 
+def test_attention_heat_is_the_query_tokens_row_of_the_chosen_head(scan, tiny_model):
+    """heat = A_SA[query token] @ E of the chosen head (the mean over heads for None), on the block's grid,
+    upsampled to the window: recomputed here from the captured maps of the same window."""
+    import torch.nn.functional as F
+
+    from unetrpp.attention import capture_attention
+    from unetrpp.preprocess import normalize
+
+    session = H.load_scan(scan)
+    block = va.attention_blocks(tiny_model)[1]
+    views = {h: va.compute_attention(tiny_model, session.volume, session.spacing, session.position, block, head=h)
+             for h in (None, 0, 1)}
+    window, cfg = views[0].window_hu, tiny_model.config
+    with torch.no_grad(), capture_attention(tiny_model) as maps:
+        tiny_model(torch.from_numpy(normalize(window, cfg.preprocessing).astype(np.float32))[None, None])
+    grid, patch = tuple(maps[block]["grid"]), cfg.patch_size
+    token = [q // (p // g) for q, p, g in zip(views[0].query, patch, grid)]  # the token holding the window's centre
+    row = maps[block]["spatial"][0, :, np.ravel_multi_index(token, grid), :]  # (heads, P)
+    coarse = (row @ maps[block]["E"]).reshape(-1, 1, *grid)  # (heads, 1, *grid)
+    expected = F.interpolate(coarse, size=patch, mode="trilinear", align_corners=False)[:, 0].numpy()
+    for h in (0, 1):
+        np.testing.assert_allclose(views[h].heat, expected[h], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(views[None].heat, expected.mean(0), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(views[0].heat, views[1].heat)
+
+
 def test_attention_view_follows_the_window_orientation():
     """Synapse weights see LPS windows: the attention views show them as the slice views do (patient's
     left on the image's right, anterior up), and a click maps back through the same flips."""
@@ -392,3 +431,20 @@ def test_organs_ticked_off_fade_in_the_legend_and_grey_in_the_3d_plot():
     assert session.surfaces is built and [t.visible for t in built.data] == [None, None]  # built once, kept whole
     session.mask = None
     assert H.surfaces(session) is None
+
+
+def test_only_the_organs_ticked_are_drawn_on_the_slices():
+    mask = np.zeros((12, 16, 16), np.uint8)
+    mask[4:8, 2:8, 2:8], mask[4:8, 9:14, 9:14] = 1, 2  # spleen, right kidney, both in axial slice 6
+    session = H.Session(np.zeros(mask.shape, np.float32), (2.0, 2.0, 2.0), "m.nii.gz", "m.nii.gz", mask=mask,
+                        class_names=("background", "spleen", "right kidney"), position=[6, 8, 8])
+    lut = vis.label_lut()
+
+    def colours(visible):
+        image = H.render(session, "axial", H.Display(visible=visible, opacity=1.0))
+        return {k for k in (1, 2) if (image.reshape(-1, 3) == lut[k]).all(axis=1).any()}
+
+    assert colours(None) == {1, 2}
+    assert colours(["spleen"]) == {1}
+    assert colours(["right kidney"]) == {2}
+    assert colours([]) == set()

@@ -129,8 +129,12 @@ def test_bf16_segmentation_agrees_with_float32_and_leaves_the_model_alone(tmp_pa
     image, _, spacing = generate_case(seed=7, size="small")
     scan = io.save_array(image, spacing, tmp_path / "phantom.nii.gz")
     model = load_pretrained("unetrpp_tiny_phantom")
+    seen = []  # the dtype of what each forward pass gets (the hook travels with segment()'s bf16 copy)
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     full = segment(scan, model=model, precision="fp32")
+    ran_full, seen[:] = set(seen), []
     half = segment(scan, model=model, precision="bf16")
+    assert ran_full == {torch.float32} and set(seen) == {torch.bfloat16}
     assert next(model.parameters()).dtype == torch.float32
     assert half.mask.shape == full.mask.shape
     assert (half.mask == full.mask).mean() > 0.99

@@ -81,7 +81,13 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, capsys, fixtures):
     assert {p.name: sha(p) for p in inputs.iterdir()} == hashes  # inputs untouched
     csv_lines = (tmp_path / "stats.csv").read_text().splitlines()
     assert csv_lines[0] == "file,label,name,voxels,volume_ml,mean_hu"
-    assert {line.split(",")[0] for line in csv_lines[1:]} <= {str(p) for p in good}
+    # one row per organ in each written mask, counted on the mask as written
+    rows = {(file, int(label)): int(voxels) for file, label, _, voxels, *_ in (line.split(",") for line in csv_lines[1:])}
+    expected = {}
+    for source in good:
+        mask = np.asarray(nib.load(str(out / source.name)).dataobj)
+        expected.update({(str(source), int(k)): int((mask == k).sum()) for k in np.unique(mask) if k > 0})
+    assert rows == expected and expected
 
 
 def test_a_dcm2niix_folder_runs_past_its_side_cars(tmp_path, weights, capsys):
@@ -142,13 +148,23 @@ def test_single_bad_file_exits_2_with_one_line_and_writes_nothing(case, tmp_path
     assert sha(path) == before
 
 
-def test_single_file_to_a_named_output_with_options(tmp_path, weights, capsys):
+def test_single_file_to_a_named_output_with_options(tmp_path, weights, capsys, monkeypatch):
+    """The options reach segment() as given, and the mask it returns is the one written."""
+    import unetrpp.inference
+
+    calls, real = [], unetrpp.inference.segment
+    monkeypatch.setattr(unetrpp.inference, "segment", lambda *a, **k: calls.append(k) or calls.append(real(*a, **k))
+                        or calls[-1])
     source = write_nifti(tmp_path / "ct.nii", ct_like(5), AFFINE)
     target = tmp_path / "mask.nii.gz"
-    status = predict(source, "-o", target, "--weights", weights, "--tta", "--largest-component", "--overlap", "0.25")
+    status = predict(source, "-o", target, "--weights", weights, "--tta", "--largest-component", "--overlap", "0.25",
+                     "--precision", "bf16")
     assert status == 0, capsys.readouterr().err
-    assert nib.load(str(target)).shape == ct_like(5).shape
-    assert "wrote" in capsys.readouterr().out
+    options, result = calls
+    assert {k: options[k] for k in ("overlap", "tta", "largest_component", "precision")} == dict(
+        overlap=0.25, tta=True, largest_component=True, precision="bf16")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(target)).dataobj), result.mask_on_source_grid())
+    assert f"wrote {target}" in capsys.readouterr().out
 
 
 def test_compile_and_batch_options_on_cpu_run_with_a_warning(tmp_path, weights, capsys):

@@ -215,3 +215,17 @@ def test_views_carry_patient_directions_and_a_scale_bar_in_mm():
     bar = (out[400 - 12, 250:] == 255).all(-1).sum()  # 100 mm at 1 mm per pixel: 100 pixels
     assert 98 <= bar <= 102
     assert (vis.annotate_view(dark, "sagittal", 2.0)[400 - 12, 250:] == 255).all(-1).sum() in range(48, 53)  # 100 mm
+
+
+def test_direction_letters_name_the_side_where_the_anatomy_is():
+    """A bright block in the patient's right, anterior, superior corner of a RAS volume shows in each view
+    on the edges whose letters are among R, A and S (and never on L, P or I)."""
+    volume = np.full((20, 24, 28), -1000.0, np.float32)  # (z, y, x) RAS: indices grow to S, A and R
+    volume[10:, 12:, 14:] = 1000.0
+    for view in vis.VIEWS:
+        rgb = vis.render_view(volume, view, (10, 12, 14), (2.0, 2.0, 2.0), crosshair=False)
+        rows, cols = np.nonzero(rgb[..., 0] > 128)
+        top, bottom, left, right = vis.VIEW_EDGES[view]
+        vertical = top if rows.mean() < rgb.shape[0] / 2 else bottom
+        horizontal = left if cols.mean() < rgb.shape[1] / 2 else right
+        assert {vertical, horizontal} <= {"R", "A", "S"} and vertical != horizontal, (view, vertical, horizontal)
