@@ -448,3 +448,12 @@ def test_only_the_organs_ticked_are_drawn_on_the_slices():
     assert colours(["spleen"]) == {1}
     assert colours(["right kidney"]) == {2}
     assert colours([]) == set()
+
+
+def test_after_segmentation_the_crosshair_lands_on_the_organs():
+    mask = np.zeros((10, 20, 30), np.uint8)
+    assert H.centre_of_mask(mask) == [5, 10, 15]  # nothing found: the middle of the volume
+    mask[1:4, 2:7, 20:29] = 3  # one organ off to a corner: the middle of its bounding box
+    assert H.centre_of_mask(mask) == [2, 4, 24]
+    mask[7, 15, 5] = 6  # a second organ: the box around both
+    assert H.centre_of_mask(mask) == [4, 8, 16]
