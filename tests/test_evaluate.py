@@ -35,6 +35,23 @@ def test_hd95_uses_the_spacing():
     assert hd95(a, a, (1.0, 1.0, 1.0)) == 0.0
 
 
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    """A thin spur far from the truth moves the plain Hausdorff distance (7) but not HD95 while it holds
+    under 5% of the surface points. Single-voxel-thick slabs and columns are all surface, so the pooled
+    distances can be counted by hand."""
+    truth = np.zeros((12, 10, 10), bool)
+    pred = np.zeros_like(truth)
+    truth[2], pred[3] = True, True  # 100 + 100 surface voxels, each 1 from the other slab
+    pred[6:10, 5, 5] = True  # a spur of 4 voxels, 4, 5, 6, 7 above the truth slab
+    # pooled: 200 ones and 4, 5, 6, 7; the 95th percentile (index 0.95 * 203 = 192.85) is a 1
+    assert hd95(pred, truth, (1.0, 1.0, 1.0)) == pytest.approx(1.0)
+    small_t, small_p = np.zeros_like(truth), np.zeros_like(truth)
+    small_t[2, 4:7, 4:7], small_p[3, 4:7, 4:7] = True, True  # 9 + 9 ones
+    small_p[6:10, 5, 5] = True
+    # pooled: 18 ones, then 4, 5, 6, 7 at sorted indices 18..21; index 0.95 * 21 = 19.95 lies between 5 and 6
+    assert hd95(small_p, small_t, (1.0, 1.0, 1.0)) == pytest.approx(5 + 0.95 * (6 - 5))
+
+
 def test_empty_conventions():
     truth = np.zeros((6, 6, 6), np.int64)
     pred = np.zeros_like(truth)
@@ -69,7 +86,10 @@ def test_cli_table_and_files(tmp_path, capsys):
     assert "liver" in out and "0.6667" in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["cases"]["0001"]["liver"]["dice"] == pytest.approx(2 / 3)
-    assert result["cases"]["0001"]["liver"]["hd95"] > 0
+    # truth surface: 28 voxels in the prediction (0), 12 one slice beyond it (2 mm), 16 two slices (4 mm);
+    # prediction (all surface): 28 on the truth's surface (0), 4 over its interior (1 mm in-plane).
+    # Pooled 56 zeros, 4 ones, 12 twos, 16 fours: index 0.95 * 87 = 82.65 is a 4, in mm at 2 mm slices
+    assert result["cases"]["0001"]["liver"]["hd95"] == pytest.approx(4.0)
     # 12 organs empty in both (Dice 1) and the liver at 2/3
     assert result["mean"]["mean"]["dice"] == pytest.approx((12 + 2 / 3) / 13)
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
