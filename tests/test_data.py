@@ -13,11 +13,12 @@ from unetrpp.train_data import prepare_cases
 SPACING = (5.0, 4.0, 4.0)
 
 
-def write_case(root, number, labels=None, label_shape=None, label_spacing=SPACING):
+def write_case(root, number, labels=None, label_shape=None, label_spacing=SPACING, image=None):
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(number)
-    image = rng.integers(-100, 200, (8, 16, 16)).astype(np.int16)
+    if image is None:
+        image = rng.integers(-100, 200, (8, 16, 16)).astype(np.int16)
     io.save_array(image, SPACING, root / f"imagesTr/img{number:04d}.nii.gz")
     if labels is None:
         labels = np.zeros(label_shape or image.shape, np.uint8)
@@ -109,10 +110,25 @@ def test_every_bad_case_is_named_before_training(tmp_path):
 
 
 def test_prepared_case_is_resampled_normalised_and_padded(tmp_path):
-    write_case(tmp_path, 1)
+    """The label must stay on the image: a bright block (300 HU on ~0 HU) exactly where an off-centre
+    label is must still be under the label after both are resampled, and the label's box must land
+    where the physical extents say."""
+    image = np.random.default_rng(1).integers(-20, 20, (8, 16, 16)).astype(np.int16)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1:4, 3:7, 5:10] = 6
+    image[labels == 6] = 300
+    write_case(tmp_path, 1, labels=labels, image=image)
     config = get_config("unetrpp_tiny")
     (case,) = prepare_cases(read_datalist(tmp_path)["training"], config)
     # 8 x 16 x 16 voxels at 5 x 4 x 4 mm -> 10 x 26 x 26 at 4 x 2.5 x 2.5 mm, padded to the patch
     assert case.image.shape == (1, 32, 64, 64) and case.label.shape == (1, 32, 64, 64)
     assert case.image.dtype == np.float32 and abs(case.image[0, :10, :26, :26].mean()) < 2
     assert set(np.unique(case.label)) == {0, 6}
+    # An output voxel is labelled where its centre lies in the label's extent (linear mask >= 0.5):
+    # z [5, 20] mm, centres (i + 0.5) * 4 mm -> i = 1..4; y [12, 28] mm and x [20, 40] mm, centres
+    # (i + 0.5) * 64 / 26 mm (16 voxels of 4 mm as 26) -> y i = 5..10, x i = 8..15
+    z, y, x = np.nonzero(case.label[0])
+    assert (z.min(), z.max(), y.min(), y.max(), x.min(), x.max()) == (1, 4, 5, 10, 8, 15)
+    # (300 - 82.95) / 136.95 = 1.58 in the block, (0 - 82.95) / 136.95 = -0.61 around it
+    img, inside = case.image[0, :10, :26, :26], case.label[0, :10, :26, :26] == 6
+    assert img[inside].mean() > 1.0 and img[~inside].mean() < -0.4
