@@ -94,9 +94,15 @@ def test_bad_arguments_are_rejected(tmp_path):
 def test_cli_writes_the_layout(tmp_path, capsys):
     from unetrpp.cli import main
 
-    assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--seed", "5", "--size", "small"]) == 0
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--seed", "5", "--size", "small",
+                 "--first-index", "3"]) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
-    assert (tmp_path / "p/imagesTr/img0001.nii.gz").is_file() and (tmp_path / "p/labelsTr/label0001.nii.gz").is_file()
+    # --first-index names the case, and --seed with that index gives the library's case (seed 5, index 3)
+    assert sorted(f.name for f in (tmp_path / "p").glob("*/*.nii.gz")) == ["img0003.nii.gz", "label0003.nii.gz"]
+    image, labels, _ = generate_case(5, 3, "small")
+    assert np.array_equal(io.load(tmp_path / "p/imagesTr/img0003.nii.gz", dtype=None).array, image)
+    assert np.array_equal(io.load(tmp_path / "p/labelsTr/label0003.nii.gz", dtype=None).array, labels)
+    assert not np.array_equal(generate_case(0, 3, "small")[0], image)  # so another seed would show
     assert main(["phantom", "--out", str(tmp_path / "q"), "--cases", "0", "--size", "small"]) == 2
     assert "cases=0" in capsys.readouterr().err
     # Its own folder may be written again; a folder with anyone else's files never is.
