@@ -109,6 +109,74 @@ def test_a_run_is_never_overwritten_and_resume_keeps_its_options(phantoms, tmp_p
     assert "val_every" not in caplog.text
 
 
+def test_a_new_run_overwrites_no_file_it_did_not_write(phantoms, tmp_path):
+    """A folder holding a run's file names that this package did not write is refused untouched; other
+    files may sit beside a run."""
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    mine = {"options.json": "my notes", "training_curve.png": "my plot", "model/model.safetensors": "my weights"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match="already holds options.json, training_curve.png, model, which a new run"):
+        train(options(phantoms, out, max_steps=1))
+    assert {name: (out / name).read_text() for name in mine} == mine
+    beside = tmp_path / "shared"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("keep me")
+    assert train(options(phantoms, beside, max_steps=1)).step == 1
+    assert (beside / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(phantoms, tmp_path):
+    def fail_at_1(record):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        train(options(phantoms, tmp_path / "run", max_steps=3), on_step=fail_at_1)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "options.json"]
+    with pytest.raises(FileNotFoundError, match="stopped before its first checkpoint: run the same command without"):
+        train(options(phantoms, tmp_path / "run", max_steps=3, resume=True))
+    again = train(options(phantoms, tmp_path / "run", max_steps=3))
+    assert [h["step"] for h in again.history if "loss" in h] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_is_one_line(phantoms, tmp_path):
+    train(options(phantoms, tmp_path / "run", max_steps=1))
+    good = (tmp_path / "run/checkpoint.pt").read_bytes()
+    for damaged, words in ((good[:1000], "not a readable training checkpoint"), (b"", "not a readable training"),
+                           (None, "not a training checkpoint of")):
+        if damaged is None:
+            torch.save({"weights": torch.zeros(1)}, tmp_path / "run/checkpoint.pt")
+        else:
+            (tmp_path / "run/checkpoint.pt").write_bytes(damaged)
+        with pytest.raises(ValueError, match=words) as info:
+            train(options(phantoms, tmp_path / "run", max_steps=2, resume=True))
+        assert "\n" not in str(info.value) and "restore it from a copy" in str(info.value)
+    (tmp_path / "run/checkpoint.pt").write_bytes(good)
+    (tmp_path / "run/rng_rank0.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="rng_rank0.pt: not a readable random-state file"):
+        train(options(phantoms, tmp_path / "run", max_steps=2, resume=True))
+
+
+def test_the_losses_logged_after_a_resume_are_those_of_an_uninterrupted_run(phantoms, tmp_path):
+    """Logged every 2 steps, checkpoint at step 3, a crash at 4: the resumed run's step-4 record
+    averages steps 3 and 4 as the uninterrupted one does."""
+    every = dict(max_steps=6, log_every=2, checkpoint_every=3)
+    whole = train(options(phantoms, tmp_path / "a", **every))
+
+    def crash_at_4(record):
+        if record["step"] == 4:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train(options(phantoms, tmp_path / "b", **every), on_step=crash_at_4)
+    resumed = train(options(phantoms, tmp_path / "b", **every, resume=True))
+    losses = lambda run: [(h["step"], h["loss"]) for h in run.history if "loss" in h]
+    assert [s for s, _ in losses(resumed)] == [2, 4, 6]
+    for (_, a), (_, b) in zip(losses(whole), losses(resumed)):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
 def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.setattr("unetrpp.train.prepare_cases", lambda *a: pytest.fail("the data was prepared first"))
@@ -118,7 +186,9 @@ def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms,
 
 @pytest.mark.parametrize("change, words", [({"grad_clip": -1.0}, "grad_clip=-1.0: must be a positive"),
                                            ({"flip_prob": 2.0}, "flip_prob=2.0"),
-                                           ({"batch_size": 1}, "too few for batch norm")])
+                                           ({"batch_size": 1}, "too few for batch norm"),
+                                           ({"batch_size": 64}, "an epoch holds only 8 training patches"),
+                                           ({"val_cases": 1.5}, "val_cases=1.5: a count")])
 def test_options_that_would_wreck_training_are_refused(phantoms, tmp_path, change, words):
     with pytest.raises(ValueError, match=words):
         train(options(phantoms, tmp_path / "run", max_steps=2, **change))
@@ -182,6 +252,39 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
     for rank in (0, 1):  # each rank's own random state, for a resume that continues exactly
         assert torch.load(tmp_path / f"ddp/rng_rank{rank}.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX process groups and signals")
+def test_ctrl_c_under_torchrun_leaves_a_checkpoint_of_one_step_on_every_rank(phantoms, tmp_path):
+    """Ctrl-C in a terminal signals torchrun and both ranks (one process group); the launcher then signals
+    the ranks again. Both stop after the same step: the checkpoint and each rank's random state agree."""
+    import time
+
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unetrpp", "train", "--data", str(phantoms), "--out", str(run), "--device", "cpu",
+           "--max-steps", "500", "--batch-size", "2", "--log-every", "1", "--val-every", "1000", "--val-cases", "1",
+           "--samples-per-case", "4", "--patch-size", "16", "32", "32", "--spacing", "10", "6", "6",
+           "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("loss") >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 2 <= state["step"] < 500, err[-3000:]
+    assert [torch.load(run / f"rng_rank{r}.pt", weights_only=True)["step"] for r in (0, 1)] == [state["step"]] * 2
+    assert "checkpoint saved, continue with --resume" in err
 
 
 def test_shipped_teaching_weights_reach_the_acceptance_dice_on_unseen_phantoms(tmp_path):

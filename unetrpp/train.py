@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)  # full resolution, 1/stem, 1/(2 stem): the original's
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("options.json", "metrics.jsonl", "training_curve.png", CHECKPOINT, "model")  # and rng_rank<N>.pt
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 1e-2}  # peak learning rate by optimiser
 
 
@@ -162,7 +163,7 @@ def _check_options(o: TrainOptions) -> None:
         raise ValueError(f"warmup_steps={o.warmup_steps!r}: must be 0 or a positive integer, e.g. 20")
     if not 0.0 <= o.flip_prob <= 1.0:
         raise ValueError(f"flip_prob={o.flip_prob}: must be a probability in [0, 1]")
-    if not o.val_cases >= 0:
+    if not o.val_cases >= 0 or (o.val_cases >= 1 and o.val_cases != int(o.val_cases)):
         raise ValueError(f"val_cases={o.val_cases}: a count (>= 1) or a fraction in [0, 1) of the cases")
 
 
@@ -206,6 +207,48 @@ def _model_card(config: UNETRPPConfig, options: TrainOptions, history: list[dict
             "`unetrpp.pretrained.load_pretrained(\"THIS_FOLDER\")`. Not a medical device.\n")
 
 
+def _check_new_run_folder(run_dir: Path, ctx: DistributedContext) -> None:
+    """A new run writes only where it overwrites nothing: a folder without a run's files, or what is
+    left of a run of ours that stopped before its first checkpoint (its options.json and
+    metrics.jsonl), which starts again. A run with a checkpoint needs --resume."""
+    if (run_dir / CHECKPOINT).is_file():
+        raise ValueError(f"{run_dir} already holds a training run; add --resume to continue it, "
+                         "or give another --out folder (nothing was changed)")
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    present += sorted(p.name for p in run_dir.glob("rng_rank*.pt")) if run_dir.is_dir() else []
+    if not present:
+        return
+    if set(present) <= {"options.json", "metrics.jsonl"} and _holds_run_options(run_dir / "options.json"):
+        if ctx.is_main:
+            log.warning("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
+        return
+    raise ValueError(f"{run_dir} already holds {', '.join(present)}, which a new run would overwrite; give a "
+                     "new or empty --out folder (nothing was changed)")
+
+
+def _holds_run_options(path: Path) -> bool:
+    """Whether `path` is the options.json a run of this package wrote."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(TrainOptions)}
+
+
+def _load_saved(path: Path, what: str) -> dict:
+    """A checkpoint or random-state file, or a one-line error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, an empty file, another program's pickle
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path}: not a readable {what} ({reason}); restore it from a copy, or start a new run "
+                         "with another --out folder") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a {what} of `python -m unetrpp train`; restore it from a copy, or start a "
+                         "new run with another --out folder")
+    return state
+
+
 def _rng_path(run_dir: Path, rank: int) -> Path:
     return run_dir / f"rng_rank{rank}.pt"
 
@@ -218,7 +261,7 @@ def _save_rng(ctx: DistributedContext, run_dir: Path, step: int) -> None:
 
 def _load_rng(ctx: DistributedContext, run_dir: Path, step: int, seed: int) -> None:
     path = _rng_path(run_dir, ctx.rank)
-    state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    state = _load_saved(path, "random-state file") if path.is_file() else None
     if state is None or int(state["step"]) != step:
         log.warning("rank %d: no random state saved at step %d; reseeding, so this run will not match an "
                     "uninterrupted one exactly", ctx.rank, step)
@@ -246,13 +289,15 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     start_step, state = 0, None
     if options.resume:
         if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{ckpt_path}: nothing to resume; run once without --resume first")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            started = (run_dir / "metrics.jsonl").is_file()
+            raise FileNotFoundError(f"{ckpt_path}: nothing to resume; " + (
+                "the run there stopped before its first checkpoint: run the same command without --resume to "
+                "start it again" if started else "run once without --resume first"))
+        state = _load_saved(ckpt_path, "training checkpoint")
         options = _resumed_options(options, dict(state["options"]))
         start_step = int(state["step"])
-    elif ckpt_path.is_file() or (run_dir / "metrics.jsonl").is_file():
-        raise ValueError(f"{run_dir} already holds a training run; add --resume to continue it, "
-                         "or give another --out folder (nothing was changed)")
+    else:
+        _check_new_run_folder(run_dir, ctx)
     check_folder_can_be_written(run_dir)  # before the data is prepared, not after
     if start_step >= options.max_steps and ctx.is_main:
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
@@ -267,6 +312,12 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     torch.set_flush_denormal(True)  # layer scale starts at 1e-6: denormal gradients make CPU steps crawl
 
     train_cases, val_cases = training_split(options)
+    per_rank = len(train_cases) * options.samples_per_case // ctx.world_size  # DistributedSampler drops the rest
+    if per_rank < options.batch_size:
+        raise ValueError(f"batch_size={options.batch_size}, but an epoch holds only {per_rank} training patches"
+                         f"{' per process' if ctx.world_size > 1 else ''} ({len(train_cases)} case(s) x "
+                         f"samples_per_case={options.samples_per_case}); lower --batch-size or raise "
+                         "--samples-per-case")
     check_cases(train_cases + val_cases)
     prepared = prepare_cases(train_cases + val_cases, config)  # every case checked before any step
     train_data, val_data = prepared[: len(train_cases)], prepared[len(train_cases):]
@@ -309,6 +360,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         if ctx.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
+                         "running": running,  # losses since the last logged step: a resume logs the same mean
                          "options": dataclasses.asdict(options), "config": config.to_dict()}, ckpt_path)
         _save_rng(ctx, run_dir, step)
 
@@ -327,7 +379,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         bar = tqdm(total=options.max_steps, initial=start_step, desc="train", unit="step")
         above_the_bar = logging_redirect_tqdm()  # log lines print above the bar, not glued to its end
     # elapsed_s counts training time over all sessions of a resumed run
-    step, t0, running = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0), []
+    step, t0 = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0)
+    running = list(state.get("running", [])) if state else []
     net.train()
     whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
@@ -374,14 +427,17 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                         ctx.barrier()
                     if step % options.checkpoint_every == 0 and step < options.max_steps:
                         checkpoint(step)
-                    if stop["asked"]:
+                    if ctx.any(stop["asked"]):  # under torchrun all ranks stop after the same step
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             if whole_step:
                 checkpoint(step)
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
-            else:
+            elif ckpt_path.is_file():
                 log.warning("interrupted during step %d; no checkpoint taken (the last one stays valid)", step + 1)
+            else:
+                log.warning("interrupted during step %d, before any checkpoint; run the same command again to start "
+                            "afresh", step + 1)
             raise
         finally:
             if bar is not None:
@@ -398,19 +454,24 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
 
 @contextlib.contextmanager
 def _stop_between_steps(ctx: DistributedContext):
-    """In a single process run from the main thread, Ctrl-C (or SIGTERM) asks the loop to stop after the
-    current step, so the checkpoint it then takes is a whole step; a second Ctrl-C stops at once.
-    Yields {"asked": bool}. Under torchrun every rank gets the signal itself: nothing is changed there."""
+    """Run from the main thread, Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so
+    the checkpoint it then takes is a whole step. In a single process a second Ctrl-C stops at once.
+    Under torchrun every rank gets Ctrl-C, then the same signal again from the launcher, which kills
+    the ranks about 30 s later (its shutdown timeout): there each signal only asks, and the ranks
+    agree after every step (`DistributedContext.any`) to stop together.
+    Yields {"asked": bool}."""
     stop = {"asked": False}
-    if ctx.world_size > 1 or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def ask(signum, frame):
-        if stop["asked"]:
+        if stop["asked"] and ctx.world_size == 1:
             raise KeyboardInterrupt
+        if not stop["asked"] and ctx.is_main:
+            log.warning("stopping after this step to save a checkpoint%s",
+                        " (Ctrl-C again to stop at once)" if ctx.world_size == 1 else "")
         stop["asked"] = True
-        log.warning("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

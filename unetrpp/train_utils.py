@@ -66,6 +66,14 @@ class DistributedContext:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank (one small all-reduce under DDP)."""
+        if self.world_size == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        return bool(votes.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
