@@ -56,6 +56,8 @@ def test_loss_falls_and_inference_model_is_saved(phantoms, tmp_path):
     assert model.config.synthetic is True  # trained on phantoms, and the weights say so
     card = (result.model_dir / "README.md").read_text()
     assert "SYNTHETIC phantoms" in card and "16 steps" in card and "More Information Needed" not in card
+    held_out = [c.name for c in training_split(options(phantoms, run))[1]]
+    assert f"Validation cases (held out; score the weights on these): {', '.join(held_out)}." in card
     model.eval()
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
 
@@ -252,6 +254,26 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
     for rank in (0, 1):  # each rank's own random state, for a resume that continues exactly
         assert torch.load(tmp_path / f"ddp/rng_rank{rank}.pt", weights_only=True)["step"] == 3
+
+
+def _agree(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: the mean of rank + 1 over the ranks, and whether rank 1 asks to stop."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    from unetrpp.train_utils import DistributedContext
+
+    ctx = DistributedContext.from_env("cpu")
+    Path(out, f"rank{rank}.json").write_text(json.dumps([ctx.mean(rank + 1.0), ctx.any(rank == 1), ctx.any(False)]))
+    ctx.close()
+
+
+def test_ranks_agree_on_the_logged_loss_and_on_stopping(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_agree, args=(port, str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[1.5, True, False]] * 2
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX process groups and signals")

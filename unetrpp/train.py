@@ -195,14 +195,16 @@ def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
 
 
 def _model_card(config: UNETRPPConfig, options: TrainOptions, history: list[dict], step: int, n_train: int,
-                n_val: int) -> str:
+                validation: list[str]) -> str:
     """The README.md of RUN_DIR/model: what was trained on what, and how to use it."""
     vals = [h["val_mean_dice"] for h in history if "val_mean_dice" in h]
     dice = f"; last validation mean Dice {vals[-1]:.3f}" if vals else ""
     data = ("**SYNTHETIC phantoms** (`python -m unetrpp phantom`): teaching weights, not a segmentation of real "
             "anatomy" if config.synthetic else f"`{options.data}`")
     return (f"# UNETR++ `{config.name}` trained with `python -m unetrpp train`\n\n"
-            f"Data: {data}. {n_train} training and {n_val} validation cases, {step} steps{dice}.\n\n"
+            f"Data: {data}. {n_train} training and {len(validation)} validation cases, {step} steps{dice}.\n\n"
+            + (f"Validation cases (held out; score the weights on these): {', '.join(validation)}.\n\n"
+               if validation else "") +
             "Use: `python -m unetrpp predict SCAN -o OUT --weights THIS_FOLDER`, or "
             "`unetrpp.pretrained.load_pretrained(\"THIS_FOLDER\")`. Not a medical device.\n")
 
@@ -321,7 +323,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     check_cases(train_cases + val_cases)
     prepared = prepare_cases(train_cases + val_cases, config)  # every case checked before any step
     train_data, val_data = prepared[: len(train_cases)], prepared[len(train_cases):]
-    log.info("rank %d: %d training and %d validation cases", ctx.rank, len(train_data), len(val_data))
+    val_names = [case.name for case in val_cases]
+    log.info("rank %d: %d training and %d validation cases%s", ctx.rank, len(train_data), len(val_data),
+             f" ({', '.join(val_names)})" if val_names else "")
     if ctx.is_main and not val_cases:
         log.warning("no validation cases (%d case(s) in all): the run reports no validation Dice; give more "
                     "cases or --val-cases", len(train_cases))
@@ -413,9 +417,11 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{running[-1]:.3f}")
-                    if ctx.is_main and (step % options.log_every == 0 or step == options.max_steps):
-                        record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
-                                "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
+                    if step % options.log_every == 0 or step == options.max_steps:
+                        loss_mean = ctx.mean(float(np.mean(running)))  # over the ranks' batches too
+                        if ctx.is_main:
+                            record({"step": step, "loss": loss_mean, "lr": sched.get_last_lr()[0],
+                                    "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
                         running = []
                     if (step % options.val_every == 0 or step == options.max_steps) and val_data:
                         scores = validate(model, val_data, ctx.device, config.class_names, ctx=ctx)  # all ranks
@@ -447,7 +453,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     if ctx.is_main:
         plot_curves(history, run_dir / "training_curve.png", curve_title)
         model_dir = save_for_inference(model, run_dir / "model", card=_model_card(config, options, history, step,
-                                                                                  len(train_data), len(val_data)))
+                                                                                  len(train_data), val_names))
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
 

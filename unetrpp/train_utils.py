@@ -74,6 +74,14 @@ class DistributedContext:
         torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
         return bool(votes.item())
 
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks, on every rank (one small all-reduce under DDP)."""
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total.item()) / self.world_size
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
