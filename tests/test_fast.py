@@ -73,6 +73,11 @@ def test_channel_major_transformer_block_computes_the_same_function(kv_projectio
         with capture_attention(fast) as maps:  # stored maps: the plain path, the same outputs
             close(fast.attend(x), expected)
         assert maps[""]["spatial"].shape == (2, 4, 8 * 8 * 12, 8)
+        seen = []  # a hook a researcher puts on EPA (or inside it) fires: the plain path runs
+        hook = fast.epa_block.qkvv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        close(fast.attend(x), expected)
+        hook.remove()
+        assert seen == [(2, 8 * 8 * 12, 64)]
         fast.train()  # attention dropout is applied in training mode, gradients or not
         torch.manual_seed(1)
         dropped = fast.attend(x)

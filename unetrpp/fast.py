@@ -150,15 +150,17 @@ class FastTransformerBlock(TransformerBlock):
     - the layer scale goes into the output projections ("concat") or scales the sum ("sum").
     The attention half of a first-stage synapse block takes about 30 % less time (14.6 -> 10.4 ms on
     2 cores); grids of fewer than MIN_CHANNEL_MAJOR_TOKENS tokens keep the plain path, where this one
-    is slower. EPA's own submodules are not called, so hooks on them do not fire.
+    is slower. EPA's own submodules are not called here, so a block whose EPA carries forward hooks
+    (on itself or a submodule) takes the plain path, where they fire.
     """
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         epa = self.epa_block
         if (not _fast_path(x) or x.dtype != torch.float32 or self.gamma.dtype != x.dtype or self.training
                 or epa.keeps_attention() or x.shape[2:] != self.grid or _onednn_linear is None
-                or x[0, 0].numel() < MIN_CHANNEL_MAJOR_TOKENS):
-            return super().attend(x)  # dropout in training mode, attention maps, other dtypes, small grids
+                or x[0, 0].numel() < MIN_CHANNEL_MAJOR_TOKENS
+                or any(m._forward_hooks or m._forward_pre_hooks for m in epa.modules())):
+            return super().attend(x)  # training, attention maps, other dtypes, small grids, hooks
         B, C, Z, Y, X = x.shape
         N, h = Z * Y * X, epa.heads
         d = C // h
