@@ -66,6 +66,22 @@ def test_msd_and_monai_split_files(tmp_path):
     assert [c.name for c in lists["validation"]] == ["img0002"]
 
 
+@pytest.mark.parametrize("meta, words", [
+    ({"training": {"a": {"image": "imagesTr/img0001.nii.gz"}}}, '"training" is a JSON object, not a list'),
+    ({"training": [], "validation": "imagesTr/img0001.nii.gz"}, '"validation" is a JSON string, not a list'),
+    ([{"image": "imagesTr/img0001.nii.gz"}], "a JSON list, not an object"),
+])
+def test_a_split_file_of_another_shape_says_what_it_must_hold(tmp_path, meta, words):
+    """A "training" object used to be read as its keys, each one a missing image ("case a: image file missing")."""
+    write_case(tmp_path, 1)
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as info:
+        read_datalist(tmp_path)
+    message = str(info.value)
+    assert words in message and '{"image": "./imagesTr/img0001.nii.gz", "label": ' in message
+    assert "dataset.json" in message and "\n" not in message
+
+
 def test_split_is_by_case_and_reproducible(tmp_path):
     for n in range(1, 11):
         write_case(tmp_path, n)

@@ -54,14 +54,39 @@ def _case_id(path: Path) -> str:
     return "_".join(digits) if digits else _stem(path)
 
 
-def _from_list(root: Path, entries: list) -> list[Case]:
+ENTRY_EXAMPLE = '{"image": "./imagesTr/img0001.nii.gz", "label": "./labelsTr/label0001.nii.gz"}'
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages ("object", "string", "null", ...)."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
+
+
+def _read_split_file(path: Path) -> dict:
+    """The JSON object of a dataset.json / dataset_0.json; one-line ValueError when it is not one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete it") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f'{path}: a JSON {_json_type(meta)}, not an object; it must be an object with a "training" '
+                         f"list of entries like {ENTRY_EXAMPLE}")
+    return meta
+
+
+def _from_list(source: Path, key: str, entries: object) -> list[Case]:
+    """The cases of the `key` list ("training", "validation") of the split file `source`."""
+    if not isinstance(entries, list):
+        raise ValueError(f'{source}: "{key}" is a JSON {_json_type(entries)}, not a list; it must be a list of '
+                         f"entries like {ENTRY_EXAMPLE}")
+    root = source.parent
     cases = []
     for entry in entries:
         if isinstance(entry, str):  # MSD "test" entries are bare image paths
             entry = {"image": entry}
         if not isinstance(entry, dict) or "image" not in entry:
-            raise ValueError(f"{root}: datalist entry {entry!r} has no 'image'; entries look like "
-                             "{'image': './imagesTr/img0001.nii.gz', 'label': './labelsTr/label0001.nii.gz'}")
+            raise ValueError(f"{source}: \"{key}\" entry {entry!r} has no 'image'; entries look like {ENTRY_EXAMPLE}")
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         cases.append(Case(_stem(image), image, label))
@@ -88,12 +113,9 @@ def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
         raise FileNotFoundError(f"{root}: no such dataset folder; {LAYOUT_HINT}")
     for name in ("dataset_0.json", "dataset.json"):
         if (root / name).is_file():
-            try:
-                meta = json.loads((root / name).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{root / name}: not valid JSON ({exc}); fix or delete it") from exc
-            training = _from_list(root, meta.get("training", []))
-            validation = _from_list(root, meta.get("validation", []))
+            meta = _read_split_file(root / name)
+            training = _from_list(root / name, "training", meta.get("training", []))
+            validation = _from_list(root / name, "validation", meta.get("validation", []))
             if training or validation:
                 return {"training": training, "validation": validation}
     images = sorted(p for p in (root / "imagesTr").glob("*") if p.name.endswith(io.NIFTI_SUFFIXES)) \
