@@ -1,13 +1,16 @@
 """BTCV-layout reading, split by case, and bad data named by case before any training."""
 
 import json
+import shlex
 
 import numpy as np
 import pytest
 
 from unetrpp import io
 from unetrpp.config import get_config
-from unetrpp.data.btcv import load_case, read_datalist, split_cases
+from unetrpp.data.btcv import check_label_names, load_case, read_datalist, split_cases
+from unetrpp.data.phantom import write_phantom_dataset
+from unetrpp.labels import BTCV_CLASS_NAMES
 from unetrpp.train_data import prepare_cases
 
 SPACING = (5.0, 4.0, 4.0)
@@ -80,6 +83,51 @@ def test_a_split_file_of_another_shape_says_what_it_must_hold(tmp_path, meta, wo
     message = str(info.value)
     assert words in message and '{"image": "./imagesTr/img0001.nii.gz", "label": ' in message
     assert "dataset.json" in message and "\n" not in message
+
+
+BTCV_NAMES = ("background",) + BTCV_CLASS_NAMES
+# BTCV's own dataset.json (the UNETR / MONAI tutorials' conversion of RawData)
+BTCV_DATASET_LABELS = {"0": "background", "1": "spleen", "2": "rkid", "3": "lkid", "4": "gall", "5": "eso",
+                       "6": "liver", "7": "sto", "8": "aorta", "9": "IVC", "10": "veins", "11": "pancreas",
+                       "12": "rad", "13": "lad"}
+
+
+def test_label_names_of_phantoms_btcv_and_other_spellings_pass(tmp_path):
+    check_label_names(write_phantom_dataset(tmp_path / "ph", cases=1, size="small"), BTCV_NAMES)
+    for labels in (BTCV_DATASET_LABELS,  # abbreviations stand for their organs
+                   {**BTCV_DATASET_LABELS, "0": "BG", "2": "Kidney_Right", "10": "portal_vein_and_splenic_vein",
+                    "4": "gall bladder"},  # case, separators, word order; background by any name
+                   {name: i for i, name in enumerate(("clear_label", "Liver", "tumour"))}):  # nnU-Net v2 order
+        (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+        names = BTCV_NAMES if len(labels) == 14 else ("background", "liver", "tumour")
+        check_label_names(tmp_path, names)
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": []}))  # no "labels": nothing to check
+    check_label_names(tmp_path, BTCV_NAMES)
+    check_label_names(tmp_path / "no dataset.json here", BTCV_NAMES)  # read_datalist reports missing folders
+
+
+def test_label_names_that_disagree_with_the_model_are_refused_with_the_options_that_work(tmp_path):
+    """A liver/tumour dataset trained with the BTCV names used to report class 1 as "spleen"."""
+    labels = {"0": "background", "1": "liver", "2": "tumour"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(ValueError) as info:
+        check_label_names(tmp_path, BTCV_NAMES)
+    message = str(info.value)
+    assert "\n" not in message and "names 3 classes (background, liver, tumour) but the model has 14" in message
+    fix = message.split(" add ")[1].split(" (or ")[0]  # the options, as a shell would pass them to argparse
+    assert shlex.split(fix) == ["--set", "out_channels=3", "--set", 'class_names=["background", "liver", "tumour"]']
+    from unetrpp.cli.train import _override
+    overrides = dict(_override(arg) for arg in shlex.split(fix)[1::2])
+    assert get_config("unetrpp_tiny", **overrides).class_names == ("background", "liver", "tumour")
+
+    swapped = {**BTCV_DATASET_LABELS, "2": "lkid", "3": "rkid"}  # same count, other organs
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": swapped}))
+    with pytest.raises(ValueError, match="class 2 'lkid' where the model has 'right kidney', class 3 'rkid' where "
+                                         "the model has 'left kidney'; to train on its classes add --set out_channels=14"):
+        check_label_names(tmp_path, BTCV_NAMES)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "2": "liver"}}))
+    with pytest.raises(ValueError, match="does not name the classes 0..N-1 once each"):
+        check_label_names(tmp_path, ("background", "liver"))
 
 
 def test_split_is_by_case_and_reproducible(tmp_path):

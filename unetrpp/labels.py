@@ -21,6 +21,11 @@ BTCV_CLASS_NAMES: tuple[str, ...] = (
 )
 BTCV_LABELS: dict[int, str] = {i + 1: name for i, name in enumerate(BTCV_CLASS_NAMES)}
 
+# The names BTCV's own dataset.json (the UNETR / MONAI tutorial conversion of RawData) gives the organs.
+BTCV_ABBREVIATIONS: dict[str, str] = dict(zip(
+    ("spleen", "rkid", "lkid", "gall", "eso", "liver", "sto", "aorta", "ivc", "veins", "pancreas", "rad", "lad"),
+    BTCV_CLASS_NAMES))
+
 # The 8 organs of the Synapse evaluation protocol (spec "Label maps").
 SYNAPSE_EVAL_LABELS: tuple[int, ...] = (1, 2, 3, 4, 6, 7, 8, 11)
 

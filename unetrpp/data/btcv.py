@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import re
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import io
+from ..labels import BTCV_ABBREVIATIONS
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,69 @@ def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
     labels = nifti_files_by_case(root / "labelsTr")
     cases = [Case(_stem(p), p, labels.get(_case_id(p))) for p in images]
     return {"training": cases, "validation": []}
+
+
+def check_label_names(data: str | os.PathLike, class_names: Sequence[str]) -> None:
+    """Refuse a dataset whose split file names other classes than `class_names` (background first),
+    so that class 1 of a liver/tumour dataset is never trained and reported as "spleen".
+
+    Reads "labels" from dataset_0.json, else dataset.json (MSD {"0": "background", "1": "liver"} or
+    nnU-Net v2 {"background": 0, "liver": 1}); a folder with neither, or without "labels", passes.
+    The number of classes must match; names are compared from class 1 on (background goes by many
+    names), ignoring case, separators and word order ("kidney_right" is "right kidney", "gall bladder"
+    "gallbladder"), and BTCV's own abbreviations ("rkid", "sto", ...: labels.BTCV_ABBREVIATIONS) stand
+    for the organ they abbreviate, so BTCV's dataset.json passes with the BTCV names. The one-line
+    ValueError names the difference and the `--set` options that train on the dataset's classes.
+    """
+    found = _dataset_label_names(Path(data))
+    if found is None:
+        return
+    path, names = found
+    ours = list(class_names)
+    if len(names) != len(ours):
+        shown = ", ".join(ours[:6]) + (", ..." if len(ours) > 6 else "")
+        difference = f"names {len(names)} classes ({', '.join(names)}) but the model has {len(ours)} ({shown})"
+    else:
+        wrong = [i for i in range(1, len(ours)) if not _same_class(names[i], ours[i])]
+        if not wrong:
+            return
+        difference = "names " + ", ".join(f"class {i} {names[i]!r} where the model has {ours[i]!r}" for i in wrong)
+    fix = f"--set out_channels={len(names)} --set " + shlex.quote("class_names=" + json.dumps(names, ensure_ascii=False))
+    raise ValueError(f'{path}: "labels" {difference}; to train on its classes add {fix} (or correct "labels" '
+                     "if they are wrong)")
+
+
+def _dataset_label_names(root: Path) -> tuple[Path, list[str]] | None:
+    """The split file that has "labels" and its class names by id, or None."""
+    for name in ("dataset_0.json", "dataset.json"):
+        if (root / name).is_file() and "labels" in (meta := _read_split_file(root / name)):
+            return root / name, _names_by_id(root / name, meta["labels"])
+    return None
+
+
+def _names_by_id(path: Path, labels: object) -> list[str]:
+    """The names of "labels" in id order 0..N-1; one-line ValueError for another shape or gaps in the ids."""
+    by_id: dict[int, str] = {}
+    if isinstance(labels, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        by_id = {v: str(k) for k, v in labels.items()}  # nnU-Net v2: name -> id
+    elif isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
+        by_id = {int(k): str(v) for k, v in labels.items()}  # MSD: id -> name
+    if not by_id or len(by_id) != len(labels) or sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f'{path}: "labels" {json.dumps(labels)[:120]} does not name the classes 0..N-1 once each; '
+                         'write it as {"0": "background", "1": "liver", ...} or remove it')
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def _same_class(theirs: str, ours: str) -> bool:
+    """Whether two class names are the same class in other words (see `check_label_names`)."""
+    a, b = _name_words(theirs), _name_words(ours)
+    return set(a) == set(b) or "".join(a) == "".join(b)
+
+
+def _name_words(name: str) -> list[str]:
+    """Lower-case words of a class name, a BTCV abbreviation spelt out ("rkid" -> ["right", "kidney"])."""
+    name = BTCV_ABBREVIATIONS.get(name.strip().lower(), name)
+    return re.findall(r"[a-z0-9]+", name.lower())
 
 
 def split_cases(cases: list[Case], val_cases: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
