@@ -3,6 +3,7 @@
 import json
 import shlex
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -166,11 +167,40 @@ def test_every_bad_case_is_named_before_training(tmp_path):
     message = str(info.value)
     assert "5 of 6 cases are unusable" in message
     assert "case img0002: label file missing" in message
-    assert "case img0003: image grid (8, 16, 16)" in message and "(8, 16, 12)" in message
+    assert "case img0003: image and label grids differ in shape (Z, Y, X) (8, 16, 16) vs (8, 16, 12)" in message
     assert "case img0004: label values [20]" in message
     assert "case img0005: cannot read image" in message
-    assert "case img0006: image grid" in message
+    assert "case img0006: image and label grids differ in spacing (z, y, x) [5.0, 4.0, 4.0] vs [5.0, 4.0, 3.0] mm" \
+        in message
     assert "img0001" not in message
+
+
+def test_a_grid_that_differs_only_in_origin_or_direction_is_named_by_what_differs(tmp_path):
+    """Same shape and spacing used to print two identical grids "(8, 16, 16) at [5.0, 4.0, 4.0] mm ... differ"."""
+    write_case(tmp_path, 1, labels=False)
+    image = nib.load(tmp_path / "imagesTr/img0001.nii.gz")
+    labels = np.zeros(image.shape, np.uint8)
+
+    def load_with_label_affine(affine):
+        nib.save(nib.Nifti1Image(labels, affine), tmp_path / "labelsTr/label0001.nii.gz")
+        return load_case(read_datalist(tmp_path)["training"][0])
+
+    shifted = image.affine.copy()
+    shifted[:3, 3] += (7.5, 0.0, -2.0)
+    with pytest.raises(ValueError) as info:
+        load_with_label_affine(shifted)
+    message = str(info.value)
+    assert "differ in origin (x, y, z) [0.0, 0.0, 0.0] vs [7.5, 0.0, -2.0] mm; the label must be on the image's grid" \
+        in message and "spacing" not in message.split(";")[0] and "\n" not in message
+    turn = np.radians(10)  # an oblique label: the same voxel sizes, axes turned 10 degrees about z
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    oblique = image.affine.copy()
+    oblique[:3, :3] = rotation @ image.affine[:3, :3]
+    with pytest.raises(ValueError, match=r"differ in axis directions, up to 10 degrees apart; the label must"):
+        load_with_label_affine(oblique)
+    mirrored = image.affine @ np.diag([-1.0, 1.0, 1.0, 1.0])  # the same grid stored right-to-left
+    mirrored[0, 3] = image.affine[0, 3] + (image.shape[0] - 1) * image.affine[0, 0]
+    load_with_label_affine(mirrored)  # is still the image's grid once both are read in RAS
 
 
 def test_prepared_case_is_resampled_normalised_and_padded(tmp_path):

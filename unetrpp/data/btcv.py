@@ -226,16 +226,35 @@ def load_case(case: Case, orientation: str = "RAS", num_classes: int = 14) -> tu
         except Exception as exc:  # nibabel raises many types for broken files; name the case
             raise ValueError(f"case {case.name}: cannot read {kind} {path} ({type(exc).__name__}: {exc})") from exc
     image, label = volumes
-    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise ValueError(f"case {case.name}: image grid {image.shape} at {np.round(image.spacing, 3).tolist()} mm "
-                         f"and label grid {label.shape} at {np.round(label.spacing, 3).tolist()} mm differ; the "
-                         "label must be on the image's grid (same shape and affine)")
+    if differences := grid_differences(image, label):
+        raise ValueError(f"case {case.name}: image and label grids differ in {'; '.join(differences)}; the label "
+                         "must be on the image's grid (same shape, spacing, origin and axis directions)")
     values = np.unique(label.array)
     bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
     if bad.size:
         raise ValueError(f"case {case.name}: label values {bad[:8].tolist()} outside the integers 0..{num_classes - 1}; "
                          "use the BTCV label map (unetrpp.labels.BTCV_LABELS)")
     return image, label.array.astype(np.uint8)
+
+
+def grid_differences(a: io.Volume, b: io.Volume) -> list[str]:
+    """What differs between the voxel grids of `a` and `b` (loaded in the same orientation), e.g.
+    ["origin (x, y, z) [0.0, 0.0, 0.0] vs [5.0, 0.0, 0.0] mm"]; [] when they are the same grid, to
+    0.001 mm in spacing and origin and in where one voxel step of `a` lands."""
+    steps = a.affine[:3, :3], b.affine[:3, :3]  # (3, 3) world mm of one voxel step along each axis (columns)
+    units = [m / np.linalg.norm(m, axis=0) for m in steps]
+    found = []
+    if a.shape != b.shape:
+        found.append(f"shape (Z, Y, X) {a.shape} vs {b.shape}")
+    if not np.allclose(a.spacing, b.spacing, rtol=0, atol=1e-3):
+        found.append(f"spacing (z, y, x) {np.round(a.spacing, 3).tolist()} vs {np.round(b.spacing, 3).tolist()} mm")
+    if not np.allclose(a.affine[:3, 3], b.affine[:3, 3], rtol=0, atol=1e-3):  # world RAS mm of the first voxel
+        found.append(f"origin (x, y, z) {np.round(a.affine[:3, 3], 3).tolist()} vs "
+                     f"{np.round(b.affine[:3, 3], 3).tolist()} mm")
+    if not np.allclose(steps[0], units[1] * np.linalg.norm(steps[0], axis=0), rtol=0, atol=1e-3):
+        angle = np.degrees(np.arccos(np.clip(np.sum(units[0] * units[1], axis=0).min(), -1.0, 1.0)))
+        found.append(f"axis directions, up to {angle:.2g} degrees apart")
+    return found
 
 
 def check_cases(cases: list[Case]) -> None:
