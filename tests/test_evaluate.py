@@ -110,7 +110,16 @@ def test_cli_missing_prediction_is_an_error(tmp_path, capsys):
     io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "truth/label0002.nii.gz", dtype=np.uint8)
     io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 2
-    assert "no prediction for truth case(s) 0002" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no prediction for truth case(s) 0002 in" in err and "(it holds 0001;" in err
+    # and what would work: predict the missing cases, or a truth folder of the predicted cases only
+    assert "predict those cases too (`python -m unetrpp predict` their images into" in err
+    assert "or give a --truth folder holding only the labels of the predicted cases" in err
+    assert err.count("\n") == 1
+    for n in range(3, 15):
+        io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / f"truth/label{n:04d}.nii.gz", dtype=np.uint8)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 2
+    assert "case(s) 0002, 0003, 0004, 0005, 0006, 0007, 0008, 0009, 0010, 0011 and 3 more in" in capsys.readouterr().err
 
 
 def test_cli_checks_the_output_first_and_writes_strict_json(tmp_path, capsys):

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from io import StringIO
 from pathlib import Path
 
@@ -105,8 +106,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
     preds, truths = _nifti_files(Path(pred_dir)), _nifti_files(Path(truth_dir))
     missing = sorted(set(truths) - set(preds))
     if missing:
-        raise ValueError(f"no prediction for truth case(s) {', '.join(missing)} in {pred_dir}; predictions are "
-                         "matched to truth by the numbers in their file names")
+        raise ValueError(f"no prediction for truth case(s) {_some(missing)} in {pred_dir} (it holds {_some(preds)}; "
+                         "predictions are matched to truth by the numbers in their file names); predict those cases "
+                         f"too (`python -m unetrpp predict` their images into {pred_dir}), or give a --truth folder "
+                         "holding only the labels of the predicted cases")
     if labels is None:
         names = io.read_label_names(preds[next(iter(truths))]) if truths else None
         labels = dict(enumerate(names)) if names else dict(BTCV_LABELS)
@@ -130,6 +133,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
         per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], truth.spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
     return {"cases": per_case, "mean": mean_metrics(per_case)}
+
+
+def _some(case_ids: Iterable[str], limit: int = 10) -> str:
+    """Case ids for a message: "0003, 0004", or the first `limit` and how many more."""
+    ids = sorted(case_ids)
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def _file_shape(volume: io.Volume) -> tuple[int, ...]:
