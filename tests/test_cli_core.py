@@ -149,3 +149,15 @@ def test_help_and_configs_do_not_import_torch():
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["[]", "unetrpp.inference", "unetrpp.model", "unetrpp.evaluate", "False"]
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_train_refuses_a_non_positive_thread_count_before_reading_data(tmp_path, capsys, threads):
+    """--threads -1 was a RuntimeError traceback from torch, --threads 0 silently meant torch's default."""
+    before = torch.get_num_threads()
+    args = ["train", "--data", str(tmp_path / "no such data"), "--out", str(tmp_path / "run"), "--threads", threads]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --threads {threads}: need a positive number of CPU threads, e.g. --threads 4, or leave " \
+                  "it out for torch's default\n"  # one line, and about the threads, not the missing data
+    assert torch.get_num_threads() == before and not (tmp_path / "run").exists()

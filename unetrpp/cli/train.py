@@ -49,11 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: need a positive number of CPU threads, e.g. --threads 4, or "
+                         "leave it out for torch's default")
     import torch
 
     from unetrpp.train import DEFAULT_LR, TrainOptions, build_config, train
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     overrides = dict(args.set)
     if args.spacing:
