@@ -161,3 +161,29 @@ def test_train_refuses_a_non_positive_thread_count_before_reading_data(tmp_path,
     assert err == f"error: --threads {threads}: need a positive number of CPU threads, e.g. --threads 4, or leave " \
                   "it out for torch's default\n"  # one line, and about the threads, not the missing data
     assert torch.get_num_threads() == before and not (tmp_path / "run").exists()
+
+
+def test_train_says_synthetic_in_its_last_line_when_trained_on_phantoms(tmp_path, capsys, monkeypatch):
+    """The console's last word on a phantom run said nothing of the data ("... mean Dice 0.003"), unlike
+    the model card; it now says SYNTHETIC as the card does, and a run on other data still does not."""
+    from unetrpp import create_model
+    from unetrpp.data.phantom import write_phantom_dataset
+    from unetrpp.pretrained import save_for_inference
+    from unetrpp.train import TrainResult
+
+    data = write_phantom_dataset(tmp_path / "ph", cases=2, seed=3, size="small")
+    tiny = ["--patch-size", "16", "32", "32", "--spacing", "10", "6", "6", "--max-steps", "2", "--val-every", "2",
+            "--val-cases", "1", "--samples-per-case", "2", "--warmup-steps", "1", "--threads", "1", "--no-progress"]
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *tiny]) == 0
+    finally:
+        torch.set_num_threads(before)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"trained 2 steps on SYNTHETIC phantoms; model saved to {tmp_path / 'run/model'} "
+                           "(teaching weights, not a segmentation of real anatomy); last validation mean Dice ")
+
+    real = save_for_inference(create_model("unetrpp_tiny"), tmp_path / "real")  # not synthetic
+    monkeypatch.setattr("unetrpp.train.train", lambda options: TrainResult(tmp_path, real, 5, []))
+    assert main(["train", "--data", str(tmp_path / "scans"), "--out", str(tmp_path / "run2")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"trained 5 steps; model saved to {real}"

@@ -217,18 +217,27 @@ def _looks_like_path(text: str) -> bool:
             or (first != "" and Path(first).expanduser().is_dir()))
 
 
-def _from_folder(path: Path) -> UNETRPP:
-    """A save_pretrained folder, every way it can be broken answered in one line."""
-    hint = "a weights folder holds config.json + model.safetensors (make one with `python -m unetrpp convert`)"
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise ValueError(f"{path}: no {name}; {hint}")
+_FOLDER_HINT = "a weights folder holds config.json + model.safetensors (make one with `python -m unetrpp convert`)"
+
+
+def read_config(folder: str | os.PathLike) -> UNETRPPConfig:
+    """The config of a save_pretrained folder (its config.json), without loading the weights."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; {_FOLDER_HINT}")
     try:
-        config = json.loads((path / "config.json").read_text())
-        UNETRPPConfig.from_dict(config)  # names the field when the config is wrong
+        return UNETRPPConfig.from_dict(json.loads((path / "config.json").read_text()))  # names a wrong field
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {hint}") from None
+        raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {_FOLDER_HINT}") from None
+
+
+def _from_folder(path: Path) -> UNETRPP:
+    """A save_pretrained folder, every way it can be broken answered in one line."""
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path}: no {name}; {_FOLDER_HINT}")
+    config = read_config(path)
     try:
         # What UNETRPP.from_pretrained(path) does, without its print to stdout (swallowing that with
         # redirect_stdout would swallow every thread's output while the weights load, the viewer's URL too).
@@ -238,7 +247,7 @@ def _from_folder(path: Path) -> UNETRPP:
     except Exception as exc:  # safetensors raises its own error types for truncated or mismatched files
         reason = _reason(" ".join(str(exc).split()) or type(exc).__name__)  # one line, e.g. the missing keys
         raise ValueError(f"{path / 'model.safetensors'}: unreadable or not the weights of its config.json "
-                         f"({reason}); {hint}") from None
+                         f"({reason}); {_FOLDER_HINT}") from None
 
 
 def _from_hub(repo_id: str) -> UNETRPP:

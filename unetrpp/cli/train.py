@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
                          "leave it out for torch's default")
     import torch
 
+    from unetrpp.pretrained import read_config
     from unetrpp.train import DEFAULT_LR, TrainOptions, build_config, train
 
     if args.threads is not None:
@@ -77,5 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if result.model_dir is not None:
         vals = [h for h in result.history if "val_mean_dice" in h]
         tail = f"; last validation mean Dice {vals[-1]['val_mean_dice']:.3f}" if vals else ""
-        print(f"trained {result.step} steps; model saved to {result.model_dir}{tail}")
+        if read_config(result.model_dir).synthetic:  # as its model card says
+            print(f"trained {result.step} steps on SYNTHETIC phantoms; model saved to {result.model_dir} (teaching "
+                  f"weights, not a segmentation of real anatomy){tail}")
+        else:
+            print(f"trained {result.step} steps; model saved to {result.model_dir}{tail}")
     return 0
