@@ -133,3 +133,45 @@ def test_cli_writes_the_layout(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["phantom", "--out", str(tmp_path / "afile" / "p"), "--cases", "1", "--size", "small"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_rerun_with_the_same_seed_adds_cases_and_another_seed_is_refused(tmp_path, capsys):
+    """`phantom --cases 2 --first-index 5` over a folder of img0001-0004 used to rewrite dataset.json
+    with only the 2 new cases (training then silently used 2), and another --seed regenerated the
+    cases and made "generator" claim it for all of them."""
+    from unetrpp.cli import main
+    from unetrpp.data.btcv import read_datalist
+
+    out = tmp_path / "p"
+    common = ["phantom", "--out", str(out), "--size", "small", "--seed", "4"]
+    assert main([*common, "--cases", "2"]) == 0
+    assert main([*common, "--cases", "2", "--first-index", "5"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert [c.name for c in read_datalist(out)["training"]] == ["img0001", "img0002", "img0005", "img0006"]
+    assert "its dataset.json lists 4 case(s)" in capsys.readouterr().out.splitlines()[-1]
+    assert meta["numTraining"] == 4 and meta["generator"]["indices"] == [1, 2, 5, 6]
+    assert meta["generator"]["seed"] == 4 and meta["generator"]["size"] == "small"
+    assert main([*common, "--cases", "1", "--first-index", "2"]) == 0  # again, the same bytes: still 4 cases
+    assert json.loads((out / "dataset.json").read_text()) == meta
+
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    for other in (["--seed", "5", "--cases", "1"],  # over an existing case
+                  ["--seed", "5", "--cases", "1", "--first-index", "9"]):  # a new case, but mixing seeds
+        assert main(["phantom", "--out", str(out), "--size", "small", *other]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --out {out} holds phantoms made with --seed 4 --size small; add cases with that --seed "
+                       f"and --size, or give a new --out for --seed 5 --size small (nothing was written)\n")
+    assert main(["phantom", "--out", str(out), "--size", "default", "--seed", "4", "--cases", "1"]) == 2
+    assert "made with --seed 4 --size small" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+    assert not (out / "imagesTr/img0009.nii.gz").exists()
+
+
+def test_an_interrupted_folder_keeps_its_seed(tmp_path):
+    """A run stopped before its first case leaves the folder marked as ours with its seed and size."""
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(io, "save_array", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        write_phantom_dataset(tmp_path / "half", cases=2, seed=1, size="small")
+    with pytest.raises(ValueError, match="made with --seed 1 --size small"):
+        write_phantom_dataset(tmp_path / "half", cases=2, seed=2, size="small")
+    assert write_phantom_dataset(tmp_path / "half", cases=1, seed=1, size="small").is_dir()

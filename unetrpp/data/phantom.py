@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -232,25 +233,32 @@ def check_phantom_folder(out: str | os.PathLike) -> Path:
 
 def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, size: str = "default",
                           first_index: int = 1) -> Path:
-    """Write `cases` SYNTHETIC cases as imagesTr/imgNNNN.nii.gz, labelsTr/labelNNNN.nii.gz and an
-    MSD-style dataset.json that says they are synthetic. Returns the folder."""
+    """Write `cases` SYNTHETIC cases numbered from `first_index` as imagesTr/imgNNNN.nii.gz,
+    labelsTr/labelNNNN.nii.gz and an MSD-style dataset.json that says they are synthetic. Returns the folder.
+
+    A phantom folder written before with the same `seed` and `size` gets the cases added: its
+    dataset.json lists the earlier cases and these (a case written again gets the same bytes). One
+    made with another seed or size is refused before anything is written, so a folder never mixes
+    seeds and its "generator" record always says how every case it lists was made.
+    """
     if not isinstance(cases, int) or cases < 1:
         raise ValueError(f"cases={cases!r}: need a positive number of cases, e.g. --cases 4")
+    grid, spacing = make_grid(size)
     out = check_phantom_folder(out)
+    listed = _cases_made_with(out, seed, size)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     if not (out / "dataset.json").exists():  # the folder is marked as ours first: an interrupted run may be rerun
         (out / "dataset.json").write_text(json.dumps({"name": "UNETR++ SYNTHETIC abdominal CT phantom (being written)",
-                                                     "synthetic": True, "reference": PHANTOM_REFERENCE}))
-    grid, spacing = make_grid(size)
+                                                     "synthetic": True, "reference": PHANTOM_REFERENCE,
+                                                     "generator": {"seed": seed, "size": size}}))
     origin = (float(grid.x[0]), float(grid.y[0]), float(grid.z[0]))
-    training = []
     for number in range(first_index, first_index + cases):
         image, labels, _ = generate_case(seed, number, size)
         image_name, label_name = f"imagesTr/img{number:04d}.nii.gz", f"labelsTr/label{number:04d}.nii.gz"
         io.save_array(image, spacing, out / image_name, origin, np.int16, FILE_NOTE)
         io.save_array(labels, spacing, out / label_name, origin, np.uint8, FILE_NOTE)
-        training.append({"image": f"./{image_name}", "label": f"./{label_name}"})
+        listed[number] = {"image": f"./{image_name}", "label": f"./{label_name}"}
         log.info("phantom case %d: %s", number, image_name)
     meta = {
         "name": "UNETR++ SYNTHETIC abdominal CT phantom",
@@ -261,12 +269,27 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(i + 1): name for i, name in enumerate(BTCV_CLASS_NAMES)}},
-        "numTraining": cases,
+        "numTraining": len(listed),
         "numTest": 0,
-        "training": training,
+        "training": [listed[number] for number in sorted(listed)],
         "test": [],
-        "generator": {"seed": seed, "first_index": first_index, "cases": cases, "size": size,
-                      "spacing_zyx_mm": list(spacing)},
+        "generator": {"seed": seed, "size": size, "indices": sorted(listed), "spacing_zyx_mm": list(spacing)},
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    text = json.dumps(meta, indent=2)  # replaced whole or not at all: it lists the earlier cases too
+    io.atomic_write(out / "dataset.json", lambda tmp: tmp.write_text(text))
     return out
+
+
+def _cases_made_with(out: Path, seed: int, size: str) -> dict[int, dict]:
+    """The cases the phantom folder's dataset.json lists, by number ({} for a new folder); ValueError
+    when its "generator" says they were made with another seed or size."""
+    try:
+        meta = json.loads((out / "dataset.json").read_text())
+    except FileNotFoundError:
+        return {}
+    made = meta.get("generator", {})
+    if "seed" in made and (made["seed"], made.get("size")) != (seed, size):
+        raise ValueError(f"--out {out} holds phantoms made with --seed {made['seed']} --size {made.get('size')}; add "
+                         f"cases with that --seed and --size, or give a new --out for --seed {seed} --size {size} "
+                         "(nothing was written)")
+    return {int(re.findall(r"\d+", Path(entry["image"]).name)[0]): entry for entry in meta.get("training", [])}
