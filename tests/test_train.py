@@ -179,6 +179,19 @@ def test_the_losses_logged_after_a_resume_are_those_of_an_uninterrupted_run(phan
         assert b == pytest.approx(a, rel=1e-4)
 
 
+def test_data_labelled_with_other_classes_is_refused_before_training(phantoms, tmp_path, monkeypatch):
+    import shutil
+
+    data = shutil.copytree(phantoms, tmp_path / "liver_tumour")
+    spec = json.loads((data / "dataset.json").read_text())
+    spec["labels"] = {"0": "background", "1": "liver", "2": "tumour"}
+    (data / "dataset.json").write_text(json.dumps(spec))
+    monkeypatch.setattr("unetrpp.train.prepare_cases", lambda *a: pytest.fail("the data was prepared first"))
+    with pytest.raises(ValueError, match="names 3 classes .* but the model has 14 .*--set out_channels=3"):
+        train(options(data, tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.setattr("unetrpp.train.prepare_cases", lambda *a: pytest.fail("the data was prepared first"))

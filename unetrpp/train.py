@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from .config import UNETRPPConfig, get_config
-from .data.btcv import Case, check_cases, is_synthetic, read_datalist, split_cases
+from .data.btcv import Case, check_cases, check_label_names, is_synthetic, read_datalist, split_cases
 from .evaluate import dice
 from .fast import reuse_freed_memory
 from .inference import sliding_window_probabilities
@@ -305,6 +305,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
                     "go on); the model is saved again", start_step, options.max_steps)
     config = build_config(options.name, options.config_overrides)
+    check_label_names(options.data, config.class_names)  # the data's classes are the network's outputs
     _check_batch_norm(config, options.batch_size)
     if is_synthetic(options.data):  # the saved weights say so wherever they are used
         config = config.replace(synthetic=True)
