@@ -151,6 +151,7 @@ def test_loading_a_weights_folder_prints_nothing_and_leaves_stdout_alone(tmp_pat
 
 
 def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names are also looked up in ./weights: here, none yet
     tiny.save_pretrained(tmp_path / "mine")
     assert load_pretrained(tmp_path / "mine").config == tiny.config
     monkeypatch.setattr("unetrpp.pretrained.WEIGHTS_DIR", tmp_path)
@@ -160,8 +161,7 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         load_pretrained(tmp_path / "empty")
-    monkeypatch.chdir(tmp_path)  # weights/... before conversion is a missing folder, not a Hub repo id
-    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights").mkdir()  # weights/... before conversion is a missing folder, not a Hub repo id
     with pytest.raises(ValueError, match="no such folder.*unetrpp convert CHECKPOINT --out weights/unetrpp_synapse"):
         load_pretrained("weights/unetrpp_synapse")
     # Mistakes a person makes: a trailing slash, an empty value, a name that is no repo id.
