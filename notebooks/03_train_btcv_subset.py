@@ -81,7 +81,7 @@ if BTCV_DIR:
     data_dir = Path(BTCV_DIR)
     synthetic = False
 else:
-    data_dir = write_phantom_dataset(work / "phantoms", PHANTOM_CASES, seed=1000, size=PHANTOM_SIZE)
+    data_dir = write_phantom_dataset(work / f"phantoms-{PHANTOM_SIZE}", PHANTOM_CASES, seed=1000, size=PHANTOM_SIZE)
     synthetic = True
 lists = read_datalist(data_dir)
 check_cases(lists["training"])
@@ -158,7 +158,7 @@ print("finished at step", result.step, "| model folder:", result.model_dir)
 # %%
 model = load_pretrained(result.model_dir)
 if synthetic:
-    test_cases = read_datalist(write_phantom_dataset(work / "heldout", HELD_OUT, seed=2000, size=PHANTOM_SIZE))["training"]
+    test_cases = read_datalist(write_phantom_dataset(work / f"heldout-{PHANTOM_SIZE}", HELD_OUT, seed=2000, size=PHANTOM_SIZE))["training"]
 else:  # the validation cases of the run: never trained on
     test_cases = training_split(options)[1][:HELD_OUT]
 per_case, shown = {}, None
