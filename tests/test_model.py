@@ -169,3 +169,31 @@ def test_presets_are_all_buildable():
     for name in PRESETS:
         with torch.device("meta"):
             assert create_model(name).config.name == name
+
+
+def test_a_new_network_starts_from_the_originals_init():
+    """The original re-initialises only its encoder's Linear layers (truncated normal, std 0.02); convs
+    and the decoder keep PyTorch's defaults (uniform within 1/sqrt(fan_in)), the tumor network's EF is
+    uniform within 1/sqrt(P)."""
+    torch.manual_seed(0)
+    model = create_model("unetrpp_synapse")
+    qkvv = model.unetr_pp_encoder.stages[0][0].epa_block.qkvv.weight
+    assert qkvv.std().item() == pytest.approx(0.02, rel=0.05)
+    for linear in (model.decoder5.decoder_block[0][0].epa_block.qkvv, model.decoder3.decoder_block[0][0].epa_block.E):
+        bound = linear.in_features ** -0.5  # PyTorch's default for Linear
+        assert linear.weight.abs().max() <= bound and linear.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+    conv = model.decoder2.decoder_block[0].conv1.conv.weight  # 16 -> 16, 3x3x3
+    bound = (conv.shape[1] * 27) ** -0.5
+    assert conv.abs().max() <= bound and conv.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+    ef = create_model("unetrpp_tumor").unetr_pp_encoder.stages[3][0].epa_block.EF
+    assert ef.abs().max() <= ef.shape[1] ** -0.5 and ef.std().item() == pytest.approx(ef.shape[1] ** -0.5 / 3**0.5, rel=0.2)
+
+
+def test_deep_supervision_switched_on_without_its_heads_says_how_to_build_them():
+    model = create_model("unetrpp_tiny").eval()  # built without the extra heads
+    model.deep_supervision = True
+    with pytest.raises(ValueError, match=r"create_model\(\.\.\., deep_supervision=True\)"):
+        model(torch.zeros(1, 1, *model.config.patch_size))
+    heads = create_model("unetrpp_tiny", deep_supervision=True).eval()
+    with torch.no_grad():
+        assert len(heads(torch.zeros(1, 1, *heads.config.patch_size))) == 3

@@ -14,7 +14,7 @@ import contextvars
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf  # not F: EPA's value projection is self.F, as in the checkpoints
 from einops import rearrange
 from torch import nn
 
@@ -76,7 +76,8 @@ class EPA(nn.Module):
         # One Linear gives queries, keys and the two value sets: q and k are shared by both branches.
         self.qkvv = nn.Linear(dim, 4 * dim, bias=False)
         if kv_projection == "single":
-            self.EF = nn.Parameter(nn.init.trunc_normal_(torch.empty(tokens, proj_size), std=0.02))
+            bound = proj_size ** -0.5  # the original's init: uniform in +-1/sqrt(P)
+            self.EF = nn.Parameter(nn.init.uniform_(torch.empty(tokens, proj_size), -bound, bound))
         else:
             self.E = nn.Linear(tokens, proj_size)
             self.F = self.E if kv_projection == "shared" else nn.Linear(tokens, proj_size)
@@ -108,12 +109,13 @@ class EPA(nn.Module):
         # The original projects k and v *before* normalising q and k; the released weights expect it.
         k_proj = self.project(k, "k")  # (B, h, P, d)
         v_proj = self.project(v_sa, "v")  # (B, h, P, d)
-        # Both branches use q and k normalised to unit length over the N tokens, channel by channel.
-        # That only scales whole channels, so the scales go onto the small (d, d) product and onto
-        # the projected keys below, instead of two extra passes over the (N, d) tensors.
+        # The channel branch uses q and k normalised to unit length over the N tokens, channel by
+        # channel; the spatial branch uses the normalised q against the keys projected above from
+        # the raw k. Normalising only scales whole channels, so the scales go onto the small (d, d)
+        # product, and q's onto the projected keys below, instead of passes over the (N, d) tensors.
         qk = qkvv[..., :2 * C]
         qk = qk.float() if qk.dtype == torch.float16 else qk  # float16 squares overflow above 256
-        lengths = qk.square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as F.normalize
+        lengths = qk.square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as nnf.normalize
         q_len, k_len = rearrange(lengths, "b (two h d) -> two b h 1 d", two=2, h=self.heads)  # each (B, h, 1, d)
 
         # Channel attention: which channels go together, summed over all N tokens. The sums exceed
@@ -137,9 +139,11 @@ class EPA(nn.Module):
         elif q.device.type == "cpu":  # the same products, a few thousand queries at a time
             x_sa = spatial_attention_in_chunks(q, k_proj, v_proj)  # (B, h, d, N)
         else:  # GPUs: one fused kernel, without storing the (N, P) map
-            x_sa = F.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0).transpose(-2, -1)  # (B, h, d, N)
+            x_sa = nnf.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0).transpose(-2, -1)  # (B, h, d, N)
         # Quirk of the original (its issue #62): the output goes to (B, d, h, N), then is reshaped
-        # straight to (B, N, C), which mixes tokens and channels. The released weights expect it.
+        # straight to (B, N, C), which mixes tokens and channels: what query n finds for head i and
+        # channel j lands in token ((j * h + i) * N + n) // C, channel n % C (C dividing N), so a
+        # token's features hold the results of C consecutive queries. The released weights expect it.
         x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
 
         if keep:
@@ -197,7 +201,8 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, dict]]:
 
     Yields a dict filled after the forward: module name -> {"channel": (B, h, d, d),
     "spatial": (B, h, N, P), "grid": (z, y, x) token grid, "E": (P, N) key projection or None}.
-    The effective spatial attention of query token q over all tokens is spatial[b, h, q] @ E.
+    The effective spatial attention of query token q over all tokens is spatial[b, h, q] @ E; what
+    q gathers with it is written to other tokens' features (the issue-#62 reshape in `EPA.forward`).
     Recording does not change any output. Only forward passes run by this thread (this context) are
     recorded, so other threads may use the same model meanwhile.
     """

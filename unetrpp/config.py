@@ -15,7 +15,9 @@ from typing import Any, Mapping
 
 from .labels import BTCV_CLASS_NAMES
 
-KV_PROJECTIONS = ("separate", "shared", "single")  # E and F; one Linear as both; one EF matrix
+# How EPA projects keys and values from N tokens to P: "separate" Linear(N, P) layers E and F;
+# "shared": one Linear(N, P) serves as both (synapse); "single": one bias-free (N, P) parameter EF (tumor).
+KV_PROJECTIONS = ("separate", "shared", "single")
 BRANCH_FUSIONS = ("concat", "sum")
 NORMALIZATIONS = ("ct", "zscore", "none")
 
@@ -207,6 +209,7 @@ PRESETS: dict[str, UNETRPPConfig] = {
     # Small and fast: tests, notebooks and CPU training on phantoms (BTCV labels).
     "unetrpp_tiny": UNETRPPConfig(
         name="unetrpp_tiny", patch_size=(32, 64, 64), stem=(2, 4, 4), feature_size=8, dims=(16, 32, 64, 128),
+        # stage 3 has 8 tokens: its P = 16 lifts rather than compresses (allowed; the teaching weights use it)
         depths=(1, 1, 1, 1), decoder_depth=1, proj_sizes=(32, 32, 32, 16), decoder_proj_size=32,
         attn_dropout=0.1, kv_projection="separate",
         preprocessing=Preprocessing(spacing=(4.0, 2.5, 2.5), orientation="RAS"),

@@ -1,25 +1,6 @@
-"""Inference-time rewrites that keep the maths: the same layers computed by faster kernels on the CPU.
-
-`optimize_for_inference(model)` swaps the class of some layers for subclasses whose forward, when no
-gradient is needed, computes the same function another way; nothing else changes (same parameters,
-same state_dict, training still works). Measured on 2 CPU cores (benchmarks/README.md):
-- 3-D convolutions go to oneDNN directly: on the small 16³/8³/4³ grids PyTorch's dispatcher picks its
-  reference kernel (`slow_conv3d`), 5-15x slower there;
-- 1x1x1 convolutions become one matrix product (memory-bound; oneDNN reorders the layout twice);
-- transposed convolutions whose kernel equals their stride (every UNETR++ upsampling) become one
-  matrix product and a reshape: each input voxel paints its own output block;
-- those matrix products, and Linear layers on contiguous tokens, go to oneDNN's matrix product rather
-  than MKL's sgemm: on AMD CPUs MKL keeps to its AVX2 code (about 200 GFLOP/s on 2 Zen 5 cores, against
-  about 400 for oneDNN), which makes a forward pass 4-5 % slower (not measured on Intel CPUs);
-- instance norm becomes group norm with one channel per group (the same statistics, a faster kernel);
-- the attention half of each TransformerBlock runs channel-major, the layout the feature map already
-  has, with EPA's small maps folded into its output projections (`FastTransformerBlock`).
-Outputs agree with the plain network to float32 rounding (about 1e-6 relative).
-
-`reuse_freed_memory()` keeps the C library from handing large freed blocks back to the system while a
-volume is segmented: without it every full-resolution feature map (64 MB) is mapped afresh and faulted
-in page by page, which took half of each forward pass on 2 cores.
-"""
+"""Inference-time rewrites that keep the maths: `optimize_for_inference` swaps layers for subclasses
+that compute the same function with faster CPU kernels when no gradient is needed, and
+`reuse_freed_memory` keeps freed feature maps for reuse. What each one gains: benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -85,6 +66,9 @@ def _mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class FastConv3d(nn.Conv3d):
+    """oneDNN called directly: on small grids (16^3 to 4^3) PyTorch's dispatcher picks its reference
+    kernel, 5-15x slower there; 1x1x1 convolutions become one matrix product, with no layout reorders."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _fast_path(x) or self.padding_mode != "zeros" or x.dtype != self.weight.dtype:
             return super().forward(x)
@@ -99,6 +83,9 @@ class FastConv3d(nn.Conv3d):
 
 
 class FastLinear(nn.Linear):
+    """oneDNN's matrix product rather than MKL's, which keeps to its AVX2 code on AMD CPUs (half the
+    rate); only for dense operands, since oneDNN's reference kernel takes strided ones."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_path(x) and x.is_contiguous() and _onednn_ok(x, self.weight):
             return _linear(x, self.weight, self.bias)
@@ -106,6 +93,9 @@ class FastLinear(nn.Linear):
 
 
 class FastConvTranspose3d(nn.ConvTranspose3d):
+    """A kernel equal to its stride (every UNETR++ upsampling) as one matrix product: each input voxel
+    paints its own output block, which is then put in place."""
+
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         patchwise = (self.kernel_size == self.stride and self.padding == (0, 0, 0) and self.groups == 1
                      and self.output_padding == (0, 0, 0) and self.dilation == (1, 1, 1) and output_size is None)
@@ -126,6 +116,8 @@ class FastConvTranspose3d(nn.ConvTranspose3d):
 
 
 class FastInstanceNorm3d(nn.InstanceNorm3d):
+    """Group norm with one channel per group: the same statistics, a faster kernel."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.affine or self.track_running_stats or not _fast_path(x):
             return super().forward(x)

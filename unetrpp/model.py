@@ -20,8 +20,10 @@ from .layers import Downsample, OutBlock, ResBlock, UpBlock
 
 def _stage(cfg: UNETRPPConfig, grid: tuple[int, int, int], dim: int, proj_size: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*[
-        TransformerBlock(grid, dim, proj_size, cfg.num_heads, cfg.kv_projection, cfg.branch_fusion,
-                         cfg.attn_dropout, cfg.conv_dropout, cfg.extra_conv, cfg.layer_scale_init)
+        TransformerBlock(grid, dim, proj_size, cfg.num_heads, kv_projection=cfg.kv_projection,
+                         branch_fusion=cfg.branch_fusion, attn_dropout=cfg.attn_dropout,
+                         conv_dropout=cfg.conv_dropout, extra_conv=cfg.extra_conv,
+                         layer_scale_init=cfg.layer_scale_init)
         for _ in range(depth)
     ])
 
@@ -79,7 +81,7 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
         if cfg.deep_supervision:
             self.out2 = OutBlock(dims[0], cfg.out_channels)
             self.out3 = OutBlock(dims[1], cfg.out_channels)
-        self.apply(_init_weights)
+        self.unetr_pp_encoder.apply(_init_like_the_original)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> "UNETRPP":
@@ -89,12 +91,17 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
+        # Local names as in the original's forward: enc1..enc4 are encoder stages 0..3, decoder5 makes
+        # dec3 on stage 2's grid, ..., and encoder1 is the full-resolution conv path, not a stage.
         enc1, enc2, enc3, enc4 = self.unetr_pp_encoder(x)  # grids: stage_grid(0..3)
         dec3 = self.decoder5(enc4, enc3)  # (B, dims[2], *stage_grid(2))
         dec2 = self.decoder4(dec3, enc2)  # (B, dims[1], *stage_grid(1))
         dec1 = self.decoder3(dec2, enc1)  # (B, dims[0], *stage_grid(0))
         out = self.decoder2(dec1, self.encoder1(x))  # (B, feature_size, *patch_size)
-        if self.deep_supervision and hasattr(self, "out2"):
+        if self.deep_supervision:
+            if not hasattr(self, "out2"):
+                raise ValueError("deep_supervision=True, but this network was built without the extra output "
+                                 "heads; build it with create_model(..., deep_supervision=True)")
             return [self.out1(out), self.out2(dec1), self.out3(dec2)]
         return self.out1(out)
 
@@ -109,15 +116,13 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
             )
 
 
-def _init_weights(m: nn.Module) -> None:
-    """Truncated-normal init of convs and linears, as the original encoder does."""
-    if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+def _init_like_the_original(m: nn.Module) -> None:
+    """The original re-initialises only its encoder's Linear layers (truncated normal, std 0.02, zero
+    bias; LayerNorms keep 1 and 0); every convolution, and the decoder, keep PyTorch's default init."""
+    if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def create_model(name: str, **overrides: Any) -> UNETRPP:
