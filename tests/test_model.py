@@ -45,6 +45,7 @@ def test_unknown_name_lists_valid_names():
     ({"kv_projection": "tied"}, "kv_projection"),
     ({"out_channels": 5}, "class_names"),
     ({"attn_dropout": 1.5}, "attn_dropout"),
+    ({"conv_dropout": -0.1}, "conv_dropout"),
     ({"decoder_proj_size": -3}, "decoder_proj_size"),
     ({"depths": (1.5, 1, 1, 1)}, "depths"),
 ])

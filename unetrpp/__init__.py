@@ -40,6 +40,7 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_ON_FIRST_USE))
 
+
 __all__ = [
     "PRESETS",
     "Preprocessing",

@@ -174,7 +174,7 @@ class TransformerBlock(nn.Module):
         self.epa_block = EPA(tokens, dim, proj_size, heads, kv_projection, branch_fusion, attn_dropout)
         self.conv51 = ResBlock(dim, dim, norm="batch")
         self.conv52 = ResBlock(dim, dim, norm="batch") if extra_conv else None
-        self.conv8 = nn.Sequential(nn.Dropout3d(conv_dropout, False), nn.Conv3d(dim, dim, kernel_size=1))
+        self.conv8 = nn.Sequential(nn.Dropout3d(conv_dropout), nn.Conv3d(dim, dim, kernel_size=1))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

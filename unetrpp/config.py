@@ -152,8 +152,9 @@ class UNETRPPConfig:
             fail("kv_projection", self.kv_projection, f"must be one of {KV_PROJECTIONS}")
         if self.branch_fusion not in BRANCH_FUSIONS:
             fail("branch_fusion", self.branch_fusion, f"must be one of {BRANCH_FUSIONS}")
-        if not 0.0 <= self.attn_dropout < 1.0 or not 0.0 <= self.conv_dropout < 1.0:
-            fail("attn_dropout", (self.attn_dropout, self.conv_dropout), "dropout rates must be in [0, 1)")
+        for name in ("attn_dropout", "conv_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, getattr(self, name), "a dropout rate must be in [0, 1)")
         if len(self.class_names) != self.out_channels:
             fail("class_names", self.class_names,
                  f"needs one name per output channel ({self.out_channels}), background first")
@@ -164,19 +165,19 @@ class UNETRPPConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UNETRPPConfig":
-        """Inverse of `to_dict`; accepts lists for tuples (JSON) and ignores no unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown UNETR++ config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        """Inverse of `to_dict`; accepts lists for tuples (JSON) and rejects unknown keys."""
+        cls._check_keys(data)
         return cls(**dict(data))
 
     def replace(self, **overrides: Any) -> "UNETRPPConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown UNETR++ config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        self._check_keys(overrides)
         return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def _check_keys(cls, data: Mapping[str, Any]) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown UNETR++ config keys {unknown}; valid keys: {sorted(known)}")
 
 
 _MRI = Preprocessing(spacing=(1.0, 1.0, 1.0), modality="MRI", normalization="zscore")

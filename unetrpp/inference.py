@@ -81,6 +81,8 @@ class SegmentationResult:
 SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "
                              "illustrate the method and are not a segmentation of real anatomy")
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Where the windows start along one axis of `size` voxels (at least `patch`), as nnU-Net v1 places
     them: the fewest windows whose step is at most patch x (1 - overlap), spread evenly from the first

@@ -14,7 +14,8 @@ from torch import nn
 
 
 def ResBlock(in_channels: int, out_channels: int, norm: str = "instance") -> UnetResBlock:
-    """3x3x3 conv, norm, LeakyReLU(0.01), 3x3x3 conv, norm, + residual (1x1 conv when widths differ)."""
+    """MONAI's UnetResBlock: 3x3x3 conv, norm, LeakyReLU(0.01), 3x3x3 conv, norm, + residual (a 1x1x1
+    conv and its own norm when the widths differ), LeakyReLU."""
     return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=1, norm_name=norm)
 
 
