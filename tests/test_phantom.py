@@ -89,6 +89,10 @@ def test_bad_arguments_are_rejected(tmp_path):
         generate_case(0, 1, "huge")
     with pytest.raises(ValueError, match="cases=0"):
         write_phantom_dataset(tmp_path, cases=0)
+    for first in (-1, 9999):  # img-001 or img10000 would not be four-digit case numbers
+        with pytest.raises(ValueError, match=f"first_index={first}: case numbers are 4 digits"):
+            write_phantom_dataset(tmp_path / "numbers", cases=2, first_index=first)
+    assert not (tmp_path / "numbers").exists()
 
 
 def test_cli_writes_the_layout(tmp_path, capsys):

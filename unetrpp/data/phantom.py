@@ -243,6 +243,9 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
     """
     if not isinstance(cases, int) or cases < 1:
         raise ValueError(f"cases={cases!r}: need a positive number of cases, e.g. --cases 4")
+    if not isinstance(first_index, int) or not 0 <= first_index <= 10_000 - cases:
+        raise ValueError(f"first_index={first_index!r}: case numbers are 4 digits (img0001 ... img9999), so "
+                         f"--first-index must be 0 to {10_000 - cases} for {cases} case(s)")
     grid, spacing = make_grid(size)
     out = check_phantom_folder(out)
     listed = _cases_made_with(out, seed, size)
