@@ -4,7 +4,8 @@ EPA runs two attentions on the same shared queries and keys:
 - channel attention, a (d x d) map per head over feature channels, linear in the token count N;
 - spatial attention, an (N x P) map per head after projecting keys and values from N tokens down
   to P with learned Linear layers E and F (Linformer-style), again linear in N.
-Shapes below: B batch, N tokens, C channels, h heads, d = C / h, P projected length.
+Shapes below: B batch, N tokens, C channels, h heads, d = C / h, P projected length. The plain
+textbook form, written out step by step and checked against `EPA`: notebooks/01_epa_attention.py.
 """
 
 from __future__ import annotations
