@@ -63,6 +63,24 @@ def test_complexity_macs_equal_the_sum_over_layers_by_hand(capsys):
     assert json.loads(capsys.readouterr().out)["macs"] == expected  # integer sums, so exactly
 
 
+def test_complexity_options_reach_the_count(capsys):
+    """--no-deep-supervision drops the two heads, --input sets the patch, --network counts a MONAI peer."""
+    from monai.networks.nets import UNETR
+
+    from unetrpp import create_model
+    with torch.device("meta"):
+        plain = create_model("unetrpp_tiny", patch_size=(32, 128, 128)).eval()
+    assert main(["complexity", "--name", "unetrpp_tiny", "--no-deep-supervision", "--input", "1", "1", "32", "128",
+                 "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"] == [1, 1, 32, 128, 128] and report["macs"] == _macs_by_hand(plain, (1, 1, 32, 128, 128))
+    assert report["params"] == sum(p.numel() for p in plain.parameters())
+    assert main(["complexity", "--network", "unetr", "--input", "1", "1", "32", "64", "64", "--json"]) == 0
+    peer = json.loads(capsys.readouterr().out)
+    unetr = UNETR(1, 14, img_size=(32, 64, 64), feature_size=16, hidden_size=768)
+    assert peer["network"] == "unetr" and peer["params"] == sum(p.numel() for p in unetr.parameters())
+
+
 def test_convert_writes_a_folder_that_reproduces_the_checkpoint(tmp_path):
     torch.manual_seed(1)
     with torch.device("cpu"):
