@@ -205,3 +205,22 @@ def test_train_says_synthetic_in_its_last_line_when_trained_on_phantoms(tmp_path
     monkeypatch.setattr("unetrpp.train.train", lambda options: TrainResult(tmp_path, real, 5, []))
     assert main(["train", "--data", str(tmp_path / "scans"), "--out", str(tmp_path / "run2")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"trained 5 steps; model saved to {real}"
+
+
+def test_train_options_reach_the_run(tmp_path, monkeypatch):
+    """--optimizer sgd takes SGD's own default lr, --set/--spacing/--patch-size merge into the config the run
+    records, and --flip-prob reaches the run's options."""
+    from unetrpp.train import TrainResult, build_config
+
+    seen = []
+    monkeypatch.setattr("unetrpp.train.train", lambda options: seen.append(options) or TrainResult(tmp_path, None, 0, []))
+    assert main(["train", "--data", "d", "--out", str(tmp_path / "run"), "--optimizer", "sgd", "--flip-prob", "0.5",
+                 "--set", "feature_size=8", "--set", 'preprocessing={"orientation": "LPS"}', "--spacing", "3", "2", "2",
+                 "--patch-size", "32", "64", "64"]) == 0
+    options = seen[0]
+    assert (options.optimizer, options.lr, options.flip_prob) == ("sgd", 1e-2, 0.5)
+    config = build_config(options.name, options.config_overrides)
+    assert config.feature_size == 8 and config.patch_size == (32, 64, 64)
+    assert config.preprocessing.spacing == (3.0, 2.0, 2.0) and config.preprocessing.orientation == "LPS"
+    assert main(["train", "--data", "d", "--out", str(tmp_path / "run")]) == 0
+    assert (seen[1].optimizer, seen[1].lr) == ("adamw", 2e-3)

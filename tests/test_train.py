@@ -91,6 +91,14 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_the_originals_sgd_trains_with_nesterov_momentum(phantoms, tmp_path):
+    result = train(options(phantoms, tmp_path / "run", max_steps=2, optimizer="sgd", lr=1e-2))
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["optimizer"]
+    group = state["param_groups"][0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.99, True, 1e-4)
+    assert all("momentum_buffer" in s for s in state["state"].values()) and result.step == 2
+
+
 def test_resume_without_checkpoint_is_an_error(phantoms, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(options(phantoms, tmp_path / "none", max_steps=2, resume=True))
