@@ -18,8 +18,8 @@ from golden import save_released_style
 def _macs_by_hand(model, shape):
     """Multiply-accumulates of one forward, summed layer by layer from weight shapes and the sizes hooks
     see: every Conv3d (output voxels x in/groups x kernel), ConvTranspose3d (input voxels x in x out x
-    kernel), Linear (rows x in x out), and per EPA block the four N x P x C products of its key/value
-    projections and spatial attention plus the two N x C x d of its channel attention (unetrpp.attention).
+    kernel), Linear (rows x in x out; E and F included), and per EPA block the two N x P x C products of
+    its spatial attention plus the two N x C x d of its channel attention (unetrpp.attention).
     Norms, softmax and additions count nothing, as in torch.utils.flop_counter."""
     from unetrpp.attention import EPA
 
@@ -33,10 +33,11 @@ def _macs_by_hand(model, shape):
             total.append(x.numel() * module.out_channels // module.groups * math.prod(module.kernel_size))
         elif isinstance(module, torch.nn.Linear):
             total.append(x.numel() * module.out_features)
-        elif isinstance(module, EPA):  # its E/F Linear is applied as a matmul on its weight, not called
+        elif isinstance(module, EPA):  # its E/F Linear calls are counted above; a "single" EF is a matmul
             B, N, C = x.shape
-            P, d = module.E.out_features, C // module.heads
-            total.append(B * (4 * N * P * C + 2 * N * C * d))
+            P, d = module.EF.shape[1] if module.kv_projection == "single" else module.E.out_features, C // module.heads
+            projections = 2 * N * P * C if module.kv_projection == "single" else 0
+            total.append(B * (projections + 2 * N * P * C + 2 * N * C * d))
 
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.Linear, EPA)):

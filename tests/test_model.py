@@ -1,11 +1,13 @@
 """The network and its config: presets, derived sizes, validation, gradients, attention capture."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unetrpp import PRESETS, UNETRPP, attention, create_model, get_config
+from unetrpp import PRESETS, UNETRPP, create_model, fast, get_config
 from unetrpp.attention import EPA, capture_attention
 
 from golden import original_keys
@@ -126,11 +128,11 @@ def test_capture_attention_records_its_own_thread_only():
 
 @pytest.mark.parametrize("kv_projection, branch_fusion", [("shared", "concat"), ("separate", "concat"),
                                                            ("single", "sum")])
-def test_chunked_spatial_attention_equals_the_explicit_form(kv_projection, branch_fusion, monkeypatch):
-    """Inference runs the spatial attention in chunks of queries; training and attention capture run
-    the explicit product-softmax-product; both must compute the same EPA (and match PyTorch's own
-    attention), also when the chunks do not divide the tokens."""
-    monkeypatch.setattr(attention, "SPATIAL_CHUNK", 100)
+def test_fast_epa_computes_the_explicit_epa(kv_projection, branch_fusion, monkeypatch):
+    """Inference runs `FastEPA` (normalisation folded into the small products, spatial attention in
+    chunks of queries); training and attention capture run EPA's explicit steps. Both compute the same
+    function, also when the chunks do not divide the tokens, and the chunks match PyTorch's own attention."""
+    monkeypatch.setattr(fast, "SPATIAL_CHUNK", 100)
     torch.manual_seed(0)
     epa = EPA(tokens=512, dim=32, proj_size=16, heads=4, kv_projection=kv_projection, branch_fusion=branch_fusion,
               attn_dropout=0.0).eval()
@@ -138,32 +140,40 @@ def test_chunked_spatial_attention_equals_the_explicit_form(kv_projection, branc
         epa.temperature.uniform_(0.5, 2.0)
         epa.temperature2.uniform_(0.5, 2.0)
         x = torch.randn(2, 512, 32)
-        fused = epa(x)
-        epa.store_attention = True  # forces the explicit path
         explicit = epa(x)
-    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
-    assert epa.attention_maps["spatial"].shape == (2, 4, 512, 16)
+        quick = fast.optimize_for_inference(copy.deepcopy(epa))
+        assert type(quick) is fast.FastEPA
+        torch.testing.assert_close(quick(x), explicit, atol=1e-5, rtol=1e-5)
+        quick.store_attention = True  # kept maps: the explicit steps
+        torch.testing.assert_close(quick(x), explicit, atol=1e-6, rtol=1e-6)
+    assert quick.attention_maps["spatial"].shape == (2, 4, 512, 16)
     q, k, v = torch.randn(3, 2, 4, 512, 8).unbind()
-    torch.testing.assert_close(attention.spatial_attention_in_chunks(q, k[:, :, :16], v[:, :, :16]),
+    torch.testing.assert_close(fast.spatial_attention_in_chunks(q, k[:, :, :16], v[:, :, :16]),
                                F.scaled_dot_product_attention(q, k[:, :, :16], v[:, :, :16], scale=1.0).transpose(-2, -1))
 
 
-def test_channel_attention_stays_finite_under_float16_autocast():
-    """q^T k sums over all N tokens before the division by the lengths: with large activations that
-    sum leaves float16's range (65504), so EPA forms it in float32 even under autocast (the CUDA
-    default is float16 autocast; CPU autocast to float16 shows the same overflow)."""
+@pytest.mark.parametrize("scale", [40, 400])
+def test_attention_stays_finite_under_float16_autocast(scale):
+    """Large activations, as trained networks can have, overflow float16 (65504) in sums over the N tokens:
+    EPA's unit lengths and FastEPA's q^T k are formed in float32 even under autocast (the CUDA default
+    is float16 autocast; CPU autocast to float16 shows the same overflow)."""
     torch.manual_seed(0)
     epa = EPA(tokens=4096, dim=32, proj_size=64, heads=4, kv_projection="shared").eval()
-    epa.store_attention = True
+    quick = fast.optimize_for_inference(copy.deepcopy(epa))
     with torch.no_grad():
-        epa.qkvv.weight.mul_(40)  # activations of a few hundred, as trained networks can have
+        for net in (epa, quick):
+            net.qkvv.weight.mul_(scale)  # activations of hundreds to thousands
         x = torch.randn(1, 4096, 32)
-        epa(x)
-        reference = epa.attention_maps["channel"]
+        epa.store_attention = True
+        reference = epa(x)
+        reference_maps = epa.attention_maps["channel"]
         with torch.autocast("cpu", dtype=torch.float16):
-            out = epa(x)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(epa.attention_maps["channel"].float(), reference, atol=2e-2, rtol=0)
+            plain, folded = epa(x), quick(x)
+    close = dict(atol=2e-2 * reference.abs().max().item(), rtol=0)
+    for out in (plain, folded):
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), reference, **close)
+    torch.testing.assert_close(epa.attention_maps["channel"].float(), reference_maps, atol=2e-2, rtol=0)
 
 
 def test_presets_are_all_buildable():

@@ -15,7 +15,6 @@ import contextvars
 from typing import Iterator
 
 import torch
-import torch.nn.functional as nnf  # not F: EPA's value projection is self.F, as in the checkpoints
 from einops import rearrange
 from torch import nn
 
@@ -26,33 +25,6 @@ from .layers import ResBlock
 # that one thread's capture neither sees another thread's forward passes through the same model (a
 # viewer segmenting for one visitor while drawing attention for another) nor slows them down.
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unetrpp_attention_capture", default=None)
-
-# Queries per step of the spatial attention at inference: the (h, chunk, P) scores of one step
-# (2 MiB of float32 for the synapse network's first stage, batch 1) stay in the CPU cache between the two products.
-SPATIAL_CHUNK = 2048
-
-
-def spatial_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) v for q (B, h, N, d) and k, v (B, h, P, d), returned transposed as (B, h, d, N)
-    (stored as (B, d, h, N), the layout EPA reshapes next), SPATIAL_CHUNK queries at a time.
-
-    The same maths as `scaled_dot_product_attention(q, k, v, scale=1)`, faster on the CPU for EPA's
-    shapes (d of 8 to 32, P of 32 to 64), where the fused kernel's small blocks cost more than the maths.
-    """
-    B, h, N, d = q.shape
-    out = q.new_empty(B, d, h, N).transpose(1, 2)  # (B, h, d, N)
-    k_t, v_t = k.transpose(-2, -1), v.transpose(-2, -1)  # (B, h, d, P)
-    for start in range(0, N, SPATIAL_CHUNK):
-        scores = (q[:, :, start:start + SPATIAL_CHUNK] @ k_t).softmax(dim=-1)  # (B, h, chunk, P)
-        out[..., start:start + SPATIAL_CHUNK] = v_t @ scores.transpose(-2, -1)  # (B, h, d, chunk)
-    return out
-
-
-def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off inside, where it is on (it would run a float32 product in float16)."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class EPA(nn.Module):
@@ -91,71 +63,64 @@ class EPA(nn.Module):
         self.attention_maps: dict[str, torch.Tensor] = {}
 
     def keeps_attention(self) -> bool:
-        """Whether this forward pass must produce the (N, P) spatial map to keep it."""
+        """Whether this forward pass must keep its attention maps (`store_attention`, `capture_attention`)."""
         return self.store_attention or _CAPTURE.get() is not None
 
-    def project(self, t: torch.Tensor, which: str) -> torch.Tensor:
-        """Project the token axis N -> P: (B, h, N, d) -> (B, h, P, d)."""
+    def project(self, t: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """Project the token axis N -> P: (B, h, d, N) -> (B, h, d, P); E for keys, F for values."""
         if self.kv_projection == "single":
-            return torch.einsum("bhnd,nk->bhkd", t, self.EF)
-        lin = self.E if which == "k" else self.F
-        return torch.matmul(lin.weight, t) + lin.bias[:, None]  # Linear over N: (P, N) @ (N, d) + b
+            return t @ self.EF  # (N, P)
+        return (self.F if values else self.E)(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's EPA step by step, as the original computes it (`unetrpp.fast.FastEPA` is the same
+        function computed faster for inference)."""
         B, N, C = x.shape
-        qkvv = self.qkvv(x)  # (B, N, 4C)
-        q, k, v_ca, v_sa = rearrange(qkvv, "b n (four h d) -> four b h n d", four=4, h=self.heads)
-        # each (B, h, N, d), a view of the one product
+        q, k, v_ca, v_sa = rearrange(self.qkvv(x), "b n (four h d) -> four b h d n", four=4, h=self.heads)
+        # each (B, h, d, N): channels by tokens, as the original turns them
 
         # The original projects k and v *before* normalising q and k; the released weights expect it.
-        k_proj = self.project(k, "k")  # (B, h, P, d)
-        v_proj = self.project(v_sa, "v")  # (B, h, P, d)
-        # The channel branch uses q and k normalised to unit length over the N tokens, channel by
-        # channel; the spatial branch uses the normalised q against the keys projected above from
-        # the raw k. Normalising only scales whole channels, so the scales go onto the small (d, d)
-        # product, and q's onto the projected keys below, instead of passes over the (N, d) tensors.
-        qk = qkvv[..., :2 * C]
-        qk = qk.float() if qk.dtype == torch.float16 else qk  # float16 squares overflow above 256
-        lengths = qk.square().sum(dim=1).sqrt().clamp_min(1e-12)  # (B, 2C); eps as nnf.normalize
-        q_len, k_len = rearrange(lengths, "b (two h d) -> two b h 1 d", two=2, h=self.heads)  # each (B, h, 1, d)
+        k_proj = self.project(k)  # (B, h, d, P)
+        v_proj = self.project(v_sa, values=True)  # (B, h, d, P)
+        q, k = unit_length(q), unit_length(k)  # every channel of q and k to unit length over the N tokens
 
-        # Channel attention: which channels go together, summed over all N tokens. The sums exceed
-        # float16's range (65504) with trained weights before the division, so under autocast this
-        # small product runs in float32; the cosines are then at most 1.
-        with _without_autocast(q.device):
-            cosine = q.transpose(-2, -1).float() @ k.float() / (q_len.transpose(-2, -1) * k_len).float()
-        cosine = cosine.to(q.dtype)  # (B, h, d, d), normalised q.k
-        attn_ca = (cosine * self.temperature).softmax(dim=-1)  # (B, h, d, d)
-        x_ca = self.attn_drop(attn_ca) @ v_ca.transpose(-2, -1)  # (B, h, d, N)
-        x_ca = rearrange(x_ca, "b h d n -> b n (h d)")  # (B, N, C)
+        # Channel attention: which channels go together, summed over all N tokens.
+        attn_ca = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, h, d, d)
+        x_ca = rearrange(self.attn_drop(attn_ca) @ v_ca, "b h d n -> b n (h d)")  # (B, N, C)
 
-        # Spatial attention: every token against P projected "summary tokens". The temperature and
-        # the 1/length of q's channels scale whole channels of q, so they go onto the (P, d) keys
-        # instead, the same q.k for every score.
-        k_proj = k_proj * (self.temperature2 / q_len)  # (B, h, P, d)
-        keep = self.keeps_attention()
-        if keep or (self.training and self.attn_drop_2.p > 0):
-            attn_sa = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, P)
-            x_sa = v_proj.transpose(-2, -1) @ self.attn_drop_2(attn_sa).transpose(-2, -1)  # (B, h, d, N)
-        elif q.device.type == "cpu":  # the same products, a few thousand queries at a time
-            x_sa = spatial_attention_in_chunks(q, k_proj, v_proj)  # (B, h, d, N)
-        else:  # GPUs: one fused kernel, without storing the (N, P) map
-            x_sa = nnf.scaled_dot_product_attention(q, k_proj, v_proj, scale=1.0).transpose(-2, -1)  # (B, h, d, N)
+        # Spatial attention: every token against P projected "summary tokens".
+        attn_sa = (q.transpose(-2, -1) @ k_proj * self.temperature2).softmax(dim=-1)  # (B, h, N, P)
+        x_sa = self.attn_drop_2(attn_sa) @ v_proj.transpose(-2, -1)  # (B, h, N, d)
         # Quirk of the original (its issue #62): the output goes to (B, d, h, N), then is reshaped
         # straight to (B, N, C), which mixes tokens and channels: what query n finds for head i and
         # channel j lands in token ((j * h + i) * N + n) // C, channel n % C (C dividing N), so a
         # token's features hold the results of C consecutive queries. The released weights expect it.
-        x_sa = x_sa.transpose(1, 2).reshape(B, N, C)
+        x_sa = x_sa.permute(0, 3, 1, 2).reshape(B, N, C)
 
-        if keep:
-            maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
-            if self.store_attention:
-                self.attention_maps = maps
-            if (capture := _CAPTURE.get()) is not None:
-                capture[self] = maps
+        if self.keeps_attention():
+            self.keep(attn_ca, attn_sa)
+        return self.fuse(x_sa, x_ca)
+
+    def keep(self, attn_ca: torch.Tensor, attn_sa: torch.Tensor) -> None:
+        """Hand the maps to `store_attention` / `capture_attention`."""
+        maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
+        if self.store_attention:
+            self.attention_maps = maps
+        if (capture := _CAPTURE.get()) is not None:
+            capture[self] = maps
+
+    def fuse(self, x_sa: torch.Tensor, x_ca: torch.Tensor) -> torch.Tensor:
+        """The two branches (B, N, C) into one: summed, or each halved by its projection and concatenated."""
         if self.branch_fusion == "sum":
             return x_sa + x_ca
         return torch.cat((self.out_proj(x_sa), self.out_proj2(x_ca)), dim=-1)  # spatial half first
+
+
+def unit_length(t: torch.Tensor) -> torch.Tensor:
+    """t / its L2 norm over the last axis, as `F.normalize`, computed in float32 (float64 for float64):
+    float16 squares overflow above 256, and such norms above 65504 (trained networks reach both)."""
+    wide = t.to(torch.promote_types(t.dtype, torch.float32))
+    return (wide / wide.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(t.dtype)
 
 
 class TransformerBlock(nn.Module):
