@@ -201,3 +201,16 @@ def test_freed_memory_is_reused_inside_the_block_and_returned_after_it():
     assert outside > 1000  # 64 MB in 4 KB pages is 16384 faults (fewer with huge pages)
     assert inside < outside / 4
     assert after > outside  # defaults restored: a large block is mapped afresh and unmapped on free
+
+
+def test_without_onednn_only_the_fast_epa_is_swapped_in(monkeypatch):
+    """A PyTorch build without oneDNN (some GPU and ARM builds) keeps the plain layers, but EPA still gets
+    its faster form, which needs no oneDNN (on GPUs: PyTorch's fused attention)."""
+    from unetrpp import create_model
+    from unetrpp.fast import FastEPA
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = optimize_for_inference(create_model("unetrpp_tiny").eval())
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "FastEPA" in kinds and not kinds & {"FastConv3d", "FastLinear", "FastTransformerBlock"}
+    assert all(type(m.epa_block) is FastEPA for m in model.modules() if hasattr(m, "epa_block"))

@@ -283,12 +283,12 @@ _SWAPS = {nn.Conv3d: FastConv3d, nn.ConvTranspose3d: FastConvTranspose3d, nn.Ins
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
     """Swap in the faster layers above, in place; returns `model`. Parameters and outputs stay the same."""
+    swaps = _SWAPS if torch.backends.mkldnn.is_available() else {EPA: FastEPA}  # FastEPA needs no oneDNN
     swapped = 0
-    if torch.backends.mkldnn.is_available():
-        for m in model.modules():
-            if type(m) in _SWAPS:
-                m.__class__ = _SWAPS[type(m)]
-                swapped += 1
+    for m in model.modules():
+        if type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+            swapped += 1
     log.debug("optimize_for_inference: %d layers swapped", swapped)
     return model
 
