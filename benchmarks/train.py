@@ -21,7 +21,8 @@ from monai.losses import DiceCELoss
 from unetrpp import create_model
 from unetrpp.data.phantom import generate_case
 from unetrpp.fast import reuse_freed_memory
-from unetrpp.train import deep_supervision_loss, read_history
+from unetrpp.train import deep_supervision_loss
+from unetrpp.train_utils import read_history
 
 
 def throughput(threads: int, steps: int, batch_size: int, name: str = "unetrpp_tiny") -> float:

@@ -10,8 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,8 @@ from .io import check_folder_can_be_written
 from .model import UNETRPP
 from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
-from .train_utils import DistributedContext, plot_curves, save_atomic
+from .train_utils import (DistributedContext, load_rng, load_run_file, plot_curves, read_history, save_atomic,
+                          save_rng, stop_between_steps)
 
 log = logging.getLogger(__name__)
 
@@ -237,43 +236,6 @@ def _holds_run_options(path: Path) -> bool:
     return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(TrainOptions)}
 
 
-def _load_saved(path: Path, what: str) -> dict:
-    """A checkpoint or random-state file, or a one-line error naming it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated zip, an empty file, another program's pickle
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise ValueError(f"{path}: not a readable {what} ({reason}); restore it from a copy, or start a new run "
-                         "with another --out folder") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"{path}: not a {what} of `python -m unetrpp train`; restore it from a copy, or start a "
-                         "new run with another --out folder")
-    return state
-
-
-def _rng_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"rng_rank{rank}.pt"
-
-
-def _save_rng(ctx: DistributedContext, run_dir: Path, step: int) -> None:
-    """This rank's random states (CPU and CUDA: dropout, augmentation) for a resume that continues exactly."""
-    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
-    save_atomic({"step": step, "cpu": torch.get_rng_state(), "cuda": cuda}, _rng_path(run_dir, ctx.rank))
-
-
-def _load_rng(ctx: DistributedContext, run_dir: Path, step: int, seed: int) -> None:
-    path = _rng_path(run_dir, ctx.rank)
-    state = _load_saved(path, "random-state file") if path.is_file() else None
-    if state is None or int(state["step"]) != step:
-        log.warning("rank %d: no random state saved at step %d; reseeding, so this run will not match an "
-                    "uninterrupted one exactly", ctx.rank, step)
-        torch.manual_seed(seed + ctx.rank + 1_000_003 * step)
-        return
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], ctx.device)
-
-
 def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `options.name` on the BTCV-layout folder `options.data`; write RUN_DIR = `options.out`.
 
@@ -295,7 +257,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
             raise FileNotFoundError(f"{ckpt_path}: nothing to resume; " + (
                 "the run there stopped before its first checkpoint: run the same command without --resume to "
                 "start it again" if started else "run once without --resume first"))
-        state = _load_saved(ckpt_path, "training checkpoint")
+        state = load_run_file(ckpt_path, "training checkpoint")
         options = _resumed_options(options, dict(state["options"]))
         start_step = int(state["step"])
     else:
@@ -342,7 +304,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         sched.load_state_dict(state["scheduler"])
         if state["scaler"] and scaler.is_enabled():  # a CPU run saved none; a run moved to CPU needs none
             scaler.load_state_dict(state["scaler"])
-        _load_rng(ctx, run_dir, start_step, options.seed)
+        load_rng(ctx, run_dir, start_step, options.seed)
     net = ctx.wrap(model)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     dataset = PatchDataset(train_data, build_transforms(config, options.flip_prob), config.out_channels,
@@ -367,7 +329,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                          "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
                          "running": running,  # losses since the last logged step: a resume logs the same mean
                          "options": dataclasses.asdict(options), "config": config.to_dict()}, ckpt_path)
-        _save_rng(ctx, run_dir, step)
+        save_rng(ctx, run_dir, step)
 
     def record(entry: dict) -> None:
         history.append(entry)
@@ -389,7 +351,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     net.train()
     whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
-    with reuse_freed_memory(), _stop_between_steps(ctx) as stop, above_the_bar:
+    with reuse_freed_memory(), stop_between_steps(ctx) as stop, above_the_bar:
         try:
             while step < options.max_steps:
                 epoch, offset = divmod(step, per_epoch)
@@ -459,35 +421,6 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     return TrainResult(run_dir, model_dir, step, history)
 
 
-@contextlib.contextmanager
-def _stop_between_steps(ctx: DistributedContext):
-    """Run from the main thread, Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so
-    the checkpoint it then takes is a whole step. In a single process a second Ctrl-C stops at once.
-    Under torchrun every rank gets Ctrl-C, then the same signal again from the launcher, which kills
-    the ranks about 30 s later (its shutdown timeout): there each signal only asks, and the ranks
-    agree after every step (`DistributedContext.any`) to stop together.
-    Yields {"asked": bool}."""
-    stop = {"asked": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def ask(signum, frame):
-        if stop["asked"] and ctx.world_size == 1:
-            raise KeyboardInterrupt
-        if not stop["asked"] and ctx.is_main:
-            log.warning("stopping after this step to save a checkpoint%s",
-                        " (Ctrl-C again to stop at once)" if ctx.world_size == 1 else "")
-        stop["asked"] = True
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def training_split(options: TrainOptions) -> tuple[list[Case], list[Case]]:
     """(training, validation) cases of a run: the data's own validation list, else `options.val_cases`
     of its training cases drawn with `options.seed` (so a finished run's validation cases can be named)."""
@@ -496,11 +429,3 @@ def training_split(options: TrainOptions) -> tuple[list[Case], list[Case]]:
         return lists["training"], lists["validation"]
     count = int(options.val_cases) if options.val_cases >= 1 else float(options.val_cases)
     return split_cases(lists["training"], count, options.seed)
-
-
-def read_history(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (training loss and validation Dice by step); [] if none."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-

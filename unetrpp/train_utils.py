@@ -1,10 +1,15 @@
-"""Training plumbing: the torchrun / DDP context, atomic checkpoint writes and the curve plot."""
+"""Training plumbing: the torchrun / DDP context, checkpoint and random-state files, stopping between
+steps on Ctrl-C, the metrics log and the curve plot."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,3 +129,77 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def load_run_file(path: Path, what: str) -> dict:
+    """A checkpoint or random-state file, or a one-line error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, an empty file, another program's pickle
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path}: not a readable {what} ({reason}); restore it from a copy, or start a new run "
+                         "with another --out folder") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a {what} of `python -m unetrpp train`; restore it from a copy, or start a "
+                         "new run with another --out folder")
+    return state
+
+
+def rng_path(run_dir: Path, rank: int) -> Path:
+    """Where rank `rank` keeps its random state beside the run's checkpoint."""
+    return run_dir / f"rng_rank{rank}.pt"
+
+
+def save_rng(ctx: DistributedContext, run_dir: Path, step: int) -> None:
+    """This rank's random states (CPU and CUDA: dropout, augmentation) for a resume that continues exactly."""
+    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+    save_atomic({"step": step, "cpu": torch.get_rng_state(), "cuda": cuda}, rng_path(run_dir, ctx.rank))
+
+
+def load_rng(ctx: DistributedContext, run_dir: Path, step: int, seed: int) -> None:
+    path = rng_path(run_dir, ctx.rank)
+    state = load_run_file(path, "random-state file") if path.is_file() else None
+    if state is None or int(state["step"]) != step:
+        log.warning("rank %d: no random state saved at step %d; reseeding, so this run will not match an "
+                    "uninterrupted one exactly", ctx.rank, step)
+        torch.manual_seed(seed + ctx.rank + 1_000_003 * step)
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+
+
+@contextlib.contextmanager
+def stop_between_steps(ctx: DistributedContext):
+    """Run from the main thread, Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so
+    the checkpoint it then takes is a whole step. In a single process a second Ctrl-C stops at once.
+    Under torchrun every rank gets Ctrl-C, then the same signal again from the launcher, which kills
+    the ranks about 30 s later (its shutdown timeout): there each signal only asks, and the ranks
+    agree after every step (`DistributedContext.any`) to stop together.
+    Yields {"asked": bool}."""
+    stop = {"asked": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop["asked"] and ctx.world_size == 1:
+            raise KeyboardInterrupt
+        if not stop["asked"] and ctx.is_main:
+            log.warning("stopping after this step to save a checkpoint%s",
+                        " (Ctrl-C again to stop at once)" if ctx.world_size == 1 else "")
+        stop["asked"] = True
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (training loss and validation Dice by step); [] if none."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

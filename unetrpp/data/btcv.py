@@ -57,6 +57,7 @@ def _case_id(path: Path) -> str:
     return "_".join(digits) if digits else _stem(path)
 
 
+SPLIT_FILES = ("dataset_0.json", "dataset.json")  # MONAI's, then MSD's, looked for in this order
 ENTRY_EXAMPLE = '{"image": "./imagesTr/img0001.nii.gz", "label": "./labelsTr/label0001.nii.gz"}'
 
 
@@ -114,7 +115,7 @@ def read_datalist(root: str | os.PathLike) -> dict[str, list[Case]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such dataset folder; {LAYOUT_HINT}")
-    for name in ("dataset_0.json", "dataset.json"):
+    for name in SPLIT_FILES:
         if (root / name).is_file():
             meta = _read_split_file(root / name)
             training = _from_list(root / name, "training", meta.get("training", []))
@@ -162,7 +163,7 @@ def check_label_names(data: str | os.PathLike, class_names: Sequence[str]) -> No
 
 def _dataset_label_names(root: Path) -> tuple[Path, list[str]] | None:
     """The split file that has "labels" and its class names by id, or None."""
-    for name in ("dataset_0.json", "dataset.json"):
+    for name in SPLIT_FILES:
         if (root / name).is_file() and "labels" in (meta := _read_split_file(root / name)):
             return root / name, _names_by_id(root / name, meta["labels"])
     return None
