@@ -177,3 +177,18 @@ def test_cli_scores_the_classes_a_mask_names_not_btcv_organs(tmp_path, capsys):
     assert mean["left ventricle"]["dice"] == pytest.approx(2 / 3)
     assert mean["mean"]["dice"] == pytest.approx((2 + 2 / 3) / 3)  # not inflated by 10 absent BTCV organs
     assert "spleen" not in capsys.readouterr().out
+
+
+def test_cli_passes_over_a_json_beside_a_mask_that_is_not_a_label_table(tmp_path, capsys):
+    """Masks from another tool may sit beside its own `<case>.json` (dcm2niix's side-car, notes, not JSON at
+    all): the organs are then the 13 BTCV ones, not a KeyError traceback or a bare JSON parser message."""
+    truth, pred = _half_overlap(tmp_path, 3)
+    io.save_array(truth, (1, 1, 1), tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(pred, (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    for foreign in ('{"Modality": "CT", "SeriesDescription": "abdomen"}', "not json", '{"labels": {"1": "liver"}}'):
+        (tmp_path / "pred/img0001.json").write_text(foreign)
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "spleen" in out and "left adrenal gland" in out
+        assert io.read_label_names(tmp_path / "pred/img0001.nii.gz") is None

@@ -517,16 +517,24 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     return path
 
 
+def _names_in_table(text: str | bytes) -> tuple[str, ...] | None:
+    """The names of a `label_table` JSON, or None for any other text (another tool's JSON, not JSON)."""
+    try:
+        return tuple(str(e["name"]) for e in json.loads(text)["labels"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def read_label_names(mask_path: str | os.PathLike) -> tuple[str, ...] | None:
-    """Label names recorded by `save_mask` (side-car first, then the NIfTI extension), or None."""
+    """Label names recorded by `save_mask` (side-car first, then the NIfTI extension), or None.
+    A `<name>.json` beside the mask that is not such a table (another tool's side-car, e.g. dcm2niix's)
+    is passed over, not an error."""
     side = sidecar_path(mask_path)
-    if side.is_file():
-        return tuple(e["name"] for e in json.loads(side.read_text())["labels"])
+    if side.is_file() and (names := _names_in_table(side.read_bytes())):
+        return names
     for ext in nib.load(str(mask_path)).header.extensions:
-        try:
-            return tuple(e["name"] for e in json.loads(ext.get_content())["labels"])
-        except (ValueError, KeyError, TypeError):
-            continue
+        if names := _names_in_table(ext.get_content()):
+            return names
     return None
 
 
