@@ -17,7 +17,10 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from unetrpp import app_handlers as H
+try:
+    from unetrpp import app_handlers as H  # reads UNETRPP_MAX_WINDOWS
+except ValueError as exc:  # a bad environment variable: one line, not a traceback
+    sys.exit(f"error: {exc}")
 from unetrpp import visualize as vis
 from unetrpp.devices import cpu_bf16_is_fast
 from unetrpp.fast import share_main_heap
@@ -37,7 +40,11 @@ logger = logging.getLogger("unetrpp.app")
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = [str(ROOT / "examples" / name) for name in ("example_ct_sm.nii.gz", "phantom_synthetic.nii.gz")
             if (ROOT / "examples" / name).is_file()]
-MODEL_CONCURRENCY = int(os.environ.get("UNETRPP_CONCURRENCY", "1"))  # model runs at once
+try:
+    MODEL_CONCURRENCY = H.env_int("UNETRPP_CONCURRENCY", 1)  # model runs at once
+    QUEUE_SIZE = H.env_int("UNETRPP_QUEUE_SIZE", 24)  # requests waiting
+except ValueError as exc:
+    sys.exit(f"error: {exc}")
 START = "Upload a scan or pick an example: it shows at once, then is segmented."
 ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
                "[TotalSegmentator](https://github.com/wasserth/TotalSegmentator) "
@@ -344,7 +351,7 @@ def startup_demo(weights: str | None) -> gr.Blocks:
         sys.exit(f"error: {exc}")
 
 
-QUEUE = dict(max_size=int(os.environ.get("UNETRPP_QUEUE_SIZE", "24")), default_concurrency_limit=8)
+QUEUE = dict(max_size=QUEUE_SIZE, default_concurrency_limit=8)
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label

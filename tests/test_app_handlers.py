@@ -457,3 +457,21 @@ def test_after_segmentation_the_crosshair_lands_on_the_organs():
     assert H.centre_of_mask(mask) == [2, 4, 24]
     mask[7, 15, 5] = 6  # a second organ: the box around both
     assert H.centre_of_mask(mask) == [4, 8, 16]
+
+
+def test_a_bad_number_in_the_viewers_environment_variables_is_one_line():
+    """UNETRPP_MAX_WINDOWS, UNETRPP_CONCURRENCY and UNETRPP_QUEUE_SIZE (Space variables, README) set to
+    something that is not a positive whole number end `python app.py` with one `error:` line naming the
+    variable, not an int() traceback; unset, they keep their defaults."""
+    import os
+    import subprocess
+    import sys
+
+    for name, value, default in (("UNETRPP_MAX_WINDOWS", "2k", 2000), ("UNETRPP_CONCURRENCY", "one", 1),
+                                 ("UNETRPP_QUEUE_SIZE", "0", 24)):
+        out = subprocess.run([sys.executable, "-c", "import app"], cwd=Path(__file__).parents[1],
+                             env={**os.environ, name: value}, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+            f"error: {name}={value!r}: must be a whole number of at least 1, e.g. {name}={default} "
+            "(the default, also used when it is unset)"], out.stderr
+    assert H.env_int("UNETRPP_SURELY_UNSET", 7) == 7

@@ -257,10 +257,26 @@ def position_text(session: Session) -> str:
 
 
 # ---- segmentation and its outputs -----------------------------------------------------------------
+def env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment variable `name` (`default` when unset or empty); a
+    one-line ValueError otherwise (a Space variable set to "2k" must not end in a traceback)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={text!r}: must be a whole number of at least 1, e.g. {name}={default} "
+                         "(the default, also used when it is unset)")
+    return value
+
+
 # Window passes (windows x mirrorings) one segmentation may take in the viewer, a shared server: a
 # chest-abdomen-pelvis CT takes about 700 at overlap 0.5, a whole-body CT about 1500. A tiny file with a
 # wrong voxel spacing can ask for thousands (and gigabytes); the command line has no such limit.
-MAX_WINDOWS = int(os.environ.get("UNETRPP_MAX_WINDOWS", "2000"))
+MAX_WINDOWS = env_int("UNETRPP_MAX_WINDOWS", 2000)
 
 # What to ask a ZeroGPU Space for (spaces.GPU(duration=...)): the request must cover the whole call or
 # the Space stops it, but a shorter one queues first and fits into more visitors' remaining quota.
