@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unetrpp.cli import main
+from unetrpp.cli import COMMANDS, build_parser, main
 from unetrpp.pretrained import load_pretrained
 
 from golden import save_released_style
@@ -168,6 +168,23 @@ def test_help_and_configs_do_not_import_torch():
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["[]", "unetrpp.inference", "unetrpp.model", "unetrpp.evaluate", "False"]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_with_a_default_says_it_in_its_help(command):
+    """`python -m unetrpp COMMAND --help` is where a user looks up what a run will do unasked: an option
+    whose default is a value (not off, not absent) names that value in its help."""
+    import argparse
+
+    sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        default = action.default
+        if action.help == argparse.SUPPRESS or default in (None, False, [], argparse.SUPPRESS):
+            continue
+        spelled = {str(default)} if isinstance(default, str) else {
+            str(default), f"{default:g}", f"{default:.0e}".replace("e-0", "e-")}
+        assert "default" in (action.help or "") and any(v in action.help for v in spelled), (
+            f"{command} {action.option_strings}: default {default!r} not in help {action.help!r}")
 
 
 @pytest.mark.parametrize("threads", ["0", "-1"])

@@ -10,7 +10,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="unetrpp_synapse", help="UNETR++ preset (default: unetrpp_synapse)")
     parser.add_argument("--network", default="unetrpp", choices=("unetrpp", "unetr", "swin_unetr"),
-                        help="measure UNETR++ (default) or a MONAI peer at the same input")
+                        help="unetrpp (default), or a MONAI peer at the same input")
     parser.add_argument("--input", type=int, nargs=5, metavar=("B", "C", "Z", "Y", "X"),
                         help="input shape (default: 1, in_channels, then the preset's patch size)")
     parser.add_argument("--no-deep-supervision", action="store_true",

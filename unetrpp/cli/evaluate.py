@@ -10,7 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truth", required=True, help="folder of ground-truth masks, e.g. DATA/labelsTr")
     parser.add_argument("--out", default=None, help="write the results to a .csv or .json file")
     parser.add_argument("--organs", choices=("all", "synapse8"), default="all",
-                        help="all: every class the predictions' label table names (masks written by unetrpp "
+                        help="all (default): every class the predictions' label table names (masks written by unetrpp "
                              "predict), else the 13 BTCV organs; synapse8: the 8 BTCV organs of the Synapse "
                              "protocol the paper reports (spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas)")
 

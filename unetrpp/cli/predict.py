@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mirror test-time augmentation: averages 8 mirrored passes, 8x the time (the "
                              "original's evaluation uses it; off by default for speed)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: float32 on CPU, float16 autocast on CUDA; fp32: float32 everywhere (no TF32 "
+                        help="auto (default): float32 on CPU, float16 autocast on CUDA; fp32: float32 everywhere (no TF32 "
                              "on CUDA); bf16: bfloat16 weights on CPU (faster on CPUs with BF16 support), "
                              "bfloat16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true",
