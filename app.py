@@ -368,8 +368,13 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="UNETR++ segmentation viewer (not a medical device)")
-    parser.add_argument("--weights", help="weights folder, name under weights/, or Hugging Face repo id")
+    parser = argparse.ArgumentParser(
+        description="UNETR++ segmentation viewer (not a medical device)",
+        epilog="environment: UNETRPP_WEIGHTS (as --weights), GRADIO_SERVER_NAME and GRADIO_SERVER_PORT (default "
+               "127.0.0.1:7860), UNETRPP_CONCURRENCY (model runs at once, default 1), UNETRPP_QUEUE_SIZE (requests "
+               "waiting, default 24), UNETRPP_MAX_WINDOWS (window passes one scan may take, default 2000)")
+    parser.add_argument("--weights", help="weights folder, name under weights/, or Hugging Face repo id (default: "
+                                          "converted weights in weights/, else the SYNTHETIC teaching weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     startup_demo(args.weights or os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE).launch(

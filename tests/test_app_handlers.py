@@ -475,3 +475,16 @@ def test_a_bad_number_in_the_viewers_environment_variables_is_one_line():
             f"error: {name}={value!r}: must be a whole number of at least 1, e.g. {name}={default} "
             "(the default, also used when it is unset)"], out.stderr
     assert H.env_int("UNETRPP_SURELY_UNSET", 7) == 7
+
+
+def test_app_help_names_every_environment_variable_the_viewer_reads():
+    """A Space owner reads `python app.py --help`: each UNETRPP_ variable app.py or the handlers read is there."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    read = set(re.findall(r"UNETRPP_[A-Z_]+", (root / "app.py").read_text() + Path(H.__file__).read_text()))
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and read >= {"UNETRPP_WEIGHTS", "UNETRPP_MAX_WINDOWS"}, out.stderr
+    assert not {name for name in read if name not in out.stdout}, out.stdout
