@@ -327,3 +327,11 @@ def test_a_scan_wider_than_a_body_is_warned_about_before_the_run(tmp_path, weigh
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "wider than a body" in err[0] and "windows to run)" in err[0], err
     assert "segment() was reached" in err[1]
+
+
+def test_console_volumes_keep_small_organs_visible():
+    """The per-file line names each organ with its volume: a few stray voxels are not '0 mL'."""
+    from unetrpp.cli.predict import volume_text
+
+    assert [volume_text(v) for v in (1520.4, 10.0, 9.96, 3.24, 0.05, 0.004)] == [
+        "1520 mL", "10 mL", "10.0 mL", "3.2 mL", "0.1 mL", "<0.1 mL"]

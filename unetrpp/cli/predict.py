@@ -151,6 +151,14 @@ def distributed_share(files: list, environ: dict | None = None) -> tuple[list, i
     return files[rank::world], rank, world, local
 
 
+def volume_text(ml: float) -> str:
+    """A volume for the console: whole mL from 10 mL up, one decimal below, so a few stray voxels do not
+    read as an organ of '0 mL'."""
+    if ml >= 10:
+        return f"{ml:.0f} mL"
+    return f"{ml:.1f} mL" if ml >= 0.05 else "<0.1 mL"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -241,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in result.warnings:
             if warning != said:
                 tqdm.write(_line("warning", source, warning), file=sys.stderr)
-        organs = ", ".join(f"{s['name']} {s['volume_ml']:.0f} mL" for s in result.statistics) or "no organs found"
+        organs = ", ".join(f"{s['name']} {volume_text(s['volume_ml'])}" for s in result.statistics) or "no organs found"
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
         rows.append((str(source), result.statistics))
 
