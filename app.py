@@ -106,7 +106,14 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def views(session, *disp):
         if session is None:
             return [None, None, None, "", *[gr.Slider(0, 1, value=0, interactive=False) for _ in range(3)]]
-        return [*H.render_all(session, H.display_settings(*disp)), H.position_text(session), *sliders(session)]
+        display = H.display_settings(*disp)
+        try:
+            display.window()
+        except ValueError as exc:  # a bad custom W/L: say why under the empty views, and raise nothing, or the
+            # redraw after an upload or a run would fail, and with it the segmentation, legend, table and files
+            gr.Warning(str(exc))
+            return [None, None, None, f"**Views not drawn**: {exc}", *sliders(session)]
+        return [*H.render_all(session, display), H.position_text(session), *sliders(session)]
 
     def show(session, *disp):
         """Everything drawn from the session: views, legend, table, 3-D surfaces, files, organ boxes, and an

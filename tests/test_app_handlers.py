@@ -488,3 +488,19 @@ def test_app_help_names_every_environment_variable_the_viewer_reads():
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and read >= {"UNETRPP_WEIGHTS", "UNETRPP_MAX_WINDOWS"}, out.stderr
     assert not {name for name in read if name not in out.stdout}, out.stdout
+
+
+def test_a_bad_custom_window_leaves_the_views_empty_and_says_why_but_stops_nothing(scan, tiny_model):
+    """The redraw after an upload or a run draws with the W/L boxes as they are: a width left at -5 or emptied
+    must not fail it, or the page shows only 'Error' badges, the upload is never segmented and a run's mask
+    and statistics are never offered. The views stay empty, and the line under them says what to fix."""
+    import app
+
+    handler = {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}
+    session = H.load_scan(scan)
+    for width in (-5, None):
+        outputs = handler["show"](session, "custom", width, 40, 0.5, None, False)
+        assert outputs[:3] == [None, None, None]
+        assert outputs[3].startswith("**Views not drawn**: custom window (width") and "e.g. 400 and 40" in outputs[3]
+    images = handler["show"](session, "custom", 400, 40, 0.5, None, False)[:3]  # fixed: the views come back
+    assert all(image.ndim == 3 for image in images)
