@@ -504,3 +504,16 @@ def test_a_bad_custom_window_leaves_the_views_empty_and_says_why_but_stops_nothi
         assert outputs[3].startswith("**Views not drawn**: custom window (width") and "e.g. 400 and 40" in outputs[3]
     images = handler["show"](session, "custom", 400, 40, 0.5, None, False)[:3]  # fixed: the views come back
     assert all(image.ndim == 3 for image in images)
+
+
+def test_the_statistics_csv_offered_for_teaching_weights_says_synthetic(scan, tmp_path):
+    """The Space runs the teaching weights by default: its downloaded table of organ volumes says on every
+    row that the weights were trained on SYNTHETIC phantoms, as the page and the mask do."""
+    import csv
+
+    torch.manual_seed(0)
+    teaching = create_model("unetrpp_tiny", synthetic=True).eval()
+    session, _, csv_path = H.segment_scan(scan, teaching, tmp_path / "cache", overlap=0.25)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert rows and all("SYNTHETIC" in row["note"] for row in rows)
+    assert [row["name"] for row in rows] == [s["name"] for s in session.statistics]

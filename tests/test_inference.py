@@ -6,6 +6,7 @@ plumbing, not anatomy. Volumes are synthetic phantoms built here, plus the real 
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import types
@@ -262,6 +263,15 @@ def test_statistics_csv(tmp_path, model):
     lines = result.statistics_csv(tmp_path / "s.csv").read_text().splitlines()
     assert lines[0] == "label,name,voxels,volume_ml,mean_hu" and len(lines) == len(result.statistics) + 1
     assert sum(int(line.split(",")[2]) for line in lines[1:]) == int((result.mask > 0).sum())
+
+
+def test_a_statistics_csv_from_weights_trained_on_phantoms_says_so_on_every_row(tmp_path):
+    """The table is often read without the page or the mask that say SYNTHETIC: it says so itself."""
+    result = segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=small_model(synthetic=True))
+    rows = list(csv.DictReader(result.statistics_csv(tmp_path / "s.csv").open()))
+    assert rows and all(row["note"] == io.SYNTHETIC_NOTE and "SYNTHETIC" in row["note"] for row in rows)
+    assert [int(row["voxels"]) for row in rows] == [s["voxels"] for s in result.statistics]
+    result.statistics_csv(tmp_path / "s.csv")  # its own table, note and all, is replaced on a rerun
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------

@@ -73,9 +73,10 @@ class SegmentationResult:
         return io.save_mask(self.mask, self.volume, path, label_names=self.class_names, synthetic=self.synthetic)
 
     def statistics_csv(self, path: str | Path) -> Path:
-        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu); an existing file is only
-        replaced if it is such a table (see `postprocess.check_statistics_path`)."""
-        return write_statistics(path, statistics_csv_text(self.statistics))
+        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu, and a "note" column saying
+        "SYNTHETIC" when the weights were trained on phantoms); an existing file is only replaced if it is
+        such a table (see `postprocess.check_statistics_path`)."""
+        return write_statistics(path, statistics_csv_text(self.statistics, synthetic=self.synthetic))
 
 
 SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "

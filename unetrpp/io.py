@@ -373,6 +373,7 @@ def sidecar_path(mask_path: str | os.PathLike) -> Path:
 
 # Mark label side-cars and masks as written by this package (predict may replace them on a rerun).
 LABEL_TABLE_DESCRIPTION = "UNETR++ segmentation label map"
+SYNTHETIC_NOTE = "made by weights trained on SYNTHETIC phantoms: not real anatomy"  # in label tables and CSVs
 MASK_DESCRIPTION = b"UNETR++ segmentation"
 _NIFTI_INTENT_LABEL = 1002
 
@@ -402,7 +403,7 @@ def label_table(label_names: Sequence[str], synthetic: bool = False) -> dict:
         labels.append(entry)
     table = {"description": LABEL_TABLE_DESCRIPTION, "labels": labels}
     if synthetic:
-        table.update(synthetic=True, note="made by weights trained on SYNTHETIC phantoms: not real anatomy")
+        table.update(synthetic=True, note=SYNTHETIC_NOTE)
     return table
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .io import atomic_write, check_replaceable
+from .io import SYNTHETIC_NOTE, atomic_write, check_replaceable
 
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
 
@@ -62,13 +62,17 @@ def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[f
     return stats
 
 
-def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = ()) -> str:
-    """The statistics as CSV text, header line first; `leading` columns (e.g. "file") go in front."""
+def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synthetic: bool = False) -> str:
+    """The statistics as CSV text, header line first; `leading` columns (e.g. "file") go in front. With
+    `synthetic` (weights trained on phantoms), a last column "note" says so on every row: the table
+    travels without the page or the mask that would say it."""
     buffer = _stringio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=tuple(leading) + STATISTICS_FIELDS, lineterminator="\n")
+    fields = tuple(leading) + STATISTICS_FIELDS + (("note",) if synthetic else ())
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+                        | ({"note": SYNTHETIC_NOTE} if synthetic else {}))
     return buffer.getvalue()
 
 

@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append((str(source), result.statistics))
 
     if stats_path is not None:
-        text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",))
+        text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",),
+                                   synthetic=bool(model.config.synthetic))
         write_statistics(stats_path, text)
         tqdm.write(f"{tag}wrote {stats_path}")
     if created and world == 1 and not any(output.iterdir()):
