@@ -324,7 +324,10 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                         trigger_mode="always_last", api_visibility="private")
             slide.release(views, [session, *disp], view_out, show_progress="hidden", api_visibility="private")
             image.select(on_click(view), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
-        gr.on([preset.change, width.submit, level.submit, opacity.release, organs.change, contour.change],
+        # A W/L typed in counts on Enter or on leaving the box (a tap elsewhere, as on a phone): with Enter only, a
+        # value left without it stayed in the box while the views used the preset's window.
+        typed = [width.submit, level.submit, width.blur, level.blur]
+        gr.on([preset.change, *typed, opacity.release, organs.change, contour.change],
               friendly(views), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
         # Ticking organs off fades them in the legend and greys them in the 3-D plot's own legend too.
         organs.input(lambda s, o: (H.legend_html(s, o), H.surfaces(s, o)) if s is not None else (gr.skip(), gr.skip()),
@@ -332,8 +335,11 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         # The W/L boxes show the window in use: a preset fills them in, and typing in them makes it custom.
         preset.change(lambda p: vis.WINDOW_PRESETS.get(p, (gr.skip(), gr.skip())), [preset], [width, level],
                       show_progress="hidden", api_visibility="private")
-        gr.on([width.submit, level.submit], lambda: "custom", None, [preset], show_progress="hidden",
-              api_visibility="private")
+        def window_typed(preset_name, w, l):
+            """The preset after W/L were typed: custom, unless they are still the preset's (a box only visited)."""
+            return gr.skip() if vis.WINDOW_PRESETS.get(preset_name) == (w, l) else "custom"
+
+        gr.on(typed, window_typed, [preset, width, level], [preset], show_progress="hidden", api_visibility="private")
         att_in, att_out = [session, block, head, preset, width, level], [*att_images, channel_plot, att_text]
         att_btn.click(on_attention, att_in, att_out, **model_run)
         gr.on([block.input, head.input], on_choice, att_in, att_out, **model_run)

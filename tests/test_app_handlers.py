@@ -517,3 +517,18 @@ def test_the_statistics_csv_offered_for_teaching_weights_says_synthetic(scan, tm
     rows = list(csv.DictReader(open(csv_path)))
     assert rows and all("SYNTHETIC" in row["note"] for row in rows)
     assert [row["name"] for row in rows] == [s["name"] for s in session.statistics]
+
+
+def test_a_window_typed_counts_when_the_box_is_left_not_only_on_enter(tiny_model):
+    """Typed W/L then a tap elsewhere (no Enter, as on a phone): the views redraw and the preset turns custom,
+    so the boxes never show a window other than the one drawn. A box only visited leaves the preset as it is."""
+    import app
+
+    demo = app.build_demo(net=tiny_model)
+    for label in ("window W (HU)", "level L (HU)"):
+        box = next(b for b in demo.blocks.values() if getattr(b, "label", None) == label)
+        on_blur = {f.name: f.fn for f in demo.fns.values() if (box._id, "blur") in [tuple(t) for t in f.targets]}
+        assert {"views", "window_typed"} <= set(on_blur), label
+    window_typed = on_blur["window_typed"]
+    assert window_typed("abdomen", 2000, 40) == "custom" and window_typed("custom", 300, 20) == "custom"
+    assert window_typed("abdomen", 400, 40) == app.gr.skip() and window_typed("lung", 1500.0, -600.0) == app.gr.skip()
