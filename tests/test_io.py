@@ -264,7 +264,11 @@ def test_non_finite_voxels_are_replaced_by_the_minimum_and_reported(tmp_path):
     finite_min = np.nanmin(np.where(np.isfinite(data), data, np.nan))
     assert volume.array.min() == finite_min
     assert (volume.array == finite_min).sum() == (data == finite_min).sum() + 3
-    assert any("3 non-finite" in w for w in volume.warnings)
+    assert any("replaced 3 non-finite voxels (NaN/Inf)" in w for w in volume.warnings)
+    single = data.copy()
+    single[2, 2, 2] = single[3, 3, 3] = 0
+    one = io.load(write_nifti(tmp_path / "one_nan.nii.gz", single))
+    assert any("replaced 1 non-finite voxel (NaN/Inf) by" in w for w in one.warnings), one.warnings
     # An uncompressed file opened as a read-only memory map: the replacement goes to a copy.
     plain = write_nifti(tmp_path / "nan.nii", data)
     before = sha(plain)

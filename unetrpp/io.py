@@ -252,7 +252,8 @@ def _replace_non_finite(data: np.ndarray, name: str) -> list[str]:
                          "give an image with finite intensities")
     fill = float(data[~bad].min())
     data[bad] = fill
-    message = f"{name}: {count} non-finite voxels (NaN/Inf) were replaced by the minimum finite value {fill:g}"
+    voxels = "1 non-finite voxel (NaN/Inf)" if count == 1 else f"{count} non-finite voxels (NaN/Inf)"
+    message = f"{name}: replaced {voxels} by the minimum finite value {fill:g}"
     logger.warning(message)
     return [message]
 
