@@ -45,6 +45,7 @@ try:
     QUEUE_SIZE = H.env_int("UNETRPP_QUEUE_SIZE", 24)  # requests waiting
 except ValueError as exc:
     sys.exit(f"error: {exc}")
+WIDTH_HU, LEVEL_HU = "window W (HU)", "level L (HU)"  # the W/L boxes' labels for a CT
 START = "Upload a scan or pick an example: it shows at once, then is segmented."
 ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
                "[TotalSegmentator](https://github.com/wasserth/TotalSegmentator) "
@@ -123,21 +124,32 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             return [*views(None), "", [], None, None, None, gr.CheckboxGroup(choices=[], value=[]), *no_attention]
         organs = H.organ_choices(session)
         return [*views(session, *disp[:4], organs, disp[5]), H.legend_html(session),
-                H.statistics_rows(session.statistics), H.surfaces(session), *(session.files + [None, None])[:2],
+                gr.Dataframe(value=H.statistics_rows(session.statistics), headers=H.statistics_columns(session)),
+                H.surfaces(session), *(session.files + [None, None])[:2],
                 gr.CheckboxGroup(choices=organs, value=organs), *no_attention]
 
     def on_file(path, shown):
         """Load an upload; a file that cannot be shown leaves an empty page and says why on the status line.
         `shown` (this page's, changed in place) records the scan on the page, so a run for another gives way."""
         shown["path"] = None
+        keep = (gr.skip(),) * 3  # preset, W, L as the user left them
         if not path:
-            return None, START
+            return None, START, *keep
         try:
             session = H.load_scan(path)
         except Exception as exc:
-            return None, failure("Could not load the file", exc, "on_file")
+            return None, failure("Could not load the file", exc, "on_file"), *keep
         shown["path"] = session.path
-        return session, f"Loaded **{session.name}**: {H.describe(session)}."
+        loaded = f"Loaded **{session.name}**: {H.describe(session)}."
+        if (window := H.window_for(session)) is None:  # CT: the window as the user left it, in HU, unless it
+            if shown.pop("fitted", False):  # was fitted to a scan that was not CT: then the abdomen preset
+                return session, loaded, "abdomen", *(gr.Number(v, label=t) for v, t in zip(
+                    vis.WINDOW_PRESETS["abdomen"], (WIDTH_HU, LEVEL_HU)))
+            return session, loaded, gr.skip(), gr.Number(label=WIDTH_HU), gr.Number(label=LEVEL_HU)
+        # Not CT (an MRI): HU presets would show it white; a window fitted to its values, in its own units.
+        shown["fitted"] = True
+        return (session, loaded + " Its values are not CT in HU: shown with a window fitted to them.", "custom",
+                gr.Number(window[0], label="window W"), gr.Number(window[1], label="level L"))
 
     def segment_seconds(session, overlap, tta, bf16=False, shown=None, progress=None):
         """GPU seconds to ask ZeroGPU for (same arguments as on_segment): sized to the scan, see H.gpu_seconds."""
@@ -257,8 +269,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                 with gr.Row():
                     preset = gr.Radio([*vis.WINDOW_PRESETS, "custom"], value="abdomen", label="window",
                                       elem_id="window-preset")
-                    width = gr.Number(vis.WINDOW_PRESETS["abdomen"][0], label="window W (HU)", min_width=90)
-                    level = gr.Number(vis.WINDOW_PRESETS["abdomen"][1], label="level L (HU)", min_width=90)
+                    width = gr.Number(vis.WINDOW_PRESETS["abdomen"][0], label=WIDTH_HU, min_width=90)
+                    level = gr.Number(vis.WINDOW_PRESETS["abdomen"][1], label=LEVEL_HU, min_width=90)
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
                     contour = gr.Checkbox(False, label="contours only", elem_id="contours")
                 organs = gr.CheckboxGroup([], label="organs shown", elem_id="organs")
@@ -313,7 +325,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                      show_progress="hidden", api_visibility="private")
         # A scan uploaded while another is segmented: that run gives way (on_segment), and this one's run
         # waits for it to end ("always_last"; the default, "once", would drop it).
-        scan.change(on_file, [scan, shown_scan], [session, status], api_visibility="private").success(
+        scan.change(on_file, [scan, shown_scan], [session, status, preset, width, level], api_visibility="private").success(
             **redraw).success(**clear).success(after_upload, [session, overlap, tta, bf16, shown_scan],
                                                [session, status], trigger_mode="always_last", **model_run).success(
             **redraw)

@@ -532,3 +532,22 @@ def test_a_window_typed_counts_when_the_box_is_left_not_only_on_enter(tiny_model
     window_typed = on_blur["window_typed"]
     assert window_typed("abdomen", 2000, 40) == "custom" and window_typed("custom", 300, 20) == "custom"
     assert window_typed("abdomen", 400, 40) == app.gr.skip() and window_typed("lung", 1500.0, -600.0) == app.gr.skip()
+
+
+def test_a_scan_that_is_not_ct_is_shown_in_its_own_units_not_hu(fixtures, scan):
+    """The bundled MRI: the position line and the table give intensities, not HU, and the views get a window
+    fitted to its values (HU presets show it white); a CT keeps HU and the window the user chose."""
+    mri = H.load_scan(fixtures / "example_mr_sm.nii.gz")
+    assert mri.ct is False
+    assert "HU" not in H.position_text(mri) and "intensity" in H.position_text(mri)
+    assert H.statistics_columns(mri)[-1] == "mean intensity"
+    width, level = H.window_for(mri)
+    low, high = np.percentile(mri.volume, (1, 99))
+    assert width == pytest.approx(high - low, rel=0.05) and level == pytest.approx((low + high) / 2, rel=0.05, abs=1)
+    shown = vis.apply_window(mri.volume, width, level)
+    assert (shown == 255).mean() < 0.03  # about the top 1 %; abdomen's W 400 / L 40 whitens a third of it
+    assert (vis.apply_window(mri.volume, 400, 40) == 255).mean() > 0.3
+
+    ct = H.load_scan(scan)
+    assert ct.ct is True and H.window_for(ct) is None
+    assert H.position_text(ct).endswith(" HU") and H.statistics_columns(ct)[-1] == "mean HU"

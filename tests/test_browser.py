@@ -225,3 +225,30 @@ def test_a_scan_uploaded_during_a_segmentation_replaces_it(page, tmp_path):
         assert "Segmented second_scan.nii.gz" in page.locator("#status").inner_text()
         assert "second_scan" in page.locator("#mask-file").inner_text()
         page.screenshot(path=str(ARTIFACTS / "08_second_upload_wins.png"), full_page=True)
+
+
+def test_a_scan_that_is_not_ct_gets_a_fitted_window_and_no_hu(page, url):
+    """The bundled MRI: a window fitted to its values (HU presets show it white), no 'HU' on the boxes, the
+    position line or the table; the next CT goes back to the abdomen preset in HU."""
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": 1600, "height": 1200})
+    page.goto(url)
+    page.get_by_text("Not a medical device").first.wait_for()
+    page.locator("#scan-upload input[type=file]").set_input_files(str(EXAMPLE_CT.with_name("example_mr_sm.nii.gz")))
+    page.locator("#legend .legend-item").first.wait_for(timeout=120_000)
+    expect(page.locator("#window-preset input[value='custom']")).to_be_checked()
+    width = float(page.get_by_label("window W", exact=True).input_value())
+    assert 300 < width < 1500, width  # the MRI's 1st-99th percentiles span about 660
+    assert page.get_by_label("window W (HU)").count() == 0
+    assert "intensity" in page.locator("#position").inner_text() and "HU" not in page.locator("#position").inner_text()
+    assert page.locator("#stats-table").get_by_text("mean intensity").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "09_mri_fitted_window.png"), full_page=True)
+
+    page.locator("#scan-upload button[aria-label='Clear']").first.click()
+    page.locator("#scan-upload input[type=file]").set_input_files(str(EXAMPLE_CT))
+    page.locator("#status").get_by_text("Segmented example_ct_sm.nii.gz").wait_for(timeout=120_000)
+    expect(page.locator("#window-preset input[value='abdomen']")).to_be_checked()
+    expect(page.get_by_label("window W (HU)")).to_have_value("400")
+    assert page.locator("#stats-table").get_by_text("mean HU").count() >= 1
+    assert page.locator("#position").inner_text().rstrip().split("·")[1].strip().endswith("HU")

@@ -143,10 +143,15 @@ class Session:
     summary: str = ""  # one line about the segmentation run
     attention: Any = None  # the last visualize_attention.AttentionView shown, and its centre voxel
     surfaces: Any = None  # the plotly figure of every organ's surface, built once for this mask
+    ct: bool | None = None  # whether the values look like CT in HU (None: find out); else no "HU" is shown
 
     def __post_init__(self) -> None:
         if not self.position:
             self.position = self.centre()
+        if self.ct is None:
+            from .inference import ct_warning
+
+            self.ct = ct_warning(self.volume) is None
 
     def centre(self) -> list[int]:
         """The voxel a scan is first shown at: the middle of the volume."""
@@ -248,7 +253,9 @@ def position_text(session: Session) -> str:
     z, y, x = session.position
     size = " x ".join(map(str, session.volume.shape))
     spacing = " x ".join(f"{s:g}" for s in session.spacing)
-    text = f"voxel (z, y, x) = ({z}, {y}, {x}) of {size}, {spacing} mm · {session.volume[z, y, x]:.0f} HU"
+    value = session.volume[z, y, x]
+    value = f"{value:.0f} HU" if session.ct else f"intensity {value:.4g} (not CT)"
+    text = f"voxel (z, y, x) = ({z}, {y}, {x}) of {size}, {spacing} mm · {value}"
     if session.mask is not None:
         label = int(session.mask[z, y, x])
         name = session.class_names[label] if label < len(session.class_names) else str(label)
@@ -393,6 +400,22 @@ def centre_of_mask(mask: np.ndarray) -> list[int]:
 
 
 STAT_COLUMNS = ["label", "organ", "volume (mL)", "voxels", "mean HU"]
+
+
+def window_for(session: Session) -> tuple[float, float] | None:
+    """A custom (width, level) that shows a scan whose values are not CT in HU (an MRI), from its 1st-99th
+    percentiles; None for a CT, which keeps the chosen window. HU presets would show such a scan white."""
+    if session.ct:
+        return None
+    sample = session.volume[::2, ::2, ::2] if min(session.volume.shape) > 8 else session.volume
+    low, high = (float(v) for v in np.percentile(sample, (1, 99)))
+    width = max(high - low, 1e-6)
+    return float(f"{width:.3g}"), float(f"{(low + high) / 2:.3g}")
+
+
+def statistics_columns(session: Session) -> list[str]:
+    """The table's headers: the mean is in HU for a CT, in the file's own units otherwise (an MRI)."""
+    return STAT_COLUMNS if session.ct else [*STAT_COLUMNS[:-1], "mean intensity"]
 
 
 def statistics_rows(statistics: Sequence[dict]) -> list[list]:
