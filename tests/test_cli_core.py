@@ -82,6 +82,16 @@ def test_complexity_options_reach_the_count(capsys):
     assert peer["network"] == "unetr" and peer["params"] == sum(p.numel() for p in unetr.parameters())
 
 
+@pytest.mark.parametrize("network, fit", [("unetr", "48 x 64 x 64"), ("swin_unetr", "64 x 64 x 64")])
+def test_complexity_refuses_an_input_a_peer_cannot_take_in_one_line(network, fit, capsys):
+    """Notebook 02's exercise 1: UNETR failed with an 88-line tensor-size traceback (exit 1), Swin-UNETR
+    with MONAI's line that gave no size that works."""
+    assert main(["complexity", "--network", network, "--input", "1", "1", "40", "64", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "(40, 64, 64)" in err
+    assert "multiple of" in err and f"try {fit}" in err
+
+
 def test_convert_writes_a_folder_that_reproduces_the_checkpoint(tmp_path):
     torch.manual_seed(1)
     with torch.device("cpu"):

@@ -99,6 +99,14 @@ def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_sy
     b, c, *spatial = input_shape
     if kind == "unetrpp":
         return create_model(name, patch_size=tuple(spatial), in_channels=c, **overrides).eval()
+    # UNETR cuts 16^3-voxel patches and Swin-UNETR downsamples 2x five times. MONAI's UNETR does not check
+    # its input and fails deep in its decoder with a tensor-size mismatch, so both are checked here.
+    multiple = {"unetr": 16, "swin_unetr": 32}.get(kind)
+    if multiple and any(s % multiple or s < multiple for s in spatial):
+        fit = [max(multiple, math.ceil(s / multiple) * multiple) for s in spatial]  # the next size up
+        raise ValueError(f"{kind} input {tuple(spatial)}: each spatial axis must be a multiple of {multiple} "
+                         f"(its {'16-voxel patches' if kind == 'unetr' else 'five 2x downsamplings'}); "
+                         f"try {' x '.join(map(str, fit))}")
     with torch.device(device):
         if kind == "unetr":
             return UNETR(c, 14, img_size=tuple(spatial), feature_size=16, hidden_size=768).eval()
