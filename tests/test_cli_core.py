@@ -92,6 +92,15 @@ def test_complexity_refuses_an_input_a_peer_cannot_take_in_one_line(network, fit
     assert "multiple of" in err and f"try {fit}" in err
 
 
+@pytest.mark.parametrize("network", ["unetrpp", "unetr"])
+def test_complexity_refuses_an_empty_batch_or_no_channels_in_one_line(network, capsys):
+    """A batch of 0 ended in a ZeroDivisionError traceback, 0 channels in UNETR's broadcasting error."""
+    for shape in (["0", "1", "32", "64", "64"], ["1", "0", "32", "64", "64"]):
+        assert main(["complexity", "--network", network, "--input", *shape]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--input {' '.join(shape)}: " in err and "at least 1" in err
+
+
 def test_convert_writes_a_folder_that_reproduces_the_checkpoint(tmp_path):
     torch.manual_seed(1)
     with torch.device("cpu"):

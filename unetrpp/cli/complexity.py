@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from ..complexity import build_network, count_flops, median_forward_seconds, parameter_breakdown, peak_rss_mb
     from ..config import get_config
 
+    if args.input and min(args.input) < 1:  # a batch of 0 counts 0 MACs, and the report divides by the count
+        raise ValueError(f"--input {' '.join(map(str, args.input))}: B, C, Z, Y and X must each be at least 1, "
+                         "e.g. --input 1 1 64 128 128")
     cfg = get_config(args.name, deep_supervision=not args.no_deep_supervision)
     shape = tuple(args.input) if args.input else (1, cfg.in_channels, *cfg.patch_size)
     if args.network == "unetrpp":
