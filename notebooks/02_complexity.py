@@ -65,7 +65,11 @@ print("input", "x".join(map(str, INPUT)), "| fast mode" if FAST else "| full mod
 def measure(network: str) -> dict:
     cmd = [sys.executable, "-m", "unetrpp", "complexity", "--network", network, "--json",
            "--input", *map(str, INPUT), "--time", str(REPEATS), "--threads", str(THREADS)]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:  # say why, as the command does in its last line, not only that it failed
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise RuntimeError(f"{network} at input {'x'.join(map(str, INPUT))}: {why}")
+    return json.loads(done.stdout)
 
 
 runs = {"UNETR++": measure("unetrpp"), "UNETR": measure("unetr"), "Swin-UNETR": measure("swin_unetr")}

@@ -1,6 +1,7 @@
 """The teaching notebooks run top to bottom in fast mode and draw their figures; each .ipynb is
 paired with a jupytext percent .py of the same cells."""
 
+import ast
 from pathlib import Path
 
 import jupytext
@@ -41,3 +42,15 @@ def test_notebook_runs_in_fast_mode_and_draws_figures(path, monkeypatch, tmp_pat
     interactive = [o for o in images if "application/vnd.plotly.v1+json" in o["data"]]
     assert all("text/html" in o["data"] for o in interactive), "a plotly figure would be blank in an HTML export"
     assert "Exercises" in markdown and "How long" in markdown
+
+
+def test_notebook_02_says_why_a_network_refuses_the_input():
+    """Exercise 1 of notebook 02 asks what the error says when a network refuses INPUT. measure() runs
+    the complexity command in its own process: it showed only 'returned non-zero exit status 2'."""
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[1].with_suffix(".py")).cells if "def measure" in c.source)
+    function = next(node for node in ast.parse(cell).body if isinstance(node, ast.FunctionDef))
+    namespace = {"INPUT": (1, 1, 40, 64, 64), "REPEATS": 1, "THREADS": 1}
+    exec("import json, subprocess, sys", namespace)
+    exec(compile(ast.Module([function], []), "02_complexity.py", "exec"), namespace)
+    with pytest.raises(RuntimeError, match=r"unetrpp at input 1x1x40x64x64: error: .*divisible by stem x 8"):
+        namespace["measure"]("unetrpp")
