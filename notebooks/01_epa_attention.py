@@ -29,6 +29,8 @@
 # the best this repository holds: converted released UNETR++ synapse weights if you made them
 # (`python -m unetrpp convert ...`), else the bundled **teaching weights, trained on synthetic
 # phantoms** (their attention is less meaningful on a real scan than the released weights').
+#
+# **Not a medical device.** For research and teaching only; nothing here is meant for diagnosis or treatment.
 
 # %% tags=["parameters"]
 import os

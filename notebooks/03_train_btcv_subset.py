@@ -33,6 +33,9 @@
 # `imagesTr/img0001.nii.gz` + `labelsTr/label0001.nii.gz` (and optionally `dataset.json` or MONAI's
 # `dataset_0.json`). Otherwise the notebook generates **synthetic abdominal CT phantoms** with the same
 # 13 labels and layout: a teaching stand-in, not real anatomy.
+#
+# **Not a medical device.** For research and teaching only: a model trained here must never be used for
+# diagnosis or treatment.
 
 # %% tags=["parameters"]
 import os

@@ -54,3 +54,11 @@ def test_notebook_02_says_why_a_network_refuses_the_input():
     exec(compile(ast.Module([function], []), "02_complexity.py", "exec"), namespace)
     with pytest.raises(RuntimeError, match=r"unetrpp at input 1x1x40x64x64: error: .*divisible by stem x 8"):
         namespace["measure"]("unetrpp")
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
+def test_notebooks_that_show_scans_say_not_a_medical_device(path):
+    """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
+    README, the viewer, the command line and the model cards say."""
+    markdown = " ".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+    assert "Not a medical device" in markdown
