@@ -23,7 +23,8 @@
 # cost grows linearly with the number of tokens while standard self-attention grows quadratically.
 #
 # **How long.** Measured on 2 CPU cores with nothing else running: about 10 s in fast mode
-# (`UNETRPP_FAST=1`), 46 s in full mode.
+# (`UNETRPP_FAST=1`), 46 s in full mode, with the bundled teaching weights. Converted synapse weights
+# work on a 64×128×128 window: sections 2–5 then took about a minute longer (on a busy machine).
 #
 # The scan is a real abdominal CT from the TotalSegmentator test files (Apache-2.0). The weights are
 # the best this repository holds: converted released UNETR++ synapse weights if you made them
@@ -164,7 +165,7 @@ with torch.no_grad():
 print("tokens", tuple(t.shape), "| A_CA", tuple(A_ca.shape), "| A_SA", tuple(A_sa.shape))
 difference = (by_hand - module_out).abs().max().item()
 largest = module_out.abs().max().item()
-# the same sums in a different order: float32 rounding, about 1e-7 of the values' size
+# the module runs these same steps (attention.py): 0, or float32 rounding of about 1e-7 of the values' size
 print(f"max |by hand - module| = {difference:.2g}, {difference / largest:.1g} of the largest output ({largest:.3g})")
 assert difference <= 1e-5 * largest
 
@@ -309,7 +310,7 @@ for n, a, b in zip(TOKENS, epa_ms, sa_ms):
 #    same voxel change between the first encoder stage and the last decoder stage?
 # 2. Double `epa.temperature2` of the first block and recompute section 5. Sharper or smoother? Why?
 # 3. In section 3, skip the L2 normalisation of q and k. How far is the result from the module?
-# 4. Section 7 fits straight lines on a log-log plot: estimate their slopes. What do they say about
-#    memory as well as time?
+# 4. On section 7's log-log plot both curves are close to straight lines: estimate their slopes. What do
+#    they say about memory as well as time?
 # 5. The original reshapes the spatial branch from (B, d, h, N) straight to (B, N, C). Write the
 #    "clean" reshape instead and measure how much the block output changes.

@@ -202,7 +202,7 @@ plt.show()
 # - MACs are not seconds. Memory traffic, layouts and the kernels a library picks decide the wall
 #   time, so the ratio of the forward times in section 1 is not the ratio of the MACs. Section 1
 #   times the plain network; in `benchmarks/README.md` (2 CPU cores, machine otherwise idle) plain
-#   UNETR++ took about 0.75× of UNETR's time for 0.55× of its MACs, and the rewrites
+#   UNETR++ took about 0.77–0.80× of UNETR's time for 0.55× of its MACs, and the rewrites
 #   `unetrpp.segment()` runs (`unetrpp.fast`) bring it to about 0.45×. Your ratio above may differ:
 #   it depends on the CPU, and on anything else running while it was measured.
 #

@@ -25,8 +25,11 @@
 # 20 s, enough to see the loss fall but not to segment well. Full mode: about 13 minutes (2400 steps),
 # and it reaches at least the quality of the bundled teaching weights, trained with this recipe (mean
 # Dice 0.88 on held-out phantoms; measured here: 0.904, from the original's initialisation, which the
-# teaching weights predate). Full mode writes about 330 MB of phantoms into
+# teaching weights predate). Full mode writes about 360 MB of phantoms (29 cases of 12 MB) into
 # `WORKDIR` (git-ignored `notebooks/runs/`), which you may delete afterwards.
+# If the progress bar shows seconds per step, other programs are competing for the two cores: run
+# `import torch; torch.set_num_threads(1)` before training (on a busy 2-core machine one thread took
+# 0.7 s a step where two took 2–10 s).
 #
 # **Data.** BTCV (the "Beyond the Cranial Vault" abdomen set, 13 organs) needs a free Synapse
 # registration, so it cannot be downloaded here. If you have it, set `BTCV_DIR` to a folder with
@@ -103,8 +106,8 @@ plt.show()
 # ## 2. Training, with a live plot
 #
 # `unetrpp.train.train` is the same loop the command line runs. It resamples every case to the
-# network's spacing, samples patches centred on organs or background in equal measure, applies
-# nnU-Net-style augmentations, and validates by sliding window on held-out cases.
+# network's spacing, draws patch centres class by class (the background and each of the 13 organs
+# equally often), applies nnU-Net-style augmentations, and validates by sliding window on held-out cases.
 # The plot below refreshes as training runs.
 
 # %%
