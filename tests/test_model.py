@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unetrpp import PRESETS, UNETRPP, create_model, fast, get_config
+from unetrpp import PRESETS, UNETRPP, Preprocessing, create_model, fast, get_config
 from unetrpp.attention import EPA, capture_attention
 
 from golden import original_keys
@@ -54,6 +54,14 @@ def test_unknown_name_lists_valid_names():
 def test_invalid_configs_name_the_field_and_rule(overrides, field):
     with pytest.raises(ValueError, match=rf"UNETRPPConfig\.{field}=.*: "):
         get_config("unetrpp_synapse", **overrides)
+
+
+@pytest.mark.parametrize("spacing", [(float("nan"), 1.0, 1.0), (3.0, float("inf"), 1.0), (0.0, 1.0, 1.0), (1.0, 1.0)])
+def test_a_spacing_that_is_not_three_positive_finite_values_is_refused(spacing):
+    """`convert --spacing nan 1 1` once wrote a weights folder whose every prediction failed with
+    "cannot convert float NaN to integer" (inf: a scan 'a single slice' at the weights' spacing)."""
+    with pytest.raises(ValueError, match=r"preprocessing\.spacing=.*: need three positive, finite mm values"):
+        Preprocessing(spacing=spacing)
 
 
 def test_numpy_integers_are_accepted_as_sizes():

@@ -54,8 +54,9 @@ class Preprocessing:
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"preprocessing.spacing={self.spacing}: need three positive mm values (z, y, x)")
+        # not `min(...) <= 0`, which NaN passes: a NaN or infinite spacing only fails later, inside resampling
+        if len(self.spacing) != 3 or not all(0 < s < math.inf for s in self.spacing):
+            raise ValueError(f"preprocessing.spacing={self.spacing}: need three positive, finite mm values (z, y, x)")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"preprocessing.normalization={self.normalization!r}: must be one of {NORMALIZATIONS}"
