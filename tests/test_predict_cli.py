@@ -4,6 +4,7 @@ inputs untouched, statistics CSV, torchrun sharding. Uses a tiny random network 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -125,6 +126,16 @@ def test_statistics_never_replace_a_file_they_did_not_write(tmp_path, weights, c
     inside = tmp_path / "masks" / "statistics.csv"  # in the output folder this very run creates
     assert predict(source, "-o", tmp_path / "masks", "--weights", weights, "--stats", inside) == 0
     assert inside.read_text().startswith("file,label,name")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc as an unwritable folder")
+def test_statistics_in_an_unwritable_folder_are_refused_before_any_work(tmp_path, weights, capsys):
+    """Once the check was only of the name: every file was segmented, then the table failed to write."""
+    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
+    assert predict(source, "-o", tmp_path / "out", "--weights", weights, "--stats", "/proc/statistics.csv") == 2
+    err = capsys.readouterr().err.strip()
+    assert "statistics folder /proc: cannot write in /proc" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["mask.nii.gzz", "mask.txt", "mask.csv"])

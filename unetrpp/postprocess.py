@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .io import SYNTHETIC_NOTE, atomic_write, check_replaceable
+from .io import SYNTHETIC_NOTE, atomic_write, check_folder_can_be_written, check_replaceable
 
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
 
@@ -106,6 +106,8 @@ def check_statistics_path(path: str | os.PathLike, folder_to_come: str | os.Path
     if not parent.is_dir() and not (folder_to_come is not None and parent.resolve() == Path(folder_to_come).resolve()):
         raise FileNotFoundError(f"folder {path.parent} for the statistics does not exist; create it or choose "
                                 "another path")
+    # a read-only folder is found now, not after every file of a long run has been segmented
+    check_folder_can_be_written(parent, "statistics folder")
     return path
 
 
