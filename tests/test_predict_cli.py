@@ -218,6 +218,25 @@ def test_unwritable_output_exits_2(tmp_path, weights, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "file"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc as an unwritable folder")
+def test_an_output_folder_it_cannot_write_is_refused_before_any_file_is_segmented(tmp_path, weights, capsys,
+                                                                                   monkeypatch):
+    """Once every file was segmented and then failed to be written, one `error:` line each."""
+    import unetrpp.inference
+
+    def stop(*args, **kwargs):
+        raise AssertionError("segment() was reached")
+
+    monkeypatch.setattr(unetrpp.inference, "segment", stop)
+    sources = [write_nifti(tmp_path / f"ct{i}.nii.gz", ct_like(i), AFFINE) for i in range(2)]
+    for output, words in (("/proc/self", "-o /proc/self: cannot write in /proc/self"),
+                          (tmp_path / "absent" / "mask.nii.gz", "absent is not an existing folder")):
+        assert predict(*sources[:1 if str(output).endswith(".gz") else 2], "-o", output, "--weights", weights) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct0.nii.gz", "ct1.nii.gz"]
+
+
 def test_torchrun_ranks_share_the_files():
     files = list(range(7))
     shares = [distributed_share(files, {"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r)})[0] for r in range(3)]

@@ -193,6 +193,11 @@ def run(args: argparse.Namespace) -> int:
         if world > 1:
             stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
         check_statistics_path(stats_path, folder_to_come=output)  # -o masks/ --stats masks/s.csv on a first run
+    folder = targets[0].parent  # where every mask goes: -o itself, or the folder of -o NAME.nii.gz
+    if folder != output and not folder.is_dir():
+        raise ValueError(f"-o {output}: {folder} is not an existing folder; create it or choose another output path")
+    if folder.is_dir():  # a read-only folder is found now, not after each file has been segmented
+        io.check_folder_can_be_written(folder, "-o")
     model = load_pretrained(args.weights, device=device)  # before creating anything: bad weights leave no trace
     check_single_channel(model.config)
     created = make_output_folder(output) if targets and targets[0].parent == output else False
