@@ -128,6 +128,18 @@ def test_from_pretrained_refuses_a_folder_missing_a_tensor(tmp_path, tiny):
     assert UNETRPP.from_pretrained(tmp_path / "w", strict=False) is not None  # when asked for
 
 
+def test_from_pretrained_answers_a_folder_without_config_and_a_checkpoint_file(tmp_path, tiny):
+    """huggingface_hub answered these with "UNETRPP.__init__() missing 1 required positional argument:
+    'config'" and "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    tiny.save_pretrained(tmp_path / "w")
+    (tmp_path / "w" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"w: no config\.json; a weights folder holds config\.json \+ model\.safetensors"):
+        UNETRPP.from_pretrained(tmp_path / "w")
+    ckpt = save_released_style(tiny.state_dict(), tmp_path / "model_final_checkpoint.model")
+    with pytest.raises(ValueError, match=r"checkpoint\.model is a file; .*unetrpp\.load_original_checkpoint\(path\)"):
+        UNETRPP.from_pretrained(ckpt)
+
+
 def test_shared_projection_survives_the_round_trip(tmp_path):
     model = create_model("unetrpp_synapse", patch_size=(32, 64, 64))
     model.save_pretrained(tmp_path / "s")
