@@ -180,6 +180,9 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
     assert load_pretrained("mine/").config == tiny.config
     with pytest.raises(ValueError, match="no such folder or file"):
         load_pretrained("mine_typo/")
+    # a mistyped checkpoint path is not a folder to make: no `convert ... --out model_final_checkpoint.model`
+    with pytest.raises(ValueError, match=r"no such checkpoint file; check the path.*local weights \['mine'\]"):
+        load_pretrained(tmp_path / "Task002_Synapse" / "model_final_checkpoint.model")
     with pytest.raises(ValueError, match="empty; give a weights folder.*local weights \\['mine'\\]"):
         load_pretrained("")
     with pytest.raises(ValueError, match="nor a valid Hugging Face repo id.*local weights \\['mine'\\]"):

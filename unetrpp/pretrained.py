@@ -194,6 +194,9 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
             raise ValueError(reason)
     elif text.rstrip("/\\") in local:  # a name under weights/, perhaps with a trailing slash
         model = _from_folder(local[text.rstrip("/\\")])
+    elif text.lower().endswith(_CHECKPOINT_SUFFIXES):  # not a folder to make with convert --out
+        raise ValueError(f"weights {text!r}: no such checkpoint file; check the path, or give a weights folder or one "
+                         f"of the local weights {sorted(local) or '(none)'}")
     elif _looks_like_path(text):
         raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
                          f"checkpoint with `python -m unetrpp convert CHECKPOINT --out {text}`, or give one of the "
@@ -208,12 +211,15 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     return model.to(device) if device is not None else model
 
 
+_CHECKPOINT_SUFFIXES = (".model", ".pth", ".pt")
+
+
 def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
     suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
     first = text.replace("\\", "/").split("/")[0]
     return (text.startswith((".", "/", "~", "\\"))
-            or text.endswith((".model", ".pth", ".pt", ".safetensors", "/", "\\"))
+            or text.endswith((*_CHECKPOINT_SUFFIXES, ".safetensors", "/", "\\"))
             or (first != "" and Path(first).expanduser().is_dir()))
 
 
