@@ -124,6 +124,19 @@ def test_convert_writes_a_folder_that_reproduces_the_checkpoint(tmp_path):
     assert main(["convert", str(ckpt), "--out", str(out / "config.json")]) == 2  # an existing file as --out
 
 
+def test_converted_tumor_weights_say_how_they_are_used_not_predict(tmp_path, capsys):
+    """predict refuses 4-channel weights; the card and the command once sent people there all the same."""
+    from unetrpp import create_model
+
+    ckpt = save_released_style(create_model("unetrpp_tumor", deep_supervision=True).state_dict(), tmp_path / "t.model")
+    assert main(["convert", str(ckpt), "--out", str(tmp_path / "tumor")]) == 0
+    said = capsys.readouterr().out
+    card = (tmp_path / "tumor" / "README.md").read_text()
+    for text in (said, card):
+        assert "UNETRPP.from_pretrained(" in text and "(B, 4, 128, 128, 128)" in text
+        assert "take single-channel weights only" in text and "--weights" not in text
+
+
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     bad = tmp_path / "notes.model"
     bad.write_text("not a checkpoint")

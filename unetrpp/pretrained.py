@@ -334,6 +334,19 @@ def _missing_preprocessing(name: str, given: Any) -> str | None:
             "if you trust its source)")
 
 
+def how_to_use(cfg: UNETRPPConfig) -> str:
+    """One line for a weights folder's card and for `convert`: how these weights are run. `predict`,
+    `segment()` and the viewer read one NIfTI volume, one channel; more channels (unetrpp_tumor's four
+    MRI sequences) are for the network itself."""
+    if cfg.in_channels == 1:
+        return (f"Use: `python -m unetrpp predict SCAN.nii.gz -o out --weights THIS_FOLDER` "
+                f"(a {cfg.preprocessing.modality} scan).")
+    return (f"Use from Python: `UNETRPP.from_pretrained(THIS_FOLDER)` on (B, {cfg.in_channels}, "
+            f"{', '.join(map(str, cfg.patch_size))}) windows of {cfg.in_channels} co-registered "
+            f"{cfg.preprocessing.modality} sequences preprocessed as its config.json says; "
+            "`python -m unetrpp predict`, `segment()` and the viewer take single-channel weights only.")
+
+
 def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
                      **preprocessing: Any) -> Path:
     """Write a released checkpoint as a weights folder (config.json + model.safetensors) for inference.
@@ -367,7 +380,7 @@ Deep-supervision heads dropped (inference does not use them); every other tensor
 | preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
 {prep.orientation}, normalization {prep.normalization}{intensities} |
 
-Use: `python -m unetrpp predict SCAN.nii.gz -o out --weights THIS_FOLDER` (a {prep.modality} scan). Not a medical device.
+{how_to_use(cfg)} Not a medical device.
 """
     out_dir = save_for_inference(model, out_dir, cfg, card=card)
     log.debug("wrote %s to %s", cfg.name, out_dir)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import check_folder_can_be_written
-    from ..pretrained import convert_original
+    from ..pretrained import convert_original, how_to_use, read_config
 
     # before the checkpoint is read (seconds for the large ones); also refuses an --out that is a file
     out = check_folder_can_be_written(args.out)
@@ -29,5 +29,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("spacing", "orientation", "clip", "mean", "std")
                  if getattr(args, k) is not None}
     path = convert_original(args.checkpoint, out, name=args.name, **overrides)
-    print(f"wrote {path} (config.json + model.safetensors); use it with --weights {path}")
+    config = read_config(path)
+    if config.in_channels == 1:
+        print(f"wrote {path} (config.json + model.safetensors); use it with --weights {path}")
+    else:  # predict would refuse it: say what works instead
+        print(f"wrote {path} (config.json + model.safetensors). {how_to_use(config).replace('THIS_FOLDER', str(path))}")
     return 0
