@@ -179,16 +179,36 @@ def test_cli_scores_the_classes_a_mask_names_not_btcv_organs(tmp_path, capsys):
     assert "spleen" not in capsys.readouterr().out
 
 
-def test_cli_passes_over_a_json_beside_a_mask_that_is_not_a_label_table(tmp_path, capsys):
-    """Masks from another tool may sit beside its own `<case>.json` (dcm2niix's side-car, notes, not JSON at
-    all): the organs are then the 13 BTCV ones, not a KeyError traceback or a bare JSON parser message."""
-    truth, pred = _half_overlap(tmp_path, 3)
-    io.save_array(truth, (1, 1, 1), tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
-    io.save_array(pred, (1, 1, 1), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
-    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
-    for foreign in ('{"Modality": "CT", "SeriesDescription": "abdomen"}', "not json", '{"labels": {"1": "liver"}}'):
-        (tmp_path / "pred/img0001.json").write_text(foreign)
-        assert main(args) == 0
-        out = capsys.readouterr().out
-        assert "spleen" in out and "left adrenal gland" in out
-        assert io.read_label_names(tmp_path / "pred/img0001.nii.gz") is None
+@pytest.mark.parametrize("side_car", ['{"Modality": "CT", "SeriesDescription": "abdomen"}',  # dcm2niix's
+                                      '{"labels": {"1": "spleen"}}',  # another tool's label map
+                                      "not json"])
+def test_cli_passes_over_a_json_beside_a_mask_that_is_not_its_label_table(side_car, tmp_path, capsys):
+    """Masks from another tool may sit beside a .json of the same name that is no label table: the
+    organs are then the BTCV ones (or those of the mask's own extension), not a traceback."""
+    truth, pred = _half_overlap(tmp_path, 6)
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(pred, spacing, tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    (tmp_path / "pred/img0001.json").write_text(side_car)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
+    captured = capsys.readouterr()
+    assert "liver" in captured.out and "0.6667" in captured.out and "Traceback" not in captured.err
+    image = io.load(io.save_array(truth, spacing, tmp_path / "img0001.nii.gz", dtype=np.int16))
+    io.save_mask(pred, image, tmp_path / "mask.nii.gz", label_names=("background", "tissue", "organ", "liver"))
+    (tmp_path / "mask.json").write_text(side_car)  # replaces the table save_mask wrote beside it
+    assert io.read_label_names(tmp_path / "mask.nii.gz") == ("background", "tissue", "organ", "liver")
+
+
+def test_cli_matches_masks_of_nnunet_named_images_to_their_labels(tmp_path, capsys):
+    """nnU-Net's layout: imagesTs/img0061_0000.nii.gz (channel 0) and labelsTs/img0061.nii.gz; predict
+    names the mask after the image, and evaluate once answered "no prediction for truth case(s) 0061"."""
+    truth, pred = _half_overlap(tmp_path, 6)
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/img0061.nii.gz", dtype=np.uint8)
+    io.save_array(pred, spacing, tmp_path / "pred/img0061_0000.nii.gz", dtype=np.uint8)
+    io.save_array(truth, spacing, tmp_path / "truth/case_0002.nii.gz", dtype=np.uint8)  # nnU-Net v2's names
+    io.save_array(pred, spacing, tmp_path / "pred/case_0002_0000.nii.gz", dtype=np.uint8)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    cases = json.loads((tmp_path / "r.json").read_text())["cases"]
+    assert sorted(cases) == ["0002", "0061"] and cases["0061"]["liver"]["dice"] == pytest.approx(2 / 3)

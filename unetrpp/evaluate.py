@@ -96,7 +96,8 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
 
 def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                      labels: dict[int, str] | None = None) -> dict:
-    """Match masks by their case number (img0003 <-> label0003 <-> 0003) and score them.
+    """Match masks by their case number (img0003 <-> label0003 <-> 0003; nnU-Net's img0003_0000 <-> img0003)
+    and score them.
 
     `labels` {id: name} to score; None: those the predictions' label table names (masks written by
     `unetrpp`, e.g. the ACDC classes), else the 13 BTCV organs.
@@ -104,6 +105,11 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
     Every truth case needs a prediction; the truth's spacing is used.
     """
     preds, truths = _nifti_files(Path(pred_dir)), _nifti_files(Path(truth_dir))
+    # nnU-Net's layout (the original's) names an image CASE_0000 (channel 0) and its label CASE; a mask
+    # predicted from that image keeps the image's name
+    for case in set(truths) - set(preds):
+        if f"{case}_0000" in preds:
+            preds[case] = preds.pop(f"{case}_0000")
     missing = sorted(set(truths) - set(preds))
     if missing:
         raise ValueError(f"no prediction for truth case(s) {_some(missing)} in {pred_dir} (it holds {_some(preds)}; "
