@@ -149,7 +149,7 @@ def test_mri_input_runs_with_a_warning(fixtures):
     assert any("do not look like CT" in w for w in result.warnings)
 
 
-def test_mri_weights_warn_about_a_ct_and_not_about_an_mri(fixtures):
+def test_mri_weights_warn_about_a_ct_and_not_about_an_mri(fixtures, tmp_path):
     torch.manual_seed(0)
     mri_weights = create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(
         spacing=(6.0, 6.0, 6.0), modality="MRI", normalization="zscore"))
@@ -157,6 +157,11 @@ def test_mri_weights_warn_about_a_ct_and_not_about_an_mri(fixtures):
     assert any("as air does in a CT" in w and "weights expect MRI" in w for w in on_ct.warnings), on_ct.warnings
     on_mri = segment(fixtures / "example_mr_sm.nii.gz", model=mri_weights)
     assert not any("CT" in w for w in on_mri.warnings), on_mri.warnings
+    # An MRI has no Hounsfield units: the mean is "mean_intensity" in the statistics and their table.
+    assert on_mri.statistics and all("mean_intensity" in s and "mean_hu" not in s for s in on_mri.statistics)
+    table = on_mri.statistics_csv(tmp_path / "mri.csv")
+    assert table.read_text().splitlines()[0] == "label,name,voxels,volume_ml,mean_intensity"
+    on_mri.statistics_csv(table)  # its own table is replaced on a rerun
 
 
 def test_nan_voxels_are_reported_in_the_result(tmp_path, model):

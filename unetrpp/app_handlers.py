@@ -424,7 +424,7 @@ def statistics_rows(statistics: Sequence[dict]) -> list[list]:
     for s in statistics:
         if int(s.get("voxels", 0)) <= 0:
             continue
-        mean = s.get("mean_hu")
+        mean = s.get("mean_hu", s.get("mean_intensity"))
         rows.append([int(s["label"]), s["name"], round(float(s["volume_ml"]), 2), int(s["voxels"]),
                      None if mean is None or not np.isfinite(mean) else round(float(mean), 1)])
     return rows

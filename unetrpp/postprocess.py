@@ -17,6 +17,8 @@ from scipy import ndimage
 from .io import SYNTHETIC_NOTE, atomic_write, check_folder_can_be_written, check_replaceable
 
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
+# The mean's column for weights of another modality (MRI): its values are the scan's own units, not HU.
+MEAN_INTENSITY = "mean_intensity"
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -40,11 +42,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[float, float, float],
-                     class_names: Sequence[str]) -> list[dict]:
-    """One dict per foreground class present: label, name, voxels, volume_ml, mean_hu.
+                     class_names: Sequence[str], modality: str = "CT") -> list[dict]:
+    """One dict per foreground class present: label, name, voxels, volume_ml, mean_hu (mean_intensity
+    when `modality` is not CT: an MRI has no Hounsfield units).
 
     `mask` (Z, Y, X) labels, `intensities` (Z, Y, X) original values (HU for CT), `spacing` (z, y, x) mm.
     """
+    mean_field = "mean_hu" if modality == "CT" else MEAN_INTENSITY
     if mask.shape != intensities.shape:
         raise ValueError(f"mask shape {mask.shape} differs from intensities shape {intensities.shape}; "
                          "give both on one grid")
@@ -58,7 +62,7 @@ def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[f
             continue
         name = class_names[label] if label < len(class_names) else f"label {label}"
         stats.append({"label": label, "name": name, "voxels": int(counts[label]),
-                      "volume_ml": float(counts[label] * voxel_ml), "mean_hu": float(sums[label] / counts[label])})
+                      "volume_ml": float(counts[label] * voxel_ml), mean_field: float(sums[label] / counts[label])})
     return stats
 
 
@@ -67,7 +71,10 @@ def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synth
     `synthetic` (weights trained on phantoms), a last column "note" says so on every row: the table
     travels without the page or the mask that would say it."""
     buffer = _stringio.StringIO()
-    fields = tuple(leading) + STATISTICS_FIELDS + (("note",) if synthetic else ())
+    columns = STATISTICS_FIELDS
+    if any(MEAN_INTENSITY in row for row in rows):  # statistics of MRI weights
+        columns = (*STATISTICS_FIELDS[:-1], MEAN_INTENSITY)
+    fields = tuple(leading) + columns + (("note",) if synthetic else ())
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -86,7 +93,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def _is_statistics_csv(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
-            return set(STATISTICS_FIELDS) <= set(f.readline().strip().split(","))
+            header = set(f.readline().strip().split(","))
+        return set(STATISTICS_FIELDS[:-1]) <= header and bool({"mean_hu", MEAN_INTENSITY} & header)
     except (OSError, UnicodeDecodeError):
         return False
 
