@@ -288,7 +288,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                                             buttons=[]))  # its reset would go to slice 0
                         position = gr.Markdown("", elem_id="position")
                         table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
-                                             max_height=720, elem_id="stats-table")
+                                             max_height=720, wrap=True, column_widths=["15%", "33%", "18%", "18%", "16%"],
+                                             elem_id="stats-table")
                     with gr.Tab("3D surfaces"):
                         surface = gr.Plot(label="organ surfaces (marching cubes, downsampled)", elem_id="surface")
                     with gr.Tab("Attention"):
@@ -380,7 +381,11 @@ QUEUE = dict(max_size=QUEUE_SIZE, default_concurrency_limit=8)
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
-                  " #contours {min-width: 140px !important}")
+                  " #contours {min-width: 140px !important}"
+                  # a phone fits the statistics' five columns with a smaller font, headers broken between words
+                  " @media (max-width: 480px) {#stats-table th, #stats-table td {font-size: 12px !important;"
+                  " padding-left: 2px !important; padding-right: 2px !important}"
+                  " #stats-table .cell-wrap {padding-left: 2px !important; padding-right: 2px !important}}")
 
 
 def __getattr__(name: str):

@@ -202,6 +202,10 @@ def test_viewer_end_to_end(page, tmp_path):
         text_right, box_right = page.get_by_text(label, exact=True).first.evaluate(
             "e => [e.getBoundingClientRect().right, e.closest('.block').getBoundingClientRect().right]")
         assert text_right <= box_right, f"{label!r} cut at 390 px: text ends at {text_right}, its box at {box_right}"
+    # The statistics' five columns fit the screen: no sideways scrolling to reach volume, voxels and mean HU.
+    table_width, shown_width = page.locator("#stats-table").evaluate(
+        "e => [e.querySelector('table').scrollWidth, e.querySelector('table').parentElement.clientWidth]")
+    assert table_width <= shown_width + 1, f"statistics table {table_width} px wide in {shown_width} px at 390 px"
     page.screenshot(path=str(ARTIFACTS / "07_phone_width.png"), full_page=True)
 
 
