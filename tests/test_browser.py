@@ -145,7 +145,7 @@ def test_viewer_end_to_end(page, tmp_path):
     page.locator("#attention-btn").click()
     page.locator("#attention-axial img").first.wait_for(timeout=60_000)
     page.get_by_text("Query voxel").first.wait_for()
-    page.get_by_text("channel attention, encoder stage 0").first.wait_for(timeout=30_000)  # the plotly matrices
+    page.locator(".gtitle", has_text="encoder stage 0").first.wait_for(timeout=30_000)  # the plotly matrices' title
     page.screenshot(path=str(ARTIFACTS / "03_attention.png"), full_page=True)
     # Clicking the heat-map moves the query, and the crosshair of the Slices tab with it.
     caption = page.get_by_text("Query voxel").first

@@ -525,7 +525,7 @@ def show_attention(session: Session, view, head: int | None, window: tuple[float
                f"{f'head {int(head)}' if head else 'mean of heads'}. Heat-map: the query's "
                "attention weight (no unit), from its minimum (clear) to its maximum in this window (bright yellow).")
     return [*(va.render_attention(view, v, window) for v in vis.VIEWS),
-            va.channel_figure(view.channel, f"channel attention, {label}"), caption]
+            va.channel_figure(view.channel, f"channel attention<br>{label}"), caption]  # two lines fit a phone
 
 
 def attention_click(session: Session, view: str, col: float, row: float) -> Session:

@@ -165,5 +165,5 @@ def channel_figure(channel: np.ndarray, title: str = ""):
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{h + 1 if h else ''}", constrain="domain",
                          title_text="query channel" if col == 1 else None, row=row, col=col)
     fig.update_layout(title=dict(text=title or "channel attention (d x d per head)", font=dict(size=14)),
-                      height=300 * rows + 60, margin=dict(l=10, r=10, t=60, b=10))
+                      height=300 * rows + 75, margin=dict(l=10, r=10, t=75, b=10))
     return fig
