@@ -7,7 +7,6 @@ the released checkpoints load without renaming.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,24 +83,22 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
             self.out3 = OutBlock(dims[1], cfg.out_channels)
         self.unetr_pp_encoder.apply(_init_like_the_original)
 
+    # The Hub mixin's loaders, with the checks pretrained.py makes (it alone knows files and hubs).
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "UNETRPP":
-        """huggingface_hub's `from_pretrained` (a weights folder or a Hub repo id). A file, such as a
-        released checkpoint, is answered with what reads it, not with the Hub's "Repo id must be in the form"."""
-        if Path(str(pretrained_model_name_or_path)).expanduser().is_file():
-            raise ValueError(f"{pretrained_model_name_or_path} is a file; UNETRPP.from_pretrained takes a weights "
-                             "folder (config.json + model.safetensors) or a Hugging Face repo id. Read a released "
-                             "model_final_checkpoint.model with unetrpp.load_original_checkpoint(path), or convert "
-                             "it into a folder with `python -m unetrpp convert`")
+        """A weights folder (config.json + model.safetensors) or a Hugging Face repo id -> the network."""
+        from .pretrained import check_hub_source
+
+        check_hub_source(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> "UNETRPP":
         """huggingface_hub's loader, strict unless asked otherwise: a missing tensor is an error, not a
-        randomly initialised layer (`UNETRPP.from_pretrained(folder_or_repo_id)` goes through here)."""
-        if "config" not in kwargs:  # huggingface_hub only logs a missing config.json, then calls UNETRPP()
-            raise ValueError(f"{kwargs.get('model_id')}: no config.json; a weights folder holds config.json + "
-                             "model.safetensors (make one from a released checkpoint with `python -m unetrpp convert`)")
+        randomly initialised layer."""
+        from .pretrained import check_hub_config
+
+        check_hub_config(kwargs)
         return super()._from_pretrained(strict=strict, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

@@ -214,6 +214,24 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
 _CHECKPOINT_SUFFIXES = (".model", ".pth", ".pt")
 
 
+def check_hub_source(source: Any) -> None:
+    """One-line ValueError for what `UNETRPP.from_pretrained` cannot read: a file, such as a released
+    checkpoint, would get the Hub's "Repo id must be in the form" instead of what reads it."""
+    if Path(str(source)).expanduser().is_file():
+        raise ValueError(f"{source} is a file; UNETRPP.from_pretrained takes a weights folder (config.json + "
+                         "model.safetensors) or a Hugging Face repo id. Read a released model_final_checkpoint.model "
+                         "with unetrpp.load_original_checkpoint(path), or convert it into a folder with "
+                         "`python -m unetrpp convert`")
+
+
+def check_hub_config(loader_kwargs: Mapping[str, Any]) -> None:
+    """One-line ValueError when huggingface_hub found no config.json: it only logs that, then builds
+    UNETRPP() without one ("missing 1 required positional argument")."""
+    if "config" not in loader_kwargs:
+        raise ValueError(f"{loader_kwargs.get('model_id')}: no config.json; a weights folder holds config.json + "
+                         "model.safetensors (make one from a released checkpoint with `python -m unetrpp convert`)")
+
+
 def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
     suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
