@@ -24,7 +24,7 @@
 # **How long.** Measured on 2 CPU cores with nothing else running. Fast mode (`UNETRPP_FAST=1`): about
 # 20 s, enough to see the loss fall but not to segment well. Full mode: about 13 minutes (2400 steps),
 # and it reaches at least the quality of the bundled teaching weights, trained with this recipe (mean
-# Dice 0.88 on held-out phantoms; measured here: 0.904, from the original's initialisation, which the
+# Dice 0.89 on held-out phantoms; measured here: 0.904, from the original's initialisation, which the
 # teaching weights predate). Full mode writes about 360 MB of phantoms (29 cases of 12 MB) into
 # `WORKDIR` (git-ignored `notebooks/runs/`), which you may delete afterwards.
 # If the progress bar shows seconds per step, other programs are competing for the two cores: run
