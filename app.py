@@ -158,7 +158,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     @GPU(duration=segment_seconds)
     def on_segment(session, overlap, tta, bf16, shown, progress=gr.Progress()):
         """Segment the session's scan; a failure keeps the scan shown and says why on the status line. A run
-        whose scan is no longer on the page stops at its next window and changes nothing."""
+        whose scan is no longer on the page stops at its next window and changes nothing. On ZeroGPU this runs
+        on copies of the arguments: it returns what is new and changes nothing in them (see segment_shown)."""
         def report(fraction, message):
             if shown.get("path") != session.path:
                 raise H.Superseded(session.name)
@@ -169,10 +170,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                           progress=report, precision="bf16" if bf16 else "auto")
         except H.Superseded:
             return gr.skip(), gr.skip()
-        except Exception as exc:
-            return session, failure("Could not segment the scan", exc, "on_segment")
-        if session.position != session.centre():
-            result.position = list(session.position)  # the user has moved the crosshair meanwhile: keep it
+        except Exception as exc:  # the session on the page stays (on ZeroGPU `session` is a copy from the start)
+            return gr.skip(), failure("Could not segment the scan", exc, "on_segment")
         for warning in result.warnings:
             gr.Warning(without_upload_folder(warning))
         return result, f"Segmented **{result.name}**: {result.summary}." + without_upload_folder(H.warnings_text(result))
@@ -182,8 +181,14 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         ZeroGPU the run cannot see that: it works on a copy)."""
         if session is None:
             raise gr.Error("Upload a CT volume (.nii / .nii.gz) or pick an example first.", print_exception=False)
-        outputs = on_segment(session, overlap, tta, bf16, shown, progress=progress)
-        return outputs if shown.get("path") == session.path else (gr.skip(), gr.skip())
+        result, text = on_segment(session, overlap, tta, bf16, shown, progress=progress)
+        if shown.get("path") != session.path:
+            return gr.skip(), gr.skip()
+        # The crosshair the user moved during the run stays where it is. Checked here, on the session of the
+        # page: on ZeroGPU the run saw only a copy taken when it started, and would put it back on the organs.
+        if isinstance(result, H.Session) and session.position != session.centre():
+            result.position = list(session.position)
+        return result, text
 
     def after_upload(session, overlap, tta, bf16, shown, progress=gr.Progress()):
         return [gr.skip()] * 2 if session is None else segment_shown(session, overlap, tta, bf16, shown, progress)

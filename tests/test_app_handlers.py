@@ -307,6 +307,101 @@ def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, 
     assert requested["api_segment"](str(ct), 0.5, False) == expected
 
 
+def forked_gpu(requested: list):
+    """A stand-in for `spaces.GPU` with ZeroGPU's semantics (spaces 0.51, spaces/zero/wrappers.py): the
+    duration function gets the call's arguments (what it returns is recorded in `requested`); the
+    function runs in a forked process on pickled arguments and its result comes back pickled; a
+    gr.Error raised there comes back as it is, any other exception as a gr.Error holding only its class
+    name; progress calls are forwarded to the caller's `progress` while the worker runs."""
+    import functools
+    import multiprocessing
+    import threading
+
+    import gradio as gr
+
+    def GPU(fn=None, duration=None):
+        def wrap(f):
+            @functools.wraps(f)
+            def in_a_worker(*args, **kwargs):
+                requested.append((f.__name__, duration(*args, **kwargs) if callable(duration) else duration))
+                progress = kwargs.pop("progress", None)
+                here, there = multiprocessing.get_context("fork").Pipe()
+
+                def worker():
+                    args, kwargs = there.recv()
+                    if progress is not None:
+                        kwargs["progress"] = lambda *a, **k: there.send(("progress", a, k))
+                    try:
+                        there.send(("ok", f(*args, **kwargs)))
+                    except gr.Error as exc:
+                        there.send(("error", exc))
+                    except Exception as exc:
+                        there.send(("error", gr.Error(type(exc).__name__, print_exception=False)))
+
+                process = multiprocessing.get_context("fork").Process(target=worker, daemon=True)
+                # Forked from a fresh thread, as gradio's handler threads fork it: a fork of a thread that has run
+                # torch's OpenMP pool (pytest's main thread) waits forever for that pool in its first convolution.
+                starter = threading.Thread(target=process.start)
+                starter.start()
+                starter.join()
+                try:
+                    here.send((args, kwargs))
+                    while True:
+                        assert here.poll(120), f"the forked {f.__name__} gave no answer in 120 s"
+                        kind, *value = here.recv()
+                        if kind == "progress":
+                            progress(*value[0], **value[1])
+                        elif kind == "error":
+                            raise value[0]
+                        else:
+                            return value[0]
+                finally:
+                    process.join(10)
+            return in_a_worker
+        return wrap(fn) if fn is not None else wrap
+    return GPU
+
+
+@pytest.fixture
+def zerogpu_app(monkeypatch, tiny_model, tmp_path):
+    """app.py's handlers (by function name) under `forked_gpu`, and the GPU seconds its calls asked for."""
+    import importlib.util
+    import sys
+    import types
+
+    requested = []
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=forked_gpu(requested)))
+    spec = importlib.util.spec_from_file_location("app_on_forked_zerogpu", Path(__file__).parents[1] / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}, requested
+
+
+def test_on_zerogpu_a_crosshair_moved_during_a_segmentation_stays_where_it_was_put(zerogpu_app, scan, tiny_model):
+    """The worker segments a copy of the session taken when the run started: it went back to the organs
+    when the crosshair had been moved meanwhile, and a failed run put the copy in place of the page's
+    session (and any move made meanwhile with it)."""
+    import gradio as gr
+
+    handler, requested = zerogpu_app
+    session = H.load_scan(scan)
+    moved = [1, 2, 3]
+
+    def click_during_the_run(*args, **kwargs):  # called here, in the page's process, while the worker segments
+        session.position[:] = moved
+
+    result, status = handler["segment_shown"](session, 0.5, False, False, {"path": session.path},
+                                              progress=click_during_the_run)
+    assert "Segmented" in status and result.mask is not None
+    assert result.position == moved, "the crosshair moved during the run went back to the organs"
+    assert requested == [("on_segment", H.gpu_seconds(scan, tiny_model.config, 0.5, False))]
+    kept, status = handler["segment_shown"](result, 1.5, False, False, {"path": result.path},
+                                            progress=lambda *a, **k: None)
+    assert "Could not segment" in status and "overlap=1.5" in status
+    assert kept == gr.skip(), "the worker's copy of the session replaced the page's"
+
+
 def test_statistics_rows_skip_empty_and_round():
     rows = H.statistics_rows([{"label": 6, "name": "liver", "voxels": 10, "volume_ml": 1.23456, "mean_hu": 55.55},
                               {"label": 1, "name": "spleen", "voxels": 0, "volume_ml": 0.0, "mean_hu": float("nan")}])
