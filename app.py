@@ -193,8 +193,10 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def after_upload(session, overlap, tta, bf16, shown, progress=gr.Progress()):
         return [gr.skip()] * 2 if session is None else segment_shown(session, overlap, tta, bf16, shown, progress)
 
-    @friendly
+    # friendly inside GPU: ZeroGPU hands back a worker's gr.Error as it is, but any other exception as its class
+    # name alone ("ValueError"), so the one-line message must be made in the worker.
     @GPU(duration=lambda scan, overlap=0.5, tta=False: H.gpu_seconds(scan, model.get().config, overlap, tta))
+    @friendly
     def api_segment(scan: str, overlap: float = 0.5, tta: bool = False):
         session, mask, _ = H.segment_scan(scan, model.get(), get_upload_folder(), overlap, tta, model.device,
                                           write_csv=False)
@@ -215,6 +217,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         return handler
 
     @GPU(duration=H.GPU_SETUP_SECONDS)  # one window
+    @friendly  # its errors' messages made in the worker, as for api_segment
     def attention_maps(session, block, head):
         """The network's part: on ZeroGPU it runs in a worker on a copy of the session, so it returns the maps
         and leaves the session to on_attention."""

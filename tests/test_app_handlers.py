@@ -402,6 +402,25 @@ def test_on_zerogpu_a_crosshair_moved_during_a_segmentation_stays_where_it_was_p
     assert kept == gr.skip(), "the worker's copy of the session replaced the page's"
 
 
+def test_on_zerogpu_the_api_and_the_attention_tab_say_what_is_wrong(zerogpu_app, scan, tmp_path):
+    """Errors raised in the worker reach the page and gradio_client as the one-line message: they read
+    'ValueError', since ZeroGPU hands back only the class name of an exception that is not a gr.Error."""
+    import gradio as gr
+
+    handler, _ = zerogpu_app
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"this is not a NIfTI image")
+    with pytest.raises(gr.Error, match="broken.nii.gz: .*not a NIfTI image"):
+        handler["api_segment"](str(broken), 0.5, False)
+    session = H.load_scan(scan)
+    session.orientation = "LPS"  # as a scan loaded for weights that expect LPS (synapse) before it is segmented
+    with pytest.raises(gr.Error, match="the model expects RAS; segment the scan first"):
+        handler["on_attention"](session, 0, 0, "abdomen", None, None)
+    session.orientation = "RAS"
+    *images, figure, caption = handler["on_attention"](session, 0, 0, "abdomen", None, None)
+    assert images[0].ndim == 3 and f"Query voxel (z, y, x) = {tuple(session.position)}" in caption
+
+
 def test_statistics_rows_skip_empty_and_round():
     rows = H.statistics_rows([{"label": 6, "name": "liver", "voxels": 10, "volume_ml": 1.23456, "mean_hu": 55.55},
                               {"label": 1, "name": "spleen", "voxels": 0, "volume_ml": 0.0, "mean_hu": float("nan")}])
