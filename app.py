@@ -92,8 +92,10 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     if net is not None:
         spec, notice = f"given model ({net.config.name})", "Model given by the caller (tests)."
     model = H.ModelHolder(spec, notice, model=net)
-    if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU runs each @GPU call in a fork of this process: load the
-        model.get()  # weights here, once, or every request would load them again inside its GPU time
+    # ZeroGPU (SPACES_ZERO_GPU read as spaces reads it) runs each @GPU call in a fork of this process: load
+    # the weights here, once, or every request would load them again inside its GPU time.
+    if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
+        model.get()
     else:  # load while the page is being opened, so the first scan does not wait for it (a failure is
         # reported by that scan). Not a daemon: a process that ends while torch is loading the weights in
         # a daemon thread aborts ("terminate called without an active exception"), so it waits instead
