@@ -143,10 +143,15 @@ def test_on_disk_encoding_changes_nothing(encoding, tmp_path, model):
 
 
 # ---- warnings and refusals -------------------------------------------------------------------------
-def test_mri_input_runs_with_a_warning(fixtures):
+def test_mri_input_runs_with_a_warning(fixtures, tmp_path):
     result = segment(fixtures / "example_mr_sm.nii.gz", model=small_model(spacing=(6.0, 6.0, 6.0)))
     assert result.mask.shape == result.volume.shape == (20, 91, 117)
     assert any("do not look like CT" in w for w in result.warnings)
+    # CT weights (the teaching weights) on an MRI: its values have no HU, so its table says mean_intensity,
+    # as the viewer's does ("mean intensity"); it said mean_hu, the weights' modality
+    assert result.statistics and all("mean_intensity" in s and "mean_hu" not in s for s in result.statistics)
+    header = result.statistics_csv(tmp_path / "mri.csv").read_text().splitlines()[0]
+    assert header == "label,name,voxels,volume_ml,mean_intensity"
 
 
 def test_mri_weights_warn_about_a_ct_and_not_about_an_mri(fixtures, tmp_path):

@@ -53,7 +53,7 @@ class SegmentationResult:
     volume: io.Volume  # the input reoriented, array (Z, Y, X) float32 (HU for CT)
     mask: np.ndarray  # uint8 (Z, Y, X), aligned with volume.array
     class_names: tuple[str, ...]  # background first
-    statistics: list[dict]  # label, name, voxels, volume_ml, mean_hu (MRI weights: mean_intensity); per class
+    statistics: list[dict]  # label, name, voxels, volume_ml, mean_hu (not CT: mean_intensity); per class
     warnings: list[str]
     affine: np.ndarray  # 4x4 affine of the source file: goes with mask_on_source_grid(), not with mask
     device: str = "cpu"  # where the network ran
@@ -73,8 +73,8 @@ class SegmentationResult:
         return io.save_mask(self.mask, self.volume, path, label_names=self.class_names, synthetic=self.synthetic)
 
     def statistics_csv(self, path: str | Path) -> Path:
-        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu or, for MRI weights,
-        mean_intensity, and a "note" column saying "SYNTHETIC" when the weights were trained on phantoms);
+        """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu or, for a scan that is not CT
+        in HU, mean_intensity, and a "note" column saying "SYNTHETIC" when the weights were trained on phantoms);
         an existing file is only replaced if it is such a table (see `postprocess.check_statistics_path`)."""
         return write_statistics(path, statistics_csv_text(self.statistics, synthetic=self.synthetic))
 
@@ -399,8 +399,10 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
         warnings.append(runner.failed)
     if largest_component:
         mask = postprocess.largest_component(mask)
+    # The mean is in HU only when the values look like CT, as the viewer's table decides: an MRI has no
+    # HU whichever weights ran on it (the teaching weights are for CT), and a CT under MRI weights keeps them.
     stats = organ_statistics(mask, volume.array, volume.spacing, config.class_names,
-                             config.preprocessing.modality)
+                             in_hu=ct_warning(volume.array) is None)
     affine = volume.source.affine if volume.source is not None else volume.affine
     windows = count_windows(prepared.target_shape, config.patch_size, float(overlap))
     seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ from scipy import ndimage
 from .io import SYNTHETIC_NOTE, atomic_write, check_folder_can_be_written, check_replaceable
 
 STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
-# The mean's column for weights of another modality (MRI): its values are the scan's own units, not HU.
+# The mean's column for a scan whose values are not CT in HU (an MRI): they are in the scan's own units.
 MEAN_INTENSITY = "mean_intensity"
 
 
@@ -42,13 +42,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[float, float, float],
-                     class_names: Sequence[str], modality: str = "CT") -> list[dict]:
+                     class_names: Sequence[str], in_hu: bool = True) -> list[dict]:
     """One dict per foreground class present: label, name, voxels, volume_ml, mean_hu (mean_intensity
-    when `modality` is not CT: an MRI has no Hounsfield units).
+    unless `in_hu`: an MRI has no Hounsfield units).
 
     `mask` (Z, Y, X) labels, `intensities` (Z, Y, X) original values (HU for CT), `spacing` (z, y, x) mm.
     """
-    mean_field = "mean_hu" if modality == "CT" else MEAN_INTENSITY
+    mean_field = "mean_hu" if in_hu else MEAN_INTENSITY
     if mask.shape != intensities.shape:
         raise ValueError(f"mask shape {mask.shape} differs from intensities shape {intensities.shape}; "
                          "give both on one grid")
@@ -72,7 +72,7 @@ def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synth
     travels without the page or the mask that would say it."""
     buffer = _stringio.StringIO()
     columns = STATISTICS_FIELDS
-    if any(MEAN_INTENSITY in row for row in rows):  # statistics of MRI weights
+    if any(MEAN_INTENSITY in row for row in rows):  # statistics of a scan that is not CT (an MRI)
         columns = (*STATISTICS_FIELDS[:-1], MEAN_INTENSITY)
     fields = tuple(leading) + columns + (("note",) if synthetic else ())
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
