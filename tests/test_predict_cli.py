@@ -377,3 +377,19 @@ def test_statistics_of_weights_trained_on_phantoms_say_synthetic(tmp_path):
     lines = (tmp_path / "stats.csv").read_text().splitlines()
     assert lines[0] == "file,label,name,voxels,volume_ml,mean_hu,note" and len(lines) > 1
     assert all(line.endswith(",made by weights trained on SYNTHETIC phantoms: not real anatomy") for line in lines[1:])
+
+
+def test_statistics_of_a_folder_holding_a_ct_and_an_mri_keep_both_means(tmp_path, weights, fixtures):
+    """The mean is in HU for a CT and mean_intensity for an MRI: a folder of both (one weights) gets the two
+    columns, each row filling its own, not a ValueError from the CSV writer after every file was segmented."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_nifti(inputs / "ct.nii.gz", ct_like(1), AFFINE)
+    shutil.copy(fixtures / "example_mr_sm.nii.gz", inputs / "mri.nii.gz")
+    assert predict(inputs, "-o", tmp_path / "out", "--weights", weights, "--stats", tmp_path / "stats.csv") == 0
+    lines = (tmp_path / "stats.csv").read_text().splitlines()
+    assert lines[0] == "file,label,name,voxels,volume_ml,mean_hu,mean_intensity"
+    by_file = {Path(line.split(",")[0]).name: line for line in lines[1:]}
+    assert by_file["ct.nii.gz"].split(",")[-1] == "" and by_file["ct.nii.gz"].split(",")[-2] != ""
+    assert by_file["mri.nii.gz"].split(",")[-2] == "" and by_file["mri.nii.gz"].split(",")[-1] != ""
+    assert predict(inputs, "-o", tmp_path / "out", "--weights", weights, "--stats", tmp_path / "stats.csv") == 0

@@ -71,10 +71,10 @@ def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synth
     `synthetic` (weights trained on phantoms), a last column "note" says so on every row: the table
     travels without the page or the mask that would say it."""
     buffer = _stringio.StringIO()
-    columns = STATISTICS_FIELDS
-    if any(MEAN_INTENSITY in row for row in rows):  # statistics of a scan that is not CT (an MRI)
-        columns = (*STATISTICS_FIELDS[:-1], MEAN_INTENSITY)
-    fields = tuple(leading) + columns + (("note",) if synthetic else ())
+    # mean_hu, mean_intensity (a scan that is not CT, e.g. an MRI) or, for a folder holding both, the two
+    # columns, each row filling its own; mean_hu when there is no row
+    means = [m for m in ("mean_hu", MEAN_INTENSITY) if any(m in row for row in rows)] or ["mean_hu"]
+    fields = (*leading, *STATISTICS_FIELDS[:-1], *means, *(("note",) if synthetic else ()))
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
