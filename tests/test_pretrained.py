@@ -183,6 +183,8 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
     # a mistyped checkpoint path is not a folder to make: no `convert ... --out model_final_checkpoint.model`
     with pytest.raises(ValueError, match=r"no such checkpoint file; check the path.*local weights \['mine'\]"):
         load_pretrained(tmp_path / "Task002_Synapse" / "model_final_checkpoint.model")
+    with pytest.raises(ValueError, match=r"no such weights file; check the path.*local weights \['mine'\]"):
+        load_pretrained("weights/unetrpp_synapse/model.safetensors")  # not `convert ... --out .../model.safetensors`
     with pytest.raises(ValueError, match="empty; give a weights folder.*local weights \\['mine'\\]"):
         load_pretrained("")
     with pytest.raises(ValueError, match="nor a valid Hugging Face repo id.*local weights \\['mine'\\]"):

@@ -194,8 +194,9 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
             raise ValueError(reason)
     elif text.rstrip("/\\") in local:  # a name under weights/, perhaps with a trailing slash
         model = _from_folder(local[text.rstrip("/\\")])
-    elif text.lower().endswith(_CHECKPOINT_SUFFIXES):  # not a folder to make with convert --out
-        raise ValueError(f"weights {text!r}: no such checkpoint file; check the path, or give a weights folder or one "
+    elif text.lower().endswith((*_CHECKPOINT_SUFFIXES, ".safetensors")):  # a file, not a folder to make with convert
+        what = "weights file" if text.lower().endswith(".safetensors") else "checkpoint file"
+        raise ValueError(f"weights {text!r}: no such {what}; check the path, or give a weights folder or one "
                          f"of the local weights {sorted(local) or '(none)'}")
     elif _looks_like_path(text):
         raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
