@@ -573,21 +573,30 @@ def test_after_segmentation_the_crosshair_lands_on_the_organs():
     assert H.centre_of_mask(mask) == [4, 8, 16]
 
 
-def test_a_bad_number_in_the_viewers_environment_variables_is_one_line():
+def test_a_bad_number_in_the_viewers_environment_variables_is_one_line(monkeypatch):
     """UNETRPP_MAX_WINDOWS, UNETRPP_CONCURRENCY and UNETRPP_QUEUE_SIZE (Space variables, README) set to
     something that is not a positive whole number end `python app.py` with one `error:` line naming the
-    variable, not an int() traceback; unset, they keep their defaults."""
+    variable, not an int() traceback; unset, they keep their defaults. The first two are read at import by
+    the handlers and by app.py (a process each); the third goes through app.py's second, like the second."""
     import os
     import subprocess
     import sys
 
-    for name, value, default in (("UNETRPP_MAX_WINDOWS", "2k", 2000), ("UNETRPP_CONCURRENCY", "one", 1),
-                                 ("UNETRPP_QUEUE_SIZE", "0", 24)):
+    def message(name, value, default):
+        return (f"{name}={value!r}: must be a whole number of at least 1, e.g. {name}={default} "
+                "(the default, also used when it is unset)")
+
+    for name, value, default in (("UNETRPP_MAX_WINDOWS", "2k", 2000), ("UNETRPP_CONCURRENCY", "one", 1)):
         out = subprocess.run([sys.executable, "-c", "import app"], cwd=Path(__file__).parents[1],
                              env={**os.environ, name: value}, capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0 and out.stderr.strip().splitlines() == [
-            f"error: {name}={value!r}: must be a whole number of at least 1, e.g. {name}={default} "
-            "(the default, also used when it is unset)"], out.stderr
+        assert out.returncode != 0 and out.stderr.strip().splitlines() == [f"error: {message(name, value, default)}"], \
+            out.stderr
+    monkeypatch.setenv("UNETRPP_QUEUE_SIZE", "0")
+    with pytest.raises(ValueError) as refused:
+        H.env_int("UNETRPP_QUEUE_SIZE", 24)
+    assert str(refused.value) == message("UNETRPP_QUEUE_SIZE", "0", 24)
+    monkeypatch.setenv("UNETRPP_QUEUE_SIZE", " 12 ")
+    assert H.env_int("UNETRPP_QUEUE_SIZE", 24) == 12
     assert H.env_int("UNETRPP_SURELY_UNSET", 7) == 7
 
 
