@@ -62,9 +62,9 @@ def test_resolve_weights_picks_only_single_channel_ct_weights_unasked(tmp_path):
 
 def test_display_settings_keep_a_zero_level_and_refuse_an_empty_custom_width():
     assert H.display_settings("custom", 350, 0, 0.4, None, False).window() == (350.0, 0.0)  # 0 HU is a level
-    with pytest.raises(ValueError, match=r"\(width 0 HU, level 40 HU\): give a width above 0 HU"):
+    with pytest.raises(ValueError, match=r"\(width 0, level 40\): give a width above 0 and a level in the scan's units"):
         H.display_settings("custom", 0, 40, 0.5, None, False).window()
-    with pytest.raises(ValueError, match=r"\(width empty, level 40 HU\): give a width above 0 HU") as info:
+    with pytest.raises(ValueError, match=r"\(width empty, level 40\): give a width above 0") as info:
         H.display_settings("custom", None, 40, 0.5, None, False).window()  # an emptied number box
     assert "None" not in str(info.value)
     assert H.display_settings("lung", None, None, None, ["liver"], True).window() == vis.WINDOW_PRESETS["lung"]

@@ -40,9 +40,11 @@ def window_preset(name: str, width: float | None = None, level: float | None = N
     """(width, level) of a named preset, or of `width`/`level` when `name` is "custom"."""
     if name == "custom":
         if width is None or level is None or width <= 0:
-            given = ", ".join(f"{what} {'empty' if v is None else f'{v:g} HU'}" for what, v in (("width", width),
-                                                                                             ("level", level)))
-            raise ValueError(f"custom window ({given}): give a width above 0 HU and a level in HU, e.g. 400 and 40")
+            given = ", ".join(f"{what} {'empty' if v is None else f'{v:g}'}" for what, v in (("width", width),
+                                                                                       ("level", level)))
+            # in the scan's units: HU for a CT, the file's own values for a scan that is not (an MRI)
+            raise ValueError(f"custom window ({given}): give a width above 0 and a level in the scan's units, "
+                             "e.g. 400 and 40 for soft tissue in a CT (HU)")
         return float(width), float(level)
     if name not in WINDOW_PRESETS:
         raise ValueError(f"window preset {name!r}: must be one of {[*WINDOW_PRESETS, 'custom']}")
