@@ -407,8 +407,9 @@ def window_for(session: Session) -> tuple[float, float] | None:
     percentiles; None for a CT, which keeps the chosen window. HU presets would show such a scan white."""
     if session.ct:
         return None
-    sample = session.volume[::2, ::2, ::2] if min(session.volume.shape) > 8 else session.volume
-    low, high = (float(v) for v in np.percentile(sample, (1, 99)))
+    from .inference import intensity_range
+
+    low, high = intensity_range(session.volume)
     width = max(high - low, 1e-6)
     return float(f"{width:.3g}"), float(f"{(low + high) / 2:.3g}")
 

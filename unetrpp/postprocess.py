@@ -16,9 +16,9 @@ from scipy import ndimage
 
 from .io import SYNTHETIC_NOTE, atomic_write, check_folder_can_be_written, check_replaceable
 
-STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml", "mean_hu")
-# The mean's column for a scan whose values are not CT in HU (an MRI): they are in the scan's own units.
-MEAN_INTENSITY = "mean_intensity"
+STATISTICS_FIELDS = ("label", "name", "voxels", "volume_ml")  # then the mean, in one of MEAN_FIELDS
+# The mean's column: in HU for a CT, in the scan's own units for a scan whose values are not CT (an MRI).
+MEAN_FIELDS = ("mean_hu", "mean_intensity")
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[f
 
     `mask` (Z, Y, X) labels, `intensities` (Z, Y, X) original values (HU for CT), `spacing` (z, y, x) mm.
     """
-    mean_field = "mean_hu" if in_hu else MEAN_INTENSITY
+    mean_field = MEAN_FIELDS[0] if in_hu else MEAN_FIELDS[1]
     if mask.shape != intensities.shape:
         raise ValueError(f"mask shape {mask.shape} differs from intensities shape {intensities.shape}; "
                          "give both on one grid")
@@ -73,8 +73,8 @@ def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synth
     buffer = _stringio.StringIO()
     # mean_hu, mean_intensity (a scan that is not CT, e.g. an MRI) or, for a folder holding both, the two
     # columns, each row filling its own; mean_hu when there is no row
-    means = [m for m in ("mean_hu", MEAN_INTENSITY) if any(m in row for row in rows)] or ["mean_hu"]
-    fields = (*leading, *STATISTICS_FIELDS[:-1], *means, *(("note",) if synthetic else ()))
+    means = [m for m in MEAN_FIELDS if any(m in row for row in rows)] or [MEAN_FIELDS[0]]
+    fields = (*leading, *STATISTICS_FIELDS, *means, *(("note",) if synthetic else ()))
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -94,7 +94,7 @@ def _is_statistics_csv(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             header = set(f.readline().strip().split(","))
-        return set(STATISTICS_FIELDS[:-1]) <= header and bool({"mean_hu", MEAN_INTENSITY} & header)
+        return set(STATISTICS_FIELDS) <= header and bool(set(MEAN_FIELDS) & header)
     except (OSError, UnicodeDecodeError):
         return False
 
