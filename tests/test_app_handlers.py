@@ -252,40 +252,16 @@ def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_pa
         H.check_workload(small, tiny_model.config, tta=True, limit=7)
 
 
-def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, scan, tiny_model):
-    """app.py under a stand-in `spaces` module that, like ZeroGPU, runs each GPU function on pickled
-    copies of its arguments and results (progress callbacks aside, which the real one forwards and
-    this one drops): every model call is wrapped with a duration, the
+def test_the_space_asks_zerogpu_for_what_each_call_needs(zerogpu_app, fixtures, scan, tiny_model):
+    """app.py under `forked_gpu` (ZeroGPU's semantics: each GPU function runs in a worker on pickled
+    copies of its arguments and results): every model call is wrapped with a duration, the
     segmentation's duration follows the scan and the TTA switch, and the attention tab still works
     (what the worker changes in its copy of the session is lost)."""
-    import functools
-    import importlib.util
-    import pickle
-    import sys
-    import types
+    import gradio as gr
 
-    requested = {}
-
-    def GPU(fn=None, duration=None):  # records what app.py asks for, as spaces.GPU would receive it
-        def wrap(f):
-            requested[f.__name__] = duration
-
-            @functools.wraps(f)
-            def in_a_worker(*args, **kwargs):
-                args, kwargs = pickle.loads(pickle.dumps((args, {k: v for k, v in kwargs.items() if k != "progress"})))
-                return pickle.loads(pickle.dumps(f(*args, **kwargs)))
-            return in_a_worker
-        return wrap(fn) if fn is not None else wrap
-
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
-    spec = importlib.util.spec_from_file_location("app_on_zerogpu", Path(__file__).parents[1] / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
-    demo = app.build_demo(net=tiny_model)
-
+    handler, _, requested = zerogpu_app
     assert set(requested) == {"on_segment", "api_segment", "attention_maps"}
     assert requested["attention_maps"] == H.GPU_SETUP_SECONDS
-    handler = {f.name: f.fn for f in demo.fns.values()}
     session = H.load_scan(scan)
     *images, figure, caption = handler["on_attention"](session, 0, 0, "abdomen", None, None)
     assert images[0].ndim == 3 and "Query voxel" in caption
@@ -296,7 +272,7 @@ def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, 
     # Another scan was put on the page meanwhile: this run's result changes nothing.
     skipped = handler["segment_shown"](session, 0.5, False, False, {"path": "another.nii.gz"},
                                        progress=lambda *a, **k: None)
-    assert list(skipped) == [app.gr.skip()] * 2
+    assert list(skipped) == [gr.skip()] * 2
     ct = fixtures / "example_ct.nii.gz"
     session = H.Session(np.zeros((2, 2, 2), np.float32), (1.0, 1.0, 1.0), ct.name, str(ct))
     expected = H.gpu_seconds(ct, tiny_model.config, 0.5, False)
@@ -307,9 +283,10 @@ def test_the_space_asks_zerogpu_for_what_each_call_needs(monkeypatch, fixtures, 
     assert requested["api_segment"](str(ct), 0.5, False) == expected
 
 
-def forked_gpu(requested: list):
-    """A stand-in for `spaces.GPU` with ZeroGPU's semantics (spaces 0.51, spaces/zero/wrappers.py): the
-    duration function gets the call's arguments (what it returns is recorded in `requested`); the
+def forked_gpu(requested: list, durations: dict):
+    """A stand-in for `spaces.GPU` with ZeroGPU's semantics (spaces 0.51, spaces/zero/wrappers.py): each
+    function's `duration` as given goes into `durations` (by function name); the duration function gets
+    the call's arguments (what it returns is recorded in `requested`); the
     function runs in a forked process on pickled arguments and its result comes back pickled; a
     gr.Error raised there comes back as it is, any other exception as a gr.Error holding only its class
     name; progress calls are forwarded to the caller's `progress` while the worker runs."""
@@ -321,6 +298,8 @@ def forked_gpu(requested: list):
 
     def GPU(fn=None, duration=None):
         def wrap(f):
+            durations[f.__name__] = duration
+
             @functools.wraps(f)
             def in_a_worker(*args, **kwargs):
                 requested.append((f.__name__, duration(*args, **kwargs) if callable(duration) else duration))
@@ -364,18 +343,19 @@ def forked_gpu(requested: list):
 
 @pytest.fixture
 def zerogpu_app(monkeypatch, tiny_model, tmp_path):
-    """app.py's handlers (by function name) under `forked_gpu`, and the GPU seconds its calls asked for."""
+    """app.py's handlers (by function name) under `forked_gpu`, the GPU seconds its calls asked for, and
+    the duration each GPU function was given."""
     import importlib.util
     import sys
     import types
 
-    requested = []
+    requested, durations = [], {}
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=forked_gpu(requested)))
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=forked_gpu(requested, durations)))
     spec = importlib.util.spec_from_file_location("app_on_forked_zerogpu", Path(__file__).parents[1] / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
-    return {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}, requested
+    return {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}, requested, durations
 
 
 def test_on_zerogpu_a_crosshair_moved_during_a_segmentation_stays_where_it_was_put(zerogpu_app, scan, tiny_model):
@@ -384,7 +364,7 @@ def test_on_zerogpu_a_crosshair_moved_during_a_segmentation_stays_where_it_was_p
     session (and any move made meanwhile with it)."""
     import gradio as gr
 
-    handler, requested = zerogpu_app
+    handler, requested, _ = zerogpu_app
     session = H.load_scan(scan)
     moved = [1, 2, 3]
 
@@ -407,7 +387,7 @@ def test_on_zerogpu_the_api_and_the_attention_tab_say_what_is_wrong(zerogpu_app,
     'ValueError', since ZeroGPU hands back only the class name of an exception that is not a gr.Error."""
     import gradio as gr
 
-    handler, _ = zerogpu_app
+    handler, _, _ = zerogpu_app
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"this is not a NIfTI image")
     with pytest.raises(gr.Error, match="broken.nii.gz: .*not a NIfTI image"):
