@@ -407,6 +407,17 @@ def test_statistics_rows_skip_empty_and_round():
     assert rows == [[6, "liver", 1.23, 10, 55.5]] or rows == [[6, "liver", 1.23, 10, 55.6]]
 
 
+def test_a_segmentation_checks_once_whether_the_scan_is_ct(scan, tiny_model, tmp_path, monkeypatch):
+    """The percentiles behind `ct_warning` (about 0.1 s on a large CT) are taken once per run: the run's
+    warning, the statistics' mean_hu and the viewer's session each took them (3 times)."""
+    from unetrpp import inference
+
+    calls = []
+    monkeypatch.setattr(inference, "intensity_range", lambda a: calls.append(a.shape) or (-1000.0, 300.0))
+    session, _, _ = H.segment_scan(scan, tiny_model, tmp_path / "cache", write_csv=False)
+    assert len(calls) == 1 and session.ct is True
+
+
 def test_attention_view_on_the_tiny_model(scan, tiny_model):
     session = H.load_scan(scan)
     blocks = va.attention_blocks(tiny_model)

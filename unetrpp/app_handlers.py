@@ -367,7 +367,8 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     session = Session(np.asarray(result.volume.array, dtype=np.float32), tuple(result.volume.spacing), p.name, str(p),
                       mask=np.asarray(result.mask, dtype=np.uint8), class_names=tuple(result.class_names),
                       statistics=list(result.statistics), files=[str(f) for f in (mask_path, csv_path) if f.exists()],
-                      warnings=list(result.warnings), orientation=result.volume.orientation)
+                      warnings=list(result.warnings), orientation=result.volume.orientation,
+                      ct=getattr(result, "in_hu", None))  # found by segment(): not again (about 0.1 s each)
     session.position = centre_of_mask(session.mask)
     windows = getattr(result, "windows", "?")
     session.summary = (f"{len(organ_choices(session))} organs found, {windows} window{'' if windows == 1 else 's'} in "

@@ -60,6 +60,7 @@ class SegmentationResult:
     windows: int = 0  # sliding-window positions evaluated
     seconds: float = 0.0
     synthetic: bool = False  # made by weights trained on SYNTHETIC phantoms (config.synthetic)
+    in_hu: bool = True  # the volume's values look like CT in HU (`ct_warning`); else the mean is mean_intensity
 
     def mask_on_source_grid(self) -> np.ndarray:
         """The mask in the source file's voxel order (i, j, k), the grid `affine` describes:
@@ -377,7 +378,10 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     if why_not:
         warnings.append(why_not)
         logger.warning(why_not)
-    for message in (modality_warning(volume.array, prep),
+    # Whether the values are CT in HU, found once (percentiles of the whole volume): the warning for CT
+    # weights, the statistics' mean_hu or mean_intensity, and the viewer's session all use it.
+    not_ct = ct_warning(volume.array)
+    for message in (not_ct if prep.normalization == "ct" else modality_warning(volume.array, prep),
                     small_scan_warning(volume.shape, volume.spacing, config),
                     large_scan_warning(volume.shape, volume.spacing)):
         if message:
@@ -407,13 +411,12 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
         mask = postprocess.largest_component(mask)
     # The mean is in HU only when the values look like CT, as the viewer's table decides: an MRI has no
     # HU whichever weights ran on it (the teaching weights are for CT), and a CT under MRI weights keeps them.
-    stats = organ_statistics(mask, volume.array, volume.spacing, config.class_names,
-                             in_hu=ct_warning(volume.array) is None)
+    stats = organ_statistics(mask, volume.array, volume.spacing, config.class_names, in_hu=not_ct is None)
     affine = volume.source.affine if volume.source is not None else volume.affine
     windows = count_windows(prepared.target_shape, config.patch_size, float(overlap))
     seconds = time.perf_counter() - start
     logger.debug("segmented %s: %d windows on %s in %.1f s", volume.path or "image", windows, dev, seconds)
     report(1.0, "done")
     return SegmentationResult(volume, mask, tuple(config.class_names), stats, warnings, np.array(affine),
-                              str(dev), windows, seconds, config.synthetic)
+                              str(dev), windows, seconds, config.synthetic, not_ct is None)
 
