@@ -407,6 +407,19 @@ def test_statistics_rows_skip_empty_and_round():
     assert rows == [[6, "liver", 1.23, 10, 55.5]] or rows == [[6, "liver", 1.23, 10, 55.6]]
 
 
+def test_a_scan_with_no_organ_found_names_its_mean_as_one_with_organs_would(scan, tmp_path):
+    """No organ found: the table and the CSV still say the mean's unit as for a scan with organs, "mean
+    intensity" / mean_intensity for the MRI, not mean_hu (the CSV said mean_hu whatever the scan)."""
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny").eval()
+    model.register_forward_hook(lambda module, args, out: torch.cat([out[:, :1] + 100.0, out[:, 1:]], 1))  # background
+    mri = Path(__file__).parent / "fixtures" / "example_mr_sm.nii.gz"
+    for path, table_mean, csv_mean in ((mri, "mean intensity", "mean_intensity"), (scan, "mean HU", "mean_hu")):
+        session, _, csv_path = H.segment_scan(path, model, tmp_path / "cache")
+        assert H.statistics_rows(session.statistics) == [] and H.statistics_columns(session)[-1] == table_mean
+        assert Path(csv_path).read_text().splitlines() == [f"label,name,voxels,volume_ml,{csv_mean}"]
+
+
 def test_a_segmentation_checks_once_whether_the_scan_is_ct(scan, tiny_model, tmp_path, monkeypatch):
     """The percentiles behind `ct_warning` (about 0.1 s on a large CT) are taken once per run: the run's
     warning, the statistics' mean_hu and the viewer's session each took them (3 times)."""

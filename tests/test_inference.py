@@ -20,7 +20,7 @@ from test_io import write_nifti, write_scaled
 from unetrpp import Preprocessing, create_model, io
 from unetrpp.devices import resolve_device
 from unetrpp.inference import count_windows, ct_warning, large_scan_warning, segment, window_starts
-from unetrpp.postprocess import largest_component, organ_statistics
+from unetrpp.postprocess import largest_component, organ_statistics, statistics_csv_text
 from unetrpp.preprocess import normalize, prepare, resample, resample_torch
 
 ISO = np.diag([3.0, 3.0, 3.0, 1.0])
@@ -273,6 +273,17 @@ def test_statistics_csv(tmp_path, model):
     lines = result.statistics_csv(tmp_path / "s.csv").read_text().splitlines()
     assert lines[0] == "label,name,voxels,volume_ml,mean_hu" and len(lines) == len(result.statistics) + 1
     assert sum(int(line.split(",")[2]) for line in lines[1:]) == int((result.mask > 0).sum())
+
+
+def test_an_empty_statistics_csv_names_the_mean_as_its_scan_would(tmp_path, fixtures):
+    """No organ found in an MRI: the header says mean_intensity, as its rows would have (it said mean_hu)."""
+    assert statistics_csv_text([], in_hu=False) == "label,name,voxels,volume_ml,mean_intensity\n"
+    assert statistics_csv_text([]) == "label,name,voxels,volume_ml,mean_hu\n"
+    model = small_model(spacing=(6.0, 6.0, 6.0))
+    model.register_forward_hook(lambda module, args, out: torch.cat([out[:, :1] + 100.0, out[:, 1:]], 1))
+    result = segment(fixtures / "example_mr_sm.nii.gz", model=model)
+    assert result.statistics == [] and not result.in_hu
+    assert result.statistics_csv(tmp_path / "mri.csv").read_text() == "label,name,voxels,volume_ml,mean_intensity\n"
 
 
 def test_a_statistics_csv_from_weights_trained_on_phantoms_says_so_on_every_row(tmp_path):

@@ -77,7 +77,7 @@ class SegmentationResult:
         """Write `statistics` as CSV (label, name, voxels, volume_ml, mean_hu or, for a scan that is not CT
         in HU, mean_intensity, and a "note" column saying "SYNTHETIC" when the weights were trained on phantoms);
         an existing file is only replaced if it is such a table (see `postprocess.check_statistics_path`)."""
-        return write_statistics(path, statistics_csv_text(self.statistics, synthetic=self.synthetic))
+        return write_statistics(path, statistics_csv_text(self.statistics, synthetic=self.synthetic, in_hu=self.in_hu))
 
 
 SYNTHETIC_WEIGHTS_WARNING = ("these weights were trained on SYNTHETIC phantoms (teaching weights): the masks "

@@ -66,14 +66,16 @@ def organ_statistics(mask: np.ndarray, intensities: np.ndarray, spacing: tuple[f
     return stats
 
 
-def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synthetic: bool = False) -> str:
+def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synthetic: bool = False,
+                        in_hu: bool = True) -> str:
     """The statistics as CSV text, header line first; `leading` columns (e.g. "file") go in front. With
     `synthetic` (weights trained on phantoms), a last column "note" says so on every row: the table
-    travels without the page or the mask that would say it."""
+    travels without the page or the mask that would say it. `in_hu`: whether the scan is CT in HU, which
+    names the mean's column of a table without rows (no organ found), as the rows would have."""
     buffer = _stringio.StringIO()
     # mean_hu, mean_intensity (a scan that is not CT, e.g. an MRI) or, for a folder holding both, the two
-    # columns, each row filling its own; mean_hu when there is no row
-    means = [m for m in MEAN_FIELDS if any(m in row for row in rows)] or [MEAN_FIELDS[0]]
+    # columns, each row filling its own; with no row, the one `in_hu` says (an MRI's empty table said mean_hu)
+    means = [m for m in MEAN_FIELDS if any(m in row for row in rows)] or [MEAN_FIELDS[0 if in_hu else 1]]
     fields = (*leading, *STATISTICS_FIELDS, *means, *(("note",) if synthetic else ()))
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

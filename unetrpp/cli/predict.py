@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): {names}",
               file=sys.stderr)
 
-    failures, rows, seen = 0, [], set()
+    failures, rows, seen, in_hu = 0, [], set(), []
     # disable=None: bars only on a terminal, so logs and pipes get plain lines
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
     for source, target in files_bar:
@@ -257,10 +257,11 @@ def run(args: argparse.Namespace) -> int:
         organs = ", ".join(f"{s['name']} {volume_text(s['volume_ml'])}" for s in result.statistics) or "no organs found"
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
         rows.append((str(source), result.statistics))
+        in_hu.append(getattr(result, "in_hu", True))
 
     if stats_path is not None:
         text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",),
-                                   synthetic=bool(model.config.synthetic))
+                                   synthetic=bool(model.config.synthetic), in_hu=all(in_hu))  # no organ in any scan
         write_statistics(stats_path, text)
         tqdm.write(f"{tag}wrote {stats_path}")
     if created and world == 1 and not any(output.iterdir()):
