@@ -312,7 +312,10 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                     "finds to the features of other voxels, so this is not what this voxel's output "
                                     "is made of.)")
                         with gr.Row():
-                            block = gr.Dropdown(label="block (stage)", choices=[], type="value", scale=3)
+                            # wide enough for "encoder stage 0, block 1 (grid 32x32x32)": on a phone it takes a
+                            # line of its own rather than half of one, which cut the name after "b"
+                            block = gr.Dropdown(label="block (stage)", choices=[], type="value", scale=3, min_width=300,
+                                                elem_id="attention-block")
                             head = gr.Dropdown(label="head", choices=[], type="value", scale=1)
                             att_btn = gr.Button("Show attention at the crosshair", elem_id="attention-btn", scale=2)
                         att_text = gr.Markdown("")

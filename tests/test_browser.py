@@ -207,6 +207,11 @@ def test_viewer_end_to_end(page, tmp_path):
         "e => [e.querySelector('table').scrollWidth, e.querySelector('table').parentElement.clientWidth]")
     assert table_width <= shown_width + 1, f"statistics table {table_width} px wide in {shown_width} px at 390 px"
     page.screenshot(path=str(ARTIFACTS / "07_phone_width.png"), full_page=True)
+    # The attention block's name shows whole (it was cut after "encoder stage 0, b" in half a line).
+    page.get_by_role("tab", name="Attention").click()
+    text_width, box_width = page.locator("#attention-block input").first.evaluate("e => [e.scrollWidth, e.clientWidth]")
+    assert text_width <= box_width, f"block name {text_width} px wide in a {box_width} px box at 390 px"
+    page.get_by_role("tab", name="Slices").click()
 
 
 def test_a_scan_uploaded_during_a_segmentation_replaces_it(page, tmp_path):
