@@ -116,7 +116,12 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             # redraw after an upload or a run would fail, and with it the segmentation, legend, table and files
             gr.Warning(str(exc))
             return [None, None, None, f"**Views not drawn**: {exc}", *sliders(session)]
-        return [*H.render_all(session, display), H.position_text(session), *sliders(session)]
+        # Gradio runs different events at once: a redraw for a W/L box that lost focus draws while the click
+        # that took the focus moves the crosshair. Drawn with the old crosshair and done last, it would
+        # put the old views back over the new ones; the event that moved the crosshair draws them.
+        at = list(session.position)
+        drawn = [*H.render_all(session, display), H.position_text(session), *sliders(session)]
+        return drawn if list(session.position) == at else [gr.skip()] * len(drawn)
 
     def show(session, *disp):
         """Everything drawn from the session: views, legend, table, 3-D surfaces, files, organ boxes, and an

@@ -678,3 +678,24 @@ def test_a_scan_that_is_not_ct_is_shown_in_its_own_units_not_hu(fixtures, scan):
     ct = H.load_scan(scan)
     assert ct.ct is True and H.window_for(ct) is None
     assert H.position_text(ct).endswith(" HU") and H.statistics_columns(ct)[-1] == "mean HU"
+
+
+def test_a_redraw_overtaken_by_a_crosshair_move_gives_way(monkeypatch, scan, tiny_model):
+    """W/L typed, then a click in a view: the box's blur redraw and the click run at once. A redraw that
+    finds the crosshair moved while it drew must not put the old views and position back over the click's."""
+    import app
+
+    handler = {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}
+    session = H.load_scan(scan)
+    drawn = handler["views"](session, "custom", 800, 40, 0.5, None, False)
+    assert all(image.ndim == 3 for image in drawn[:3]) and drawn[3] == H.position_text(session)
+
+    render_all = H.render_all
+
+    def clicked_meanwhile(s, display):
+        images = render_all(s, display)
+        H.click(s, "axial", 3, 4)  # the click's handler, in another thread
+        return images
+
+    monkeypatch.setattr(H, "render_all", clicked_meanwhile)
+    assert handler["views"](session, "custom", 800, 40, 0.5, None, False) == [app.gr.skip()] * 7
