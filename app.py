@@ -190,6 +190,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             raise gr.Error("Upload a CT volume (.nii / .nii.gz) or pick an example first.", print_exception=False)
         result, text = on_segment(session, overlap, tta, bf16, shown, progress=progress)
         if shown.get("path") != session.path:
+            if isinstance(result, H.Session):  # its files go to no download box, so gradio's clean-up never sees them
+                H.delete_session_files(result)
             return gr.skip(), gr.skip()
         # The crosshair the user moved during the run stays where it is. Checked here, on the session of the
         # page: on ZeroGPU the run saw only a copy taken when it started, and would put it back on the organs.

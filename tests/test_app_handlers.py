@@ -382,6 +382,25 @@ def test_on_zerogpu_a_crosshair_moved_during_a_segmentation_stays_where_it_was_p
     assert kept == gr.skip(), "the worker's copy of the session replaced the page's"
 
 
+def test_on_zerogpu_a_result_dropped_for_a_newer_scan_leaves_no_files(zerogpu_app, scan, tmp_path):
+    """A scan uploaded while the worker segments the previous one: the worker, on a copy of the page, finishes
+    and writes its mask and table, and the page drops that result. Its files were offered to nobody, so gradio's
+    cache clean-up never saw them and no session deleted them: one mask per replaced scan, on disk for good."""
+    import gradio as gr
+
+    handler, _, _ = zerogpu_app
+    session = H.load_scan(scan)
+    shown = {"path": session.path}
+
+    def new_upload_during_the_run(*args, **kwargs):  # in the page's process, while the worker segments
+        shown["path"] = str(tmp_path / "another_scan.nii.gz")
+
+    assert handler["segment_shown"](session, 0.5, False, False, shown, progress=new_upload_during_the_run) == (
+        gr.skip(), gr.skip())
+    left = [p.name for p in (tmp_path / "cache").rglob("*") if p.name.startswith("small_ct")]
+    assert left == [], f"the dropped result's files stay in the server's cache: {left}"
+
+
 def test_on_zerogpu_the_api_and_the_attention_tab_say_what_is_wrong(zerogpu_app, scan, tmp_path):
     """Errors raised in the worker reach the page and gradio_client as the one-line message: they read
     'ValueError', since ZeroGPU hands back only the class name of an exception that is not a gr.Error."""
