@@ -47,6 +47,11 @@ except ValueError as exc:
     sys.exit(f"error: {exc}")
 WIDTH_HU, LEVEL_HU = "window W (HU)", "level L (HU)"  # the W/L boxes' labels for a CT
 START = "Upload a scan or pick an example: it shows at once, then is segmented."
+SESSION_SECONDS = 3600  # how long the server keeps a page's scan after the last upload or segmentation wrote it
+# What a page that still shows a scan hears once the server no longer holds it: after SESSION_SECONDS (gradio counts
+# from the last write, not the last use), or after a restart of the server.
+NOT_HELD = (f"the server no longer holds this page's scan (it keeps one for {SESSION_SECONDS // 60} minutes after its "
+            "last upload or segmentation, and none after a restart): upload the scan again or pick an example")
 ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
                "[TotalSegmentator](https://github.com/wasserth/TotalSegmentator) "
                "(Wasserthal et al., Radiology: AI 2023), Apache-2.0. The phantom example is **SYNTHETIC** "
@@ -186,8 +191,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def segment_shown(session, overlap, tta, bf16, shown, progress=gr.Progress()):
         """on_segment for the scan on the page; its result is dropped if another scan came meanwhile (on
         ZeroGPU the run cannot see that: it works on a copy)."""
-        if session is None:
-            raise gr.Error("Upload a CT volume (.nii / .nii.gz) or pick an example first.", print_exception=False)
+        if session is None:  # never loaded, or loaded (the page remembers it) and no longer held
+            raise gr.Error(NOT_HELD if shown.get("path") else "Upload a CT volume (.nii / .nii.gz) or pick an example "
+                           "first.", print_exception=False)
         result, text = on_segment(session, overlap, tta, bf16, shown, progress=progress)
         if shown.get("path") != session.path:
             if isinstance(result, H.Session):  # its files go to no download box, so gradio's clean-up never sees them
@@ -211,17 +217,23 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                           write_csv=False)
         return mask, session.statistics, [without_upload_folder(w) for w in session.warnings]
 
+    def held(session):
+        """The page's session, or a gr.Error saying it is gone (the views on the page outlive it)."""
+        if session is None:
+            raise gr.Error(NOT_HELD, print_exception=False)
+        return session
+
     def on_slider(view):
         @friendly
         def handler(session, index, *disp):
-            H.set_slice(session, view, index)
+            H.set_slice(held(session), view, index)
             return H.render(session, view, H.display_settings(*disp)), H.position_text(session)
         return handler
 
     def on_click(view):
         @friendly
         def handler(session, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
-            H.click(session, view, *evt.index)  # gradio passes the event after the inputs, by position
+            H.click(held(session), view, *evt.index)  # gradio passes the event after the inputs, by position
             return views(session, preset, width, level, opacity, organs, contour)
         return handler
 
@@ -248,7 +260,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def on_attention_click(view):
         @friendly
         def handler(session, block, head, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
-            H.attention_click(session, view, *evt.index)  # re-centre on the clicked voxel of the window
+            H.attention_click(held(session), view, *evt.index)  # re-centre on the clicked voxel of the window
             return [*on_attention(session, block, head, preset, width, level),
                     *views(session, preset, width, level, opacity, organs, contour)]  # the Slices tab follows
         return handler
@@ -261,7 +273,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     with gr.Blocks(title="UNETR++ organ segmentation viewer", delete_cache=delete_cache) as demo:
         gr.Markdown("# UNETR++ abdominal organ segmentation viewer\n" + H.NOT_A_DEVICE)
         gr.Markdown(notice, elem_id="weights-notice")
-        session = gr.State(None, time_to_live=3600, delete_callback=H.delete_session_files)
+        session = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=H.delete_session_files)
         shown_scan = gr.State({"path": None})  # see on_file
         with gr.Row():
             with gr.Column(scale=1, min_width=260):

@@ -652,6 +652,34 @@ def test_a_bad_custom_window_leaves_the_views_empty_and_says_why_but_stops_nothi
     assert all(image.ndim == 3 for image in images)
 
 
+def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
+    """An hour after its last upload or run (or after a restart) the server drops a page's session while the page
+    still shows the scan: a slider, a click or 'Segment (again)' then said 'unexpected error (AttributeError:
+    'NoneType' object has no attribute 'volume'); please try another file', or asked for an upload already shown."""
+    import app
+
+    demo = app.build_demo(net=tiny_model)
+
+    def on(elem_id, event):
+        block = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+        return next(f.fn for f in demo.fns.values() if (block._id, event) in [tuple(t) for t in f.targets])
+
+    segment_shown = next(f.fn for f in demo.fns.values() if f.name == "segment_shown")
+    click = app.gr.SelectData(None, {"index": [10, 10], "value": None})
+    disp = ("abdomen", 400, 40, 0.5, [], False)
+    calls = {"slider": lambda: on("slider-axial", "input")(None, 3, *disp),
+             "click": lambda: on("view-axial", "select")(None, *disp, click),
+             "attention click": lambda: on("attention-axial", "select")(None, 0, 0, *disp, click),
+             "segment again": lambda: segment_shown(None, 0.5, False, False, {"path": "/cache/ct.nii.gz"})}
+    for what, call in calls.items():
+        with pytest.raises(app.gr.Error) as error:
+            call()
+        message = error.value.message
+        assert "no longer holds this page's scan" in message and "upload the scan again" in message, (what, message)
+    with pytest.raises(app.gr.Error, match="Upload a CT volume"):  # nothing was ever loaded on this page
+        segment_shown(None, 0.5, False, False, {"path": None})
+
+
 def test_the_statistics_csv_offered_for_teaching_weights_says_synthetic(scan, tmp_path):
     """The Space runs the teaching weights by default: its downloaded table of organ volumes says on every
     row that the weights were trained on SYNTHETIC phantoms, as the page and the mask do."""
