@@ -205,8 +205,13 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             result.position = list(session.position)
         return result, text
 
-    def after_upload(session, overlap, tta, bf16, shown, progress=gr.Progress()):
-        return [gr.skip()] * 2 if session is None else segment_shown(session, overlap, tta, bf16, shown, progress)
+    def after_upload(session, uploaded, overlap, tta, bf16, shown, progress=gr.Progress()):
+        """The run an upload starts. `uploaded` is the upload this run was queued for (the page sends it with the
+        request; `session` is read when the run's turn comes): a run queued behind other visitors' runs for a scan
+        replaced meanwhile would segment the new scan, which the new upload's own run then segments again."""
+        if session is None or not uploaded or str(Path(uploaded)) != session.path:
+            return [gr.skip()] * 2
+        return segment_shown(session, overlap, tta, bf16, shown, progress)
 
     # friendly inside GPU: ZeroGPU hands back a worker's gr.Error as it is, but any other exception as its class
     # name alone ("ValueError"), so the one-line message must be made in the worker.
@@ -359,7 +364,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         # A scan uploaded while another is segmented: that run gives way (on_segment), and this one's run
         # waits for it to end ("always_last"; the default, "once", would drop it).
         scan.change(on_file, [scan, shown_scan], [session, status, preset, width, level], api_visibility="private").success(
-            **redraw).success(**clear).success(after_upload, [session, overlap, tta, bf16, shown_scan],
+            **redraw).success(**clear).success(after_upload, [session, scan, overlap, tta, bf16, shown_scan],
                                                [session, status], trigger_mode="always_last", **model_run).success(
             **redraw)
         run_btn.click(**clear).success(segment_shown, [session, overlap, tta, bf16, shown_scan], [session, status],

@@ -680,6 +680,23 @@ def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
         segment_shown(None, 0.5, False, False, {"path": None})
 
 
+def test_a_run_queued_for_a_scan_replaced_before_its_turn_does_not_run(scan, tiny_model, tmp_path, monkeypatch):
+    """A visitor replaces an upload whose run waits behind other visitors' runs: when its turn comes, that run read
+    the page's session, the new scan, and segmented it, and the new upload's own run then segmented it again (twice
+    the model time on a busy server). The page sends the upload a run was queued for; a run for another one stops."""
+    import app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    after_upload = next(f.fn for f in app.build_demo(net=tiny_model).fns.values() if f.name == "after_upload")
+    second = H.load_scan(io.save_array(np.asarray(nib.load(scan).dataobj), (5.0, 3.0, 2.5), tmp_path / "second.nii.gz"))
+    shown = {"path": second.path}
+    quiet = lambda *a, **k: None  # noqa: E731
+    assert after_upload(second, str(scan), 0.5, False, False, shown, progress=quiet) == [app.gr.skip()] * 2
+    assert not list((tmp_path / "cache").rglob("*_mask.nii.gz")), "the run queued for the replaced upload ran"
+    result, status = after_upload(second, second.path, 0.5, False, False, shown, progress=quiet)
+    assert status.startswith("Segmented **second.nii.gz**") and result.mask is not None
+
+
 def test_the_statistics_csv_offered_for_teaching_weights_says_synthetic(scan, tmp_path):
     """The Space runs the teaching weights by default: its downloaded table of organ volumes says on every
     row that the weights were trained on SYNTHETIC phantoms, as the page and the mask do."""
