@@ -56,6 +56,28 @@ def test_invalid_configs_name_the_field_and_rule(overrides, field):
         get_config("unetrpp_synapse", **overrides)
 
 
+@pytest.mark.parametrize("overrides, words", [
+    ({"patch_size": 64}, "UNETRPPConfig.patch_size=64: needs 3 whole numbers, e.g. (64, 128, 128)"),
+    ({"stem": (0, 4, 4)}, "UNETRPPConfig.stem=(0, 4, 4): needs three positive values"),
+    ({"class_names": None}, "UNETRPPConfig.class_names=None: needs one name (a string) per output channel"),
+    ({"attn_dropout": "high"}, "UNETRPPConfig.attn_dropout='high': a dropout rate must be a number in [0, 1)"),
+    ({"layer_scale_init": "1e-6"}, "UNETRPPConfig.layer_scale_init='1e-6': must be a finite number"),
+    ({"synthetic": "false"}, "UNETRPPConfig.synthetic='false': must be true or false"),
+    ({"num_heads": True}, "UNETRPPConfig.num_heads=True: must be a positive integer"),
+    ({"preprocessing": "ct"}, "UNETRPPConfig.preprocessing='ct': needs a Preprocessing or a dict of its fields"),
+    ({"preprocessing": {"clip": [1000]}}, "preprocessing.clip=[1000]: need two HU values (low, high)"),
+    ({"preprocessing": {"spacing": 3.0}}, "preprocessing.spacing=3.0: need three positive, finite mm values"),
+    ({"preprocessing": {"mean": None}}, "preprocessing.mean=None: need a number"),
+])
+def test_a_config_value_of_the_wrong_type_is_named_with_the_rule(overrides, words):
+    """What a hand-edited config.json or `train --set KEY=VALUE` can hold: each once ended in a bare
+    "'int' object is not iterable", an IndexError traceback, or was accepted and failed only when the
+    weights loaded (blamed on model.safetensors) or a scan was segmented (blamed on the scan)."""
+    with pytest.raises(ValueError) as info, torch.device("meta"):
+        UNETRPP(get_config("unetrpp_tiny", **overrides))
+    assert words in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
 @pytest.mark.parametrize("spacing", [(float("nan"), 1.0, 1.0), (3.0, float("inf"), 1.0), (0.0, 1.0, 1.0), (1.0, 1.0)])
 def test_a_spacing_that_is_not_three_positive_finite_values_is_refused(spacing):
     """`convert --spacing nan 1 1` once wrote a weights folder whose every prediction failed with

@@ -3,6 +3,7 @@ inputs untouched, statistics CSV, torchrun sharding. Uses a tiny random network 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -290,13 +291,22 @@ def _broken_weights(kind: str, good, folder):
     elif kind == "unknown preprocessing key":
         text = (folder / "config.json").read_text().replace('"spacing"', '"spacings"', 1)
         (folder / "config.json").write_text(text)
+    elif kind in ("one-value clip", "preprocessing not a table"):  # hand-edited: once a traceback, or blamed on the scan
+        config = json.loads((folder / "config.json").read_text())
+        if kind == "one-value clip":
+            config["preprocessing"]["clip"] = [-958.0]
+        else:
+            config["preprocessing"] = "ct"
+        (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
 @pytest.mark.parametrize("kind, words", [("truncated safetensors", "model.safetensors: unreadable"),
                                          ("missing safetensors", "no model.safetensors"),
                                          ("corrupt config", "config.json: not a UNETR++ config"),
-                                         ("unknown preprocessing key", "unknown preprocessing keys ['spacings']")])
+                                         ("unknown preprocessing key", "unknown preprocessing keys ['spacings']"),
+                                         ("one-value clip", "preprocessing.clip=[-958.0]: need two HU values"),
+                                         ("preprocessing not a table", "UNETRPPConfig.preprocessing='ct': needs")])
 def test_broken_weights_folder_is_one_line_and_writes_nothing(kind, words, tmp_path, weights, capsys):
     source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
     broken = _broken_weights(kind, weights, tmp_path / "weights")

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .labels import BTCV_CLASS_NAMES
 
@@ -52,11 +52,22 @@ class Preprocessing:
     std: float = 136.9482
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
-        object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
+        # A config.json or `train --set` can hold anything: a wrong type is answered here, by field, not
+        # by a bare "'float' object is not iterable" or an IndexError traceback from the checks below.
+        spacing, clip = _numbers(self.spacing), _numbers(self.clip)
         # not `min(...) <= 0`, which NaN passes: a NaN or infinite spacing only fails later, inside resampling
-        if len(self.spacing) != 3 or not all(0 < s < math.inf for s in self.spacing):
-            raise ValueError(f"preprocessing.spacing={self.spacing}: need three positive, finite mm values (z, y, x)")
+        if spacing is None or len(spacing) != 3 or not all(0 < s < math.inf for s in spacing):
+            raise ValueError(f"preprocessing.spacing={self.spacing!r}: need three positive, finite mm values (z, y, x)")
+        if clip is None or len(clip) != 2:
+            raise ValueError(f"preprocessing.clip={self.clip!r}: need two HU values (low, high), e.g. (-958, 326)")
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "clip", clip)
+        for name in ("mean", "std"):
+            if not _is_real(getattr(self, name)):
+                raise ValueError(f"preprocessing.{name}={getattr(self, name)!r}: need a number, e.g. "
+                                 f"{getattr(Preprocessing, name)}")
+        if not isinstance(self.modality, str):
+            raise ValueError(f"preprocessing.modality={self.modality!r}: need a name such as 'CT' or 'MRI'")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"preprocessing.normalization={self.normalization!r}: must be one of {NORMALIZATIONS}"
@@ -66,6 +77,18 @@ class Preprocessing:
             raise ValueError(f"preprocessing clip={self.clip}, mean={self.mean}, std={self.std}: need clip low < "
                              "high, a finite mean and a finite std > 0")
         check_orientation(self.orientation, "preprocessing.orientation")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _numbers(values: Any) -> tuple[float, ...] | None:
+    """`values` as a tuple of floats, or None when it is not a sequence of numbers."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return None
+    values = tuple(values)
+    return tuple(float(v) for v in values) if all(_is_real(v) for v in values) else None
 
 
 @dataclass(frozen=True)
@@ -100,9 +123,19 @@ class UNETRPPConfig:
 
     def __post_init__(self) -> None:
         for key in ("patch_size", "stem", "dims", "depths", "proj_sizes"):  # numpy integers become ints
-            values = tuple(int(v) if isinstance(v, numbers.Integral) else v for v in getattr(self, key))
-            object.__setattr__(self, key, values)
-        object.__setattr__(self, "class_names", tuple(self.class_names))
+            values = getattr(self, key)
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):  # e.g. patch_size=64
+                example = next(f.default for f in dataclasses.fields(self) if f.name == key)
+                raise ValueError(f"UNETRPPConfig.{key}={values!r}: needs {len(example)} whole numbers, e.g. {example}")
+            object.__setattr__(self, key, tuple(int(v) if isinstance(v, numbers.Integral) else v for v in values))
+        names = tuple(self.class_names) if isinstance(self.class_names, Iterable) else None
+        if isinstance(self.class_names, str) or names is None or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"UNETRPPConfig.class_names={self.class_names!r}: needs one name (a string) per output "
+                             "channel, background first, e.g. ('background', 'spleen', ...)")
+        object.__setattr__(self, "class_names", names)
+        if not isinstance(self.preprocessing, (Preprocessing, Mapping)):  # a string would fail only at inference
+            raise ValueError(f"UNETRPPConfig.preprocessing={self.preprocessing!r}: needs a Preprocessing or a dict of "
+                             f"its fields, e.g. {{'spacing': [3.0, 0.7578, 0.7578]}}")
         if isinstance(self.preprocessing, Mapping):
             known = {f.name for f in dataclasses.fields(Preprocessing)}
             if unknown := sorted(set(self.preprocessing) - known):
@@ -123,16 +156,19 @@ class UNETRPPConfig:
         def fail(name: str, value: Any, rule: str) -> None:
             raise ValueError(f"UNETRPPConfig.{name}={value!r}: {rule}")
 
+        # bool is an int to Python, and JSON's true would otherwise build a one-head network
         for name in ("in_channels", "out_channels", "feature_size", "num_heads", "decoder_depth", "decoder_proj_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+            if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                    and getattr(self, name) > 0):
                 fail(name, getattr(self, name), "must be a positive integer")
         for name in ("patch_size", "stem", "dims", "depths", "proj_sizes"):
-            if not all(isinstance(v, int) for v in getattr(self, name)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in getattr(self, name)):
                 fail(name, getattr(self, name), "needs whole numbers")
-        if len(self.patch_size) != 3 or len(self.stem) != 3:
-            fail("patch_size", self.patch_size, "patch_size and stem need three values (z, y, x)")
+        for name in ("patch_size", "stem"):
+            if len(getattr(self, name)) != 3 or min(getattr(self, name)) <= 0:
+                fail(name, getattr(self, name), "needs three positive values (z, y, x)")
         for p, s in zip(self.patch_size, self.stem):
-            if s <= 0 or p <= 0 or p % (s * 8):
+            if p % (s * 8):
                 fail("patch_size", self.patch_size,
                      f"each axis must be divisible by stem x 8 = {tuple(s * 8 for s in self.stem)} "
                      "(the stem, then three 2x downsamplings)")
@@ -154,8 +190,13 @@ class UNETRPPConfig:
         if self.branch_fusion not in BRANCH_FUSIONS:
             fail("branch_fusion", self.branch_fusion, f"must be one of {BRANCH_FUSIONS}")
         for name in ("attn_dropout", "conv_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, getattr(self, name), "a dropout rate must be in [0, 1)")
+            if not (_is_real(getattr(self, name)) and 0.0 <= getattr(self, name) < 1.0):
+                fail(name, getattr(self, name), "a dropout rate must be a number in [0, 1)")
+        if not (_is_real(self.layer_scale_init) and math.isfinite(self.layer_scale_init)):
+            fail("layer_scale_init", self.layer_scale_init, "must be a finite number, e.g. 1e-6 (the original's)")
+        for name in ("deep_supervision", "extra_conv", "synthetic"):  # a string "false" would read as true
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be true or false")
         if len(self.class_names) != self.out_channels:
             fail("class_names", self.class_names,
                  f"needs one name per output channel ({self.out_channels}), background first")
