@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from unetrpp import PRESETS, UNETRPP, Preprocessing, create_model, fast, get_config
 from unetrpp.attention import EPA, capture_attention
+from unetrpp.visualize_attention import attention_blocks
 
 from golden import original_keys
 
@@ -132,6 +133,20 @@ def test_attention_capture_leaves_outputs_unchanged(name):
     with torch.no_grad():
         model(x)
     assert all(not b.epa_block.attention_maps for b in model.modules() if hasattr(b, "epa_block"))
+
+
+def test_captured_maps_can_be_read_inside_the_block_right_after_the_forward():
+    """As a student writes it: forward, then look, inside the `with`; the dict was once filled only
+    when the block ended, so it read empty there."""
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny").eval()
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(x)
+        assert list(maps) == attention_blocks(model)  # every block, encoder first
+        first = maps["unetr_pp_encoder.stages.0.0"]["spatial"].clone()
+        model(torch.randn(1, 1, 32, 64, 64))  # a second forward replaces the maps
+        assert not torch.equal(maps["unetr_pp_encoder.stages.0.0"]["spatial"], first)
 
 
 def test_capture_attention_records_its_own_thread_only():

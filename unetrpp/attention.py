@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from einops import rearrange
@@ -21,10 +21,11 @@ from torch import nn
 from .layers import ResBlock
 
 
-# The maps `capture_attention` is collecting in this thread (None: not collecting). Context-local, so
-# that one thread's capture neither sees another thread's forward passes through the same model (a
-# viewer segmenting for one visitor while drawing attention for another) nor slows them down.
-_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unetrpp_attention_capture", default=None)
+# Where `capture_attention` records the maps of this thread's forward passes (None: not collecting).
+# Context-local, so that one thread's capture neither sees another thread's forward passes through the
+# same model (a viewer segmenting for one visitor while drawing attention for another) nor slows them down.
+_CAPTURE: contextvars.ContextVar[Callable[["EPA", dict], None] | None] = contextvars.ContextVar(
+    "unetrpp_attention_capture", default=None)
 
 
 class EPA(nn.Module):
@@ -106,8 +107,8 @@ class EPA(nn.Module):
         maps = {"channel": attn_ca.detach(), "spatial": attn_sa.detach()}
         if self.store_attention:
             self.attention_maps = maps
-        if (capture := _CAPTURE.get()) is not None:
-            capture[self] = maps
+        if (record := _CAPTURE.get()) is not None:
+            record(self, maps)
 
     def fuse(self, x_sa: torch.Tensor, x_ca: torch.Tensor) -> torch.Tensor:
         """The two branches (B, N, C) into one: summed, or each halved by its projection and concatenated."""
@@ -165,22 +166,26 @@ class TransformerBlock(nn.Module):
 def capture_attention(model: nn.Module) -> Iterator[dict[str, dict]]:
     """Record every EPA block's attention maps during the forward passes run inside the block.
 
-    Yields a dict filled after the forward: module name -> {"channel": (B, h, d, d),
-    "spatial": (B, h, N, P), "grid": (z, y, x) token grid, "E": (P, N) key projection or None}.
+    Yields a dict that each forward pass fills (readable inside the block, right after the forward):
+    TransformerBlock name -> {"channel": (B, h, d, d), "spatial": (B, h, N, P), "grid": (z, y, x)
+    token grid, "E": (P, N) key projection}; a later forward replaces the maps of the one before.
     The effective spatial attention of query token q over all tokens is spatial[b, h, q] @ E; what
     q gathers with it is written to other tokens' features (the issue-#62 reshape in `EPA.forward`).
     Recording does not change any output. Only forward passes run by this thread (this context) are
     recorded, so other threads may use the same model meanwhile.
     """
+    blocks = {block.epa_block: (name, block) for name, block in model.named_modules()
+              if isinstance(block, TransformerBlock)}
     maps: dict[str, dict] = {}
-    collected: dict[EPA, dict[str, torch.Tensor]] = {}
-    token = _CAPTURE.set(collected)
+
+    def record(epa: EPA, found: dict[str, torch.Tensor]) -> None:
+        if epa in blocks:  # not another model's EPA run in this thread meanwhile
+            name, block = blocks[epa]
+            e = epa.EF.t() if epa.kv_projection == "single" else epa.E.weight
+            maps[name] = {**found, "grid": block.grid, "E": e.detach()}
+
+    token = _CAPTURE.set(record)
     try:
         yield maps
     finally:
         _CAPTURE.reset(token)
-        for name, block in model.named_modules():
-            if isinstance(block, TransformerBlock) and block.epa_block in collected:
-                epa = block.epa_block
-                e = epa.EF.t() if epa.kv_projection == "single" else epa.E.weight
-                maps[name] = {**collected[epa], "grid": block.grid, "E": e.detach()}
