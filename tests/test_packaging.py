@@ -71,3 +71,13 @@ def test_installed_package_segments_with_bundled_and_converted_weights(installed
                          "--weights", "unetrpp_tiny_phantom")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "example_ct_sm.nii.gz").is_file()
+
+
+def test_every_top_level_name_exists_and_readme_the_package_names_it():
+    """`from unetrpp import *` gives what README's "The package" lists: a name missing from the README
+    is one a reader of the package cannot find, a listed name missing from the package an error."""
+    import unetrpp
+
+    section = (ROOT / "README.md").read_text().split("## The package", 1)[1].split("\n## ", 1)[0]
+    assert [name for name in unetrpp.__all__ if f"`{name}`" not in section] == []
+    assert [name for name in unetrpp.__all__ if getattr(unetrpp, name, None) is None] == []
