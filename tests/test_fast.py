@@ -13,10 +13,10 @@ from torch import nn
 
 from unetrpp import create_model, load_original_checkpoint
 from unetrpp.attention import TransformerBlock, capture_attention
-from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastInstanceNorm3d, FastLinear, FastTransformerBlock,
-                          _glibc, optimize_for_inference)
+from unetrpp.fast import (FastConv3d, FastConvTranspose3d, FastEPA, FastInstanceNorm3d, FastLinear,
+                          FastTransformerBlock, _glibc, optimize_for_inference)
 
-from golden import FIXTURES, golden_state_dict, save_released_style
+from golden import FIXTURES, golden_fill, golden_state_dict, save_released_style
 
 
 @pytest.mark.parametrize("layer, shape", [
@@ -124,6 +124,30 @@ def test_optimized_network_matches_the_golden_outputs(tmp_path):
         outs = model(x)
     for i, out in enumerate(outs):
         np.testing.assert_allclose(out[:, :, 1::4, 1::4, 1::4].numpy(), g[f"out{i}_sub"], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, patch_size", [
+    ("unetrpp_synapse", (32, 64, 96)),  # shared E/F; grids of 8192 to 16 tokens, not cubes
+    ("unetrpp_acdc", (16, 96, 64)),  # stem (1, 4, 4), separate E/F, conv52
+    ("unetrpp_tumor", (64, 64, 96)),  # four channels in, one EF, branches summed
+    ("unetrpp_lung", (8, 96, 128)),  # as acdc, with 6144 tokens: chunks that do not divide them
+])
+def test_every_original_network_optimized_computes_the_same_function(name, patch_size):
+    """The golden test covers the optimized synapse network only: the other three variants' quirks, at
+    batch 2 with the deep-supervision outputs, with every parameter away from its init (a layer scale of
+    1e-6 would hide any error in the attention)."""
+    torch.manual_seed(0)
+    model = create_model(name, patch_size=patch_size, deep_supervision=True).eval()
+    variant = "synapse" if name == "unetrpp_synapse" else name  # the fill keeps synapse's E and F equal
+    with torch.no_grad():
+        model.load_state_dict({k: v if (t := golden_fill(k, tuple(v.shape), variant)) is None else t
+                               for k, v in model.state_dict().items()})
+    fast = optimize_for_inference(copy.deepcopy(model))
+    assert {type(m) for m in fast.modules()} >= {FastTransformerBlock, FastEPA}  # both attention paths run
+    x = torch.randn(2, model.config.in_channels, *patch_size)
+    with torch.inference_mode():
+        for plain, quick in zip(model(x), fast(x), strict=True):
+            torch.testing.assert_close(quick, plain, rtol=0, atol=2e-5 * plain.abs().max().item())
 
 
 def test_bf16_segmentation_agrees_with_float32_and_leaves_the_model_alone(tmp_path):
