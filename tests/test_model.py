@@ -253,3 +253,31 @@ def test_deep_supervision_switched_on_without_its_heads_says_how_to_build_them()
     heads = create_model("unetrpp_tiny", deep_supervision=True).eval()
     with torch.no_grad():
         assert len(heads(torch.zeros(1, 1, *heads.config.patch_size))) == 3
+
+
+def test_the_networks_public_api_is_typed_and_documented():
+    """The style guide's rule for the modules that read like the paper's appendix: every public function
+    and method has a docstring and annotated arguments and return value (forward excepted from the
+    docstring: its shapes are in the class's)."""
+    import inspect
+
+    from unetrpp import attention, complexity, config, layers, model
+
+    problems = []
+    for module in (config, model, attention, layers, complexity, fast):
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            members = [(name, obj)] if inspect.isfunction(obj) else []
+            if inspect.isclass(obj):
+                members = [(f"{name}.{m}", f) for m, f in vars(obj).items()
+                           if inspect.isfunction(f) and not m.startswith("_")]
+            for where, f in members:
+                sig = inspect.signature(f)
+                untyped = [p for p in sig.parameters if p not in ("self", "cls")
+                           and sig.parameters[p].annotation is inspect.Parameter.empty]
+                if untyped or sig.return_annotation is inspect.Signature.empty:
+                    problems.append(f"{module.__name__}.{where}: annotations")
+                if not inspect.getdoc(f) and not where.endswith(".forward"):
+                    problems.append(f"{module.__name__}.{where}: docstring")
+    assert problems == []

@@ -291,7 +291,7 @@ def _broken_weights(kind: str, good, folder):
     elif kind == "unknown preprocessing key":
         text = (folder / "config.json").read_text().replace('"spacing"', '"spacings"', 1)
         (folder / "config.json").write_text(text)
-    elif kind in ("one-value clip", "preprocessing not a table"):  # hand-edited: once a traceback, or blamed on the scan
+    elif kind in ("one-value clip", "preprocessing not a table"):  # once a traceback; once blamed on the scan
         config = json.loads((folder / "config.json").read_text())
         if kind == "one-value clip":
             config["preprocessing"]["clip"] = [-958.0]

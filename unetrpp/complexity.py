@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ NETWORKS = ("unetrpp", "unetr", "swin_unetr")
 
 
 def build_network(kind: str, input_shape: Sequence[int], name: str = "unetrpp_synapse",
-                  device: str | torch.device = "cpu", **overrides) -> nn.Module:
+                  device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """UNETR++ (`name` preset with its patch set to the input) or a MONAI peer at the same input and
     widths as the paper compares: UNETR (feature_size 16, hidden 768) and Swin-UNETR (feature_size 48).
     `overrides` go to the UNETR++ config (e.g. deep_supervision=True)."""

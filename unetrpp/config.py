@@ -149,6 +149,7 @@ class UNETRPPConfig:
         return tuple(p // s // 2**stage for p, s in zip(self.patch_size, self.stem))
 
     def tokens(self, stage: int) -> int:
+        """Token count N of encoder stage 0..3 (and of the decoder stage on its grid): sizes E/F and pos_embed."""
         return math.prod(self.stage_grid(stage))
 
     # ---- checks --------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ class UNETRPPConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python values (preprocessing as a nested dict): what config.json holds."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -212,6 +214,7 @@ class UNETRPPConfig:
         return cls(**dict(data))
 
     def replace(self, **overrides: Any) -> "UNETRPPConfig":
+        """A copy with `overrides` as new field values, checked like a new config; unknown keys are refused."""
         self._check_keys(overrides)
         return dataclasses.replace(self, **overrides)
 

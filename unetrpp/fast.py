@@ -97,7 +97,7 @@ class FastConvTranspose3d(nn.ConvTranspose3d):
     """A kernel equal to its stride (every UNETR++ upsampling) as one matrix product: each input voxel
     paints its own output block, which is then put in place."""
 
-    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         patchwise = (self.kernel_size == self.stride and self.padding == (0, 0, 0) and self.groups == 1
                      and self.output_padding == (0, 0, 0) and self.dilation == (1, 1, 1) and output_size is None)
         if not patchwise or not _fast_path(x) or x.dtype != self.weight.dtype:
