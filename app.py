@@ -228,17 +228,25 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             raise gr.Error(NOT_HELD, print_exception=False)
         return session
 
+    # The slider and the views answer without the queue (see view_only below), where gradio shows no error
+    # toast: a page whose scan is gone hears it on the position line under the views.
+    not_held = f"**{NOT_HELD[0].upper()}{NOT_HELD[1:]}.**"
+
     def on_slider(view):
         @friendly
         def handler(session, index, *disp):
-            H.set_slice(held(session), view, index)
+            if session is None:
+                return gr.skip(), not_held
+            H.set_slice(session, view, index)
             return H.render(session, view, H.display_settings(*disp)), H.position_text(session)
         return handler
 
     def on_click(view):
         @friendly
         def handler(session, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
-            H.click(held(session), view, *evt.index)  # gradio passes the event after the inputs, by position
+            if session is None:
+                return [gr.skip()] * 3 + [not_held] + [gr.skip()] * 3
+            H.click(session, view, *evt.index)  # gradio passes the event after the inputs, by position
             return views(session, preset, width, level, opacity, organs, contour)
         return handler
 
@@ -369,27 +377,31 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             **redraw)
         run_btn.click(**clear).success(segment_shown, [session, overlap, tta, bf16, shown_scan], [session, status],
                                        **model_run).success(**redraw)
+        # Drawing what the page holds goes around the queue: gradio's queue limit counts waiting events of every
+        # kind, so with UNETRPP_QUEUE_SIZE segmentations waiting, every visitor's slider, click and window
+        # change was refused ("This application is currently busy"). These take a fraction of a second.
+        view_only = dict(show_progress="hidden", api_visibility="private", queue=False)
         for view, image, slide in zip(vis.VIEWS, images, slides):
-            slide.input(on_slider(view), [session, slide, *disp], [image, position], show_progress="hidden",
-                        trigger_mode="always_last", api_visibility="private")
-            slide.release(views, [session, *disp], view_out, show_progress="hidden", api_visibility="private")
-            image.select(on_click(view), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
+            slide.input(on_slider(view), [session, slide, *disp], [image, position], trigger_mode="always_last",
+                        **view_only)
+            slide.release(views, [session, *disp], view_out, **view_only)
+            image.select(on_click(view), [session, *disp], view_out, **view_only)
         # A W/L typed in counts on Enter or on leaving the box (a tap elsewhere, as on a phone): with Enter only, a
         # value left without it stayed in the box while the views used the preset's window.
         typed = [width.submit, level.submit, width.blur, level.blur]
         gr.on([preset.change, *typed, opacity.release, organs.change, contour.change],
-              friendly(views), [session, *disp], view_out, show_progress="hidden", api_visibility="private")
+              friendly(views), [session, *disp], view_out, **view_only)
         # Ticking organs off fades them in the legend and greys them in the 3-D plot's own legend too.
         organs.input(lambda s, o: (H.legend_html(s, o), H.surfaces(s, o)) if s is not None else (gr.skip(), gr.skip()),
-                     [session, organs], [legend, surface], show_progress="hidden", api_visibility="private")
+                     [session, organs], [legend, surface], **view_only)
         # The W/L boxes show the window in use: a preset fills them in, and typing in them makes it custom.
         preset.change(lambda p: vis.WINDOW_PRESETS.get(p, (gr.skip(), gr.skip())), [preset], [width, level],
-                      show_progress="hidden", api_visibility="private")
+                      **view_only)
         def window_typed(preset_name, w, l):
             """The preset after W/L were typed: custom, unless they are still the preset's (a box only visited)."""
             return gr.skip() if vis.WINDOW_PRESETS.get(preset_name) == (w, l) else "custom"
 
-        gr.on(typed, window_typed, [preset, width, level], [preset], show_progress="hidden", api_visibility="private")
+        gr.on(typed, window_typed, [preset, width, level], [preset], **view_only)
         att_in, att_out = [session, block, head, preset, width, level], [*att_images, channel_plot, att_text]
         att_btn.click(on_attention, att_in, att_out, **model_run)
         gr.on([block.input, head.input], on_choice, att_in, att_out, **model_run)

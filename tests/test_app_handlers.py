@@ -667,9 +667,13 @@ def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
     segment_shown = next(f.fn for f in demo.fns.values() if f.name == "segment_shown")
     click = app.gr.SelectData(None, {"index": [10, 10], "value": None})
     disp = ("abdomen", 400, 40, 0.5, [], False)
-    calls = {"slider": lambda: on("slider-axial", "input")(None, 3, *disp),
-             "click": lambda: on("view-axial", "select")(None, *disp, click),
-             "attention click": lambda: on("attention-axial", "select")(None, 0, 0, *disp, click),
+    # The slider and the views answer outside the queue, where gradio shows no toast: on the position line.
+    for what, out in {"slider": on("slider-axial", "input")(None, 3, *disp),
+                      "click": on("view-axial", "select")(None, *disp, click)}.items():
+        position = out[-1] if what == "slider" else out[3]
+        assert "no longer holds this page's scan" in position and "upload the scan again" in position, (what, out)
+        assert all(o == app.gr.skip() for o in out if o is not position), what  # the views stay as they are
+    calls = {"attention click": lambda: on("attention-axial", "select")(None, 0, 0, *disp, click),
              "segment again": lambda: segment_shown(None, 0.5, False, False, {"path": "/cache/ct.nii.gz"})}
     for what, call in calls.items():
         with pytest.raises(app.gr.Error) as error:
@@ -763,3 +767,26 @@ def test_a_redraw_overtaken_by_a_crosshair_move_gives_way(monkeypatch, scan, tin
 
     monkeypatch.setattr(H, "render_all", clicked_meanwhile)
     assert handler["views"](session, "custom", 800, 40, 0.5, None, False) == [app.gr.skip()] * 7
+
+
+def test_drawing_what_the_page_holds_never_waits_in_the_queue_of_segmentations(tiny_model):
+    """gradio's queue limit counts waiting events of every kind: with UNETRPP_QUEUE_SIZE segmentations waiting,
+    a queued slider move, click or window change was refused ("This application is currently busy") on every
+    page. Those events go around the queue; the model's runs wait in it."""
+    import app
+
+    demo = app.build_demo(net=tiny_model)
+    by_id = {b._id: b for b in demo.blocks.values()}
+
+    def triggers(fn):
+        blocks = [(by_id.get(i), e) for i, e in fn.targets]  # the page's load event has no block
+        return {(getattr(b, "elem_id", None) or getattr(b, "label", None), e) for b, e in blocks}
+
+    view_events = {("slider-axial", "input"), ("slider-axial", "release"), ("view-sagittal", "select"),
+                   ("window-preset", "change"), ("window W (HU)", "blur"), ("level L (HU)", "submit"),
+                   ("overlay opacity", "release"), ("contours", "change")}
+    queued = {t for fn in demo.fns.values() if fn.queue for t in triggers(fn)}
+    unqueued = {t for fn in demo.fns.values() if not fn.queue for t in triggers(fn)}
+    assert view_events <= unqueued and not view_events & queued, view_events & queued
+    assert all(fn.queue for fn in demo.fns.values() if fn.concurrency_id == "model") and \
+        {"segment_shown", "after_upload", "on_attention"} <= {fn.name for fn in demo.fns.values() if fn.queue}
