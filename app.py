@@ -431,11 +431,11 @@ LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "sett
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
                   " #contours {min-width: 140px !important}"
-                  # the download boxes' file names wrap instead of ending in "exam… .gz" (the left column is narrow;
+                  # the file boxes' names (the upload, the mask, the table) wrap instead of ending in "exam… .gz" (the left column is narrow;
                   # gradio gives the size a 128 px cell); font-size 0 drops the space between name and extension
-                  " :is(#mask-file, #csv-file) td.download {min-width: 0 !important; width: 76px !important}"
-                  " :is(#mask-file, #csv-file) td.filename {display: block !important; font-size: 0}"
-                  " :is(#mask-file, #csv-file) td.filename > span {font-size: var(--text-md);"
+                  " :is(#scan-upload, #mask-file, #csv-file) td.download {min-width: 0 !important; width: 76px !important}"
+                  " :is(#scan-upload, #mask-file, #csv-file) td.filename {display: block !important; font-size: 0}"
+                  " :is(#scan-upload, #mask-file, #csv-file) td.filename > span {font-size: var(--text-md);"
                   " white-space: normal !important; overflow-wrap: anywhere}"
                   # a phone fits the statistics' five columns with a smaller font, headers broken between words
                   " @media (max-width: 480px) {#stats-table th, #stats-table td {font-size: 12px !important;"

@@ -132,10 +132,10 @@ def test_viewer_end_to_end(page, tmp_path):
     page.wait_for_timeout(500)
     assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
 
-    # The download boxes show whole file names (gradio cut them to "exam… .gz" in the narrow column).
-    for box in ("#mask-file", "#csv-file"):
+    # The file boxes show whole file names (gradio cut them to "exam… .gz" in the narrow column).
+    for box in ("#scan-upload", "#mask-file", "#csv-file"):
         name = page.locator(f"{box} td.filename").first
-        assert name.inner_text().replace("\n", "").startswith("example_ct_sm_unetrpp_")
+        assert name.inner_text().replace("\n", "").startswith("example_ct_sm")
         inside = name.evaluate("e => { const box = e.getBoundingClientRect(), r = document.createRange();"
                                " return [...e.children].every(s => { r.selectNodeContents(s);"
                                " const b = r.getBoundingClientRect(); return b.right <= box.right + 1; }); }")
