@@ -10,6 +10,7 @@ import pytest
 from unetrpp import io
 from unetrpp.cli import main
 from unetrpp.evaluate import dice, evaluate_case, hd95
+from unetrpp.labels import BTCV_CLASS_NAMES
 
 
 def test_dice_known_overlap():
@@ -177,6 +178,23 @@ def test_cli_scores_the_classes_a_mask_names_not_btcv_organs(tmp_path, capsys):
     assert mean["left ventricle"]["dice"] == pytest.approx(2 / 3)
     assert mean["mean"]["dice"] == pytest.approx((2 + 2 / 3) / 3)  # not inflated by 10 absent BTCV organs
     assert "spleen" not in capsys.readouterr().out
+
+
+def test_cli_synapse8_refuses_masks_whose_classes_are_not_the_btcv_organs(tmp_path, capsys):
+    """Masks of a model trained with --set class_names=[background, liver, spleen]: synapse8 would report
+    their liver (class 1) as the spleen, and the six classes they lack as perfect (both empty)."""
+    truth, pred = _half_overlap(tmp_path, 1)
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    image = io.load(io.save_array(truth, spacing, tmp_path / "img0001.nii.gz", dtype=np.int16))
+    io.save_mask(pred, image, tmp_path / "pred/img0001.nii.gz", label_names=("background", "liver", "spleen"))
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    assert main(args + ["--organs", "synapse8"]) == 2
+    err = capsys.readouterr().err
+    assert "class 1 is 'liver', not 'spleen'" in err and "use --organs all" in err and err.count("\n") == 1
+    assert main(args) == 0 and "liver" in capsys.readouterr().out  # the classes the masks name
+    io.save_mask(pred, image, tmp_path / "pred/img0001.nii.gz", label_names=("background",) + BTCV_CLASS_NAMES)
+    assert main(args + ["--organs", "synapse8"]) == 0  # BTCV-labelled masks are scored as before
 
 
 @pytest.mark.parametrize("side_car", ['{"Modality": "CT", "SeriesDescription": "abdomen"}',  # dcm2niix's

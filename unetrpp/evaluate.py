@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import io
-from .data.btcv import nifti_files_by_case
+from .data.btcv import nifti_files_by_case, same_class
 from .labels import BTCV_LABELS
 from .postprocess import write_text
 
@@ -116,10 +116,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                          "predictions are matched to truth by the numbers in their file names); predict those cases "
                          f"too (`python -m unetrpp predict` their images into {pred_dir}), or give a --truth folder "
                          "holding only the labels of the predicted cases")
+    names = io.read_label_names(preds[next(iter(truths))]) if truths else None
     if labels is None:
-        names = io.read_label_names(preds[next(iter(truths))]) if truths else None
         labels = dict(enumerate(names)) if names else dict(BTCV_LABELS)
         labels.pop(0, None)  # background
+    elif names:  # e.g. synapse8 on masks of a liver/spleen model: its class 1 would be scored as the spleen
+        _check_mask_classes(names, labels, preds[next(iter(truths))])
     per_case = {}
     highest = max(max(labels), max(BTCV_LABELS))  # a subset of the organs still allows every BTCV label
     for case_id, truth_path in truths.items():
@@ -139,6 +141,18 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
         per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], truth.spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
     return {"cases": per_case, "mean": mean_metrics(per_case)}
+
+
+def _check_mask_classes(names: tuple[str, ...], labels: dict[int, str], path: Path) -> None:
+    """One-line ValueError when the predictions' label table (`names`, by id) names other classes than
+    the ids of `labels` to score: their Dice would be reported under the wrong organs' names."""
+    wrong = [f"class {i} is {names[i]!r}, not {name!r}" if i < len(names) else f"it has no class {i} ({name!r})"
+             for i, name in labels.items() if i >= len(names) or not same_class(names[i], name)]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ValueError(f"{path}: its label table does not hold the organs to score ({'; '.join(wrong[:3])}{more}); "
+                         "--organs synapse8 scores masks with the BTCV labels: use --organs all to score the classes "
+                         "these masks name")
 
 
 def _some(case_ids: Iterable[str], limit: int = 10) -> str:

@@ -152,7 +152,7 @@ def check_label_names(data: str | os.PathLike, class_names: Sequence[str]) -> No
         shown = ", ".join(ours[:6]) + (", ..." if len(ours) > 6 else "")
         difference = f"names {len(names)} classes ({', '.join(names)}) but the model has {len(ours)} ({shown})"
     else:
-        wrong = [i for i in range(1, len(ours)) if not _same_class(names[i], ours[i])]
+        wrong = [i for i in range(1, len(ours)) if not same_class(names[i], ours[i])]
         if not wrong:
             return
         difference = "names " + ", ".join(f"class {i} {names[i]!r} where the model has {ours[i]!r}" for i in wrong)
@@ -182,7 +182,7 @@ def _names_by_id(path: Path, labels: object) -> list[str]:
     return [by_id[i] for i in range(len(by_id))]
 
 
-def _same_class(theirs: str, ours: str) -> bool:
+def same_class(theirs: str, ours: str) -> bool:
     """Whether two class names are the same class in other words (see `check_label_names`)."""
     a, b = _name_words(theirs), _name_words(ours)
     return set(a) == set(b) or "".join(a) == "".join(b)
