@@ -142,6 +142,11 @@ def test_split_is_by_case_and_reproducible(tmp_path):
     assert len(split_cases(cases, 3, seed=5)[1]) == 3
     with pytest.raises(ValueError, match="val_cases=10"):
         split_cases(cases, 10)
+    # a fraction that rounds to every case (0.96 of 10) leaves none to train on: said as such, not as a batch
+    # size too large for an epoch of 0 training patches, which is how training met it
+    with pytest.raises(ValueError, match="val_cases=0.96: that fraction of 10 cases holds out all of them"):
+        split_cases(cases, 0.96)
+    assert len(split_cases(cases, 0.9)[0]) == 1
 
 
 def test_empty_folder_and_missing_folder(tmp_path):

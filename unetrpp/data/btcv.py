@@ -201,6 +201,9 @@ def split_cases(cases: list[Case], val_cases: float = 0.2, seed: int = 0) -> tup
         if not 0.0 <= val_cases < 1.0:
             raise ValueError(f"val_cases={val_cases}: a fraction must be in [0, 1), e.g. 0.2")
         count = max(1, round(len(cases) * val_cases)) if val_cases > 0 and len(cases) > 1 else 0
+        if count and count == len(cases):  # 0.9 of 3 cases rounds to all 3: nothing would be left to train on
+            raise ValueError(f"val_cases={val_cases}: that fraction of {len(cases)} cases holds out all of them, "
+                             f"leaving none to train on; use a smaller fraction (e.g. 0.2) or a count below {len(cases)}")
     else:
         count = int(val_cases)
         if not 0 <= count < len(cases):
