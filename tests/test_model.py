@@ -69,6 +69,9 @@ def test_invalid_configs_name_the_field_and_rule(overrides, field):
     ({"preprocessing": {"clip": [1000]}}, "preprocessing.clip=[1000]: need two HU values (low, high)"),
     ({"preprocessing": {"spacing": 3.0}}, "preprocessing.spacing=3.0: need three positive, finite mm values"),
     ({"preprocessing": {"mean": None}}, "preprocessing.mean=None: need a number"),
+    ({"depths": 2}, "UNETRPPConfig.depths=2: needs 4 whole numbers, e.g. (3, 3, 3, 3)"),
+    ({"extra_conv": "yes"}, "UNETRPPConfig.extra_conv='yes': must be true or false"),  # was taken as true
+    ({"preprocessing": {"spacing": [4, 2, "a"]}}, "preprocessing.spacing=[4, 2, 'a']: need three positive"),
 ])
 def test_a_config_value_of_the_wrong_type_is_named_with_the_rule(overrides, words):
     """What a hand-edited config.json or `train --set KEY=VALUE` can hold: each once ended in a bare

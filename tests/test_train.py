@@ -15,7 +15,7 @@ import torch
 from unetrpp.data.phantom import write_phantom_dataset
 from unetrpp.model import UNETRPP
 from unetrpp.pretrained import load_pretrained
-from unetrpp.train import TrainOptions, deep_supervision_loss, poly_lr, train, training_split, validate
+from unetrpp.train import TrainOptions, build_config, deep_supervision_loss, poly_lr, train, training_split, validate
 from unetrpp.train_data import prepare_cases
 
 # A very small network and grid so a step takes a fraction of a second on one core.
@@ -231,6 +231,13 @@ def test_ctrl_c_stops_after_the_step_with_a_whole_checkpoint(phantoms, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_mean_dice" in r] == [2]  # the step was finished, then it stopped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+def test_set_name_is_answered_with_the_option_that_chooses_the_network():
+    """`--set name=foo` failed with "get_config() got multiple values for argument 'name'"."""
+    with pytest.raises(ValueError, match=r"--set name='foo': the network is chosen with --name \(valid names: "
+                                         r"unetrpp_synapse, .*unetrpp_tiny\)"):
+        build_config("unetrpp_tiny", {"name": "foo"})
 
 
 def test_deep_supervision_weights_and_poly_schedule():

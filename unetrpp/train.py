@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from .config import UNETRPPConfig, get_config
+from .config import PRESETS, UNETRPPConfig, get_config
 from .data.btcv import Case, check_cases, check_label_names, is_synthetic, read_datalist, split_cases
 from .evaluate import dice
 from .fast import reuse_freed_memory
@@ -129,6 +129,9 @@ def build_config(name: str, overrides: dict[str, Any]) -> UNETRPPConfig:
     """The preset with `overrides` and deep supervision on; a partial "preprocessing" dict is merged
     into the preset's preprocessing (so {"spacing": [...]} keeps its orientation and CT numbers)."""
     overrides = dict(overrides)
+    if "name" in overrides:  # get_config(name, name=...) would fail with "got multiple values for argument"
+        raise ValueError(f"--set name={overrides['name']!r}: the network is chosen with --name (valid names: "
+                         f"{', '.join(PRESETS)}); --set changes the fields of that preset")
     if isinstance(overrides.get("preprocessing"), dict):
         overrides["preprocessing"] = {**dataclasses.asdict(get_config(name).preprocessing), **overrides["preprocessing"]}
     return get_config(name, **{**overrides, "deep_supervision": True})
