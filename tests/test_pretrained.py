@@ -191,6 +191,28 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
         load_pretrained("my weights/v1")
 
 
+def test_a_training_run_folder_or_its_checkpoint_points_to_the_runs_weights(tmp_path, tiny):
+    """`--weights runs/tiny` (the train --out folder) or runs/tiny/checkpoint.pt was answered with "no
+    config.json ... make one with `python -m unetrpp convert`" and "holds dict without a 'state_dict'":
+    the fix is runs/tiny/model, which an interrupted run writes with a resume already at --max-steps."""
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    torch.save({"step": 21, "model": tiny.state_dict(), "config": tiny.config.to_dict()}, run / "checkpoint.pt")
+    (run / "options.json").write_text('{"data": "my data", "out": "runs/tiny", "max_steps": 40}')
+    to_write = (f"no weights folder {run / 'model'} yet; write one from its last checkpoint, without training, with "
+                f"`python -m unetrpp train --data 'my data' --out {run} --resume --max-steps 1`")
+    for given, words in ((run, "not a weights folder; the run"), (run / "checkpoint.pt", "is the checkpoint of a "
+                         "training run, not a weights file"), (run / "model", "no such folder; the run")):
+        with pytest.raises(ValueError) as info:
+            load_pretrained(given)
+        assert words in str(info.value) and to_write in str(info.value), given
+    tiny.save_pretrained(run / "model")  # what a finished run leaves
+    for given in (run, run / "checkpoint.pt"):
+        with pytest.raises(ValueError, match=rf"the run's weights folder is {run / 'model'}: give --weights"):
+            load_pretrained(given)
+    assert load_pretrained(run / "model").config == tiny.config
+
+
 def test_weights_folder_missing_tensors_is_refused(tmp_path, tiny):
     """Layers without weights in model.safetensors must not keep their random initial values."""
     from safetensors.torch import load_file, save_file

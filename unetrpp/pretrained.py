@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import struct
 import warnings
 import zipfile
@@ -68,6 +69,8 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.name in ("model.safetensors", "config.json") and (path.parent / "config.json").is_file():
         raise ValueError(f"{path} is part of the weights folder {path.parent} (already converted); give the "
                          f"folder: --weights {path.parent}")
+    if hint := training_run_hint(path.parent):
+        raise ValueError(f"{path} is the checkpoint of a training run, not a weights file; {hint}")
     if path.name.endswith(".model.pkl"):
         raise ValueError(f"{path} is the nnU-Net plans file that sits beside a checkpoint; give the .model file "
                          f"next to it ({path.name[:-len('.pkl')]})")
@@ -198,6 +201,8 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
         what = "weights file" if text.lower().endswith(".safetensors") else "checkpoint file"
         raise ValueError(f"weights {text!r}: no such {what}; check the path, or give a weights folder or one "
                          f"of the local weights {sorted(local) or '(none)'}")
+    elif _looks_like_path(text) and (hint := training_run_hint(path.parent)):
+        raise ValueError(f"weights {text!r}: no such folder; {hint}")
     elif _looks_like_path(text):
         raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
                          f"checkpoint with `python -m unetrpp convert CHECKPOINT --out {text}`, or give one of the "
@@ -257,8 +262,28 @@ def read_config(folder: str | os.PathLike) -> UNETRPPConfig:
         raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {_FOLDER_HINT}") from None
 
 
+def training_run_hint(folder: Path) -> str | None:
+    """Where the weights of the `python -m unetrpp train` run in `folder` are (its checkpoint.pt and
+    options.json tell one), or how to write them when it stopped before its end; None for other folders."""
+    if not ((folder / "checkpoint.pt").is_file() and (folder / "options.json").is_file()):
+        return None
+    model = folder / "model"
+    if (model / "config.json").is_file():
+        return f"the run's weights folder is {model}: give --weights {model}"
+    try:
+        data = str(json.loads((folder / "options.json").read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        data = "DATA"
+    # a resume already at --max-steps trains nothing and saves the model of its last checkpoint
+    return (f"the run {folder} stopped before its end, so it has no weights folder {model} yet; write one from its "
+            f"last checkpoint, without training, with `python -m unetrpp train --data {shlex.quote(data)} --out "
+            f"{shlex.quote(str(folder))} --resume --max-steps 1`, or resume it to its end")
+
+
 def _from_folder(path: Path) -> UNETRPP:
     """A save_pretrained folder, every way it can be broken answered in one line."""
+    if not (path / "config.json").is_file() and (hint := training_run_hint(path)):
+        raise ValueError(f"{path}: not a weights folder; {hint}")
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise ValueError(f"{path}: no {name}; {_FOLDER_HINT}")
