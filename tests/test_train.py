@@ -91,6 +91,27 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_bare_resume_keeps_the_runs_own_max_steps(phantoms, tmp_path):
+    """`train --max-steps 2400`, Ctrl-C, then `train --resume` without --max-steps went on to the default
+    1000 steps, on a learning-rate schedule for 1000 from then on: the run did not continue as it was."""
+    from unetrpp.cli import build_parser
+
+    def stop_at_2(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(phantoms, tmp_path / "run", max_steps=3), on_step=stop_at_2)
+
+    def past_the_end(record):
+        assert record["step"] <= 3, "the resumed run went past the run's own max_steps"
+
+    resumed = train(options(phantoms, tmp_path / "run", resume=True), on_step=past_the_end)  # max_steps not given
+    assert resumed.step == 3 and json.loads((tmp_path / "run/options.json").read_text())["max_steps"] == 3
+    argv = ["train", "--data", "d", "--out", "o", "--resume"]
+    assert build_parser(argv).parse_args(argv).max_steps is None  # the command line leaves it to the run
+
+
 def test_the_originals_sgd_trains_with_nesterov_momentum(phantoms, tmp_path):
     result = train(options(phantoms, tmp_path / "run", max_steps=2, optimizer="sgd", lr=1e-2))
     state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["optimizer"]

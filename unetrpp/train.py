@@ -39,6 +39,7 @@ DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)  # full resolution, 1/stem, 1/(
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("options.json", "metrics.jsonl", "training_curve.png", CHECKPOINT, "model")  # and rng_rank<N>.pt
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 1e-2}  # peak learning rate by optimiser
+DEFAULT_MAX_STEPS = 1000
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TrainOptions:
     out: str
     name: str = "unetrpp_tiny"
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocessing": {"spacing": [4, 2.5, 2.5]}}
-    max_steps: int = 1000
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS for a new run, the run's own when resuming
     batch_size: int = 2
     optimizer: str = "adamw"  # or "sgd" (the original's nnU-Net choice: momentum 0.99, Nesterov)
     lr: float = DEFAULT_LR["adamw"]
@@ -152,6 +153,8 @@ def _build(options: TrainOptions, config: UNETRPPConfig, device: torch.device, m
 
 def _check_options(o: TrainOptions) -> None:
     for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "samples_per_case"):
+        if name == "max_steps" and o.max_steps is None:  # the default: see TrainOptions
+            continue
         if not (isinstance(getattr(o, name), int) and getattr(o, name) > 0):
             raise ValueError(f"{name}={getattr(o, name)!r}: must be a positive integer")
     if not o.lr > 0:
@@ -193,7 +196,10 @@ def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
     if ignored:
         log.warning("resuming with the run's own options; these given ones differ and are ignored: %s",
                     ", ".join(ignored))
-    return TrainOptions(**{**saved, **{k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME}})
+    # max_steps not given (None) is the run's own: a 2400-step run resumed with a bare --resume once ran to
+    # the default 1000 instead, on a learning-rate schedule for 1000 steps from then on
+    changed = {k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME if not (k == "max_steps" and given.max_steps is None)}
+    return TrainOptions(**{**saved, **changed})
 
 
 def _model_card(config: UNETRPPConfig, options: TrainOptions, history: list[dict], step: int, n_train: int,
@@ -265,6 +271,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         start_step = int(state["step"])
     else:
         _check_new_run_folder(run_dir, ctx)
+    if options.max_steps is None:
+        options = dataclasses.replace(options, max_steps=DEFAULT_MAX_STEPS)
     check_folder_can_be_written(run_dir)  # before the data is prepared, not after
     if start_step >= options.max_steps and ctx.is_main:
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="BTCV-layout folder (imagesTr/labelsTr, dataset.json or dataset_0.json)")
     parser.add_argument("--name", default="unetrpp_tiny", help="model preset (default unetrpp_tiny)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, training_curve.png, model/")
-    parser.add_argument("--max-steps", type=int, default=1000, help="optimiser steps in all (default 1000)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="optimiser steps in all (default 1000; with --resume, the run's own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps and "
                              "--device may change); without it an existing run folder is refused, never overwritten")
