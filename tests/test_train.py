@@ -232,7 +232,10 @@ def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms,
                                            ({"flip_prob": 2.0}, "flip_prob=2.0"),
                                            ({"batch_size": 1}, "too few for batch norm"),
                                            ({"batch_size": 64}, "an epoch holds only 8 training patches"),
-                                           ({"val_cases": 1.5}, "val_cases=1.5: a count")])
+                                           ({"val_cases": 1.5}, "val_cases=1.5: a count"),
+                                           # one image per case: a 4-channel network failed at its first step
+                                           ({"config_overrides": {**TINY, "in_channels": 2}},
+                                            "in_channels=2 image channels, but training reads one image")])
 def test_options_that_would_wreck_training_are_refused(phantoms, tmp_path, change, words):
     with pytest.raises(ValueError, match=words):
         train(options(phantoms, tmp_path / "run", max_steps=2, **change))

@@ -172,6 +172,15 @@ def _check_options(o: TrainOptions) -> None:
         raise ValueError(f"val_cases={o.val_cases}: a count (>= 1) or a fraction in [0, 1) of the cases")
 
 
+def _check_one_channel(config: UNETRPPConfig) -> None:
+    """The reader gives each case one image (a 3-D NIfTI): a network taking more channels (unetrpp_tumor's
+    four MRI sequences) would fail at its first step, with a message about window sizes."""
+    if config.in_channels != 1:
+        raise ValueError(f"{config.name} takes in_channels={config.in_channels} image channels, but training reads one "
+                         "image (a 3-D NIfTI) per case; train a single-channel network, e.g. --name unetrpp_synapse, "
+                         "or this one on one channel with --set in_channels=1")
+
+
 def _check_batch_norm(config: UNETRPPConfig, batch_size: int) -> None:
     """Batch norm in training needs more than one value per channel on the coarsest grid."""
     if batch_size * math.prod(config.stage_grid(3)) < 2:
@@ -279,6 +288,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     "go on); the model is saved again", start_step, options.max_steps)
     config = build_config(options.name, options.config_overrides)
     check_label_names(options.data, config.class_names)  # the data's classes are the network's outputs
+    _check_one_channel(config)
     _check_batch_norm(config, options.batch_size)
     if is_synthetic(options.data):  # the saved weights say so wherever they are used
         config = config.replace(synthetic=True)
