@@ -230,3 +230,29 @@ def test_cli_matches_masks_of_nnunet_named_images_to_their_labels(tmp_path, caps
                  "--out", str(tmp_path / "r.json")]) == 0
     cases = json.loads((tmp_path / "r.json").read_text())["cases"]
     assert sorted(cases) == ["0002", "0061"] and cases["0061"]["liver"]["dice"] == pytest.approx(2 / 3)
+
+
+def test_scores_of_masks_from_synthetic_weights_say_so_on_screen_and_in_the_files(tmp_path, capsys):
+    """Masks made by the teaching weights record SYNTHETIC in their label tables; their Dice and HD95 travel
+    without the masks (a slide, a CSV in a report), so the console, the CSV (every row) and the JSON say it."""
+    import csv
+
+    truth, pred = _half_overlap(tmp_path, 1)
+    spacing = (2.0, 1.0, 1.0)
+    io.save_array(truth, spacing, tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    image = io.load(io.save_array(truth, spacing, tmp_path / "img0001.nii.gz", dtype=np.int16))
+    names = ("background", "spleen", "liver")
+    io.save_mask(pred, image, tmp_path / "pred/img0001.nii.gz", label_names=names, synthetic=True)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    assert main(args + ["--out", str(tmp_path / "r.csv")]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert rows and all("SYNTHETIC" in row["note"] for row in rows)
+    assert main(args + ["--out", str(tmp_path / "r.csv")]) == 0  # a rerun replaces its own table
+    assert main(args + ["--out", str(tmp_path / "r.json")]) == 0
+    assert "SYNTHETIC" in json.loads((tmp_path / "r.json").read_text())["note"] and capsys.readouterr()
+
+    io.save_mask(pred, image, tmp_path / "pred/img0001.nii.gz", label_names=names)  # real weights: as before
+    assert main(args + ["--out", str(tmp_path / "real.csv")]) == 0
+    assert "SYNTHETIC" not in capsys.readouterr().out
+    assert next(csv.reader(open(tmp_path / "real.csv"))) == ["case", "organ", "dice", "hd95_mm"]

@@ -101,7 +101,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
 
     `labels` {id: name} to score; None: those the predictions' label table names (masks written by
     `unetrpp`, e.g. the ACDC classes), else the 13 BTCV organs.
-    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}.
+    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}, and a
+    "note" saying SYNTHETIC when the masks were made by weights trained on phantoms (their label tables say so).
     Every truth case needs a prediction; the truth's spacing is used.
     """
     preds, truths = _nifti_files(Path(pred_dir)), _nifti_files(Path(truth_dir))
@@ -116,7 +117,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                          "predictions are matched to truth by the numbers in their file names); predict those cases "
                          f"too (`python -m unetrpp predict` their images into {pred_dir}), or give a --truth folder "
                          "holding only the labels of the predicted cases")
-    names = io.read_label_names(preds[next(iter(truths))]) if truths else None
+    tables = {case: io.read_label_table(preds[case]) for case in truths}
+    names = next(iter(tables.values()))["names"] if tables and next(iter(tables.values())) else None
     if labels is None:
         labels = dict(enumerate(names)) if names else dict(BTCV_LABELS)
         labels.pop(0, None)  # background
@@ -140,7 +142,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                                  "map it to the BTCV labels first (unetrpp.labels.BTCV_LABELS lists them)")
         per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], truth.spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
-    return {"cases": per_case, "mean": mean_metrics(per_case)}
+    result = {"cases": per_case, "mean": mean_metrics(per_case)}
+    if any(table and table.get("synthetic") for table in tables.values()):  # the scores travel without the masks
+        result["note"] = "scores of masks " + io.SYNTHETIC_NOTE
+    return result
 
 
 def _check_mask_classes(names: tuple[str, ...], labels: dict[int, str], path: Path) -> None:
@@ -194,7 +199,7 @@ def _is_results_file(path: Path) -> bool:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".csv":
-            return text.startswith("case,organ,dice,hd95_mm\n")
+            return text.split("\n", 1)[0] in ("case,organ,dice,hd95_mm", "case,organ,dice,hd95_mm,note")
         return {"cases", "mean"} <= set(json.loads(text))
     except (OSError, UnicodeDecodeError, ValueError, TypeError):
         return False
@@ -211,10 +216,11 @@ def write_results(result: dict, path: str | os.PathLike) -> Path:
     an undefined HD95 as nan), by the file suffix; written whole or not at all."""
     path = check_results_path(path)
     if path.suffix.lower() == ".csv":
-        rows = [["case", "organ", "dice", "hd95_mm"]]
-        rows += [[case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"]
+        note = [result["note"]] if "note" in result else []  # on every row, as in the statistics tables
+        rows = [["case", "organ", "dice", "hd95_mm", *(["note"] if note else [])]]
+        rows += [[case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}", *note]
                  for case, organs in result["cases"].items() for name, m in organs.items()]
-        rows += [["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}"] for name, m in result["mean"].items()]
+        rows += [["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}", *note] for name, m in result["mean"].items()]
         text = StringIO()
         csv.writer(text, lineterminator="\n").writerows(rows)
         return write_text(path, text.getvalue())

@@ -519,25 +519,33 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     return path
 
 
-def _names_in_table(text: str | bytes) -> tuple[str, ...] | None:
-    """The names of a `label_table` JSON, or None for any other text (another tool's JSON, not JSON)."""
+def _label_table(text: str | bytes) -> dict | None:
+    """A `label_table` JSON as a dict, or None for any other text (another tool's JSON, not JSON)."""
     try:
-        return tuple(str(e["name"]) for e in json.loads(text)["labels"])
+        table = json.loads(text)
+        table["names"] = tuple(str(e["name"]) for e in table["labels"])
+        return table
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def read_label_names(mask_path: str | os.PathLike) -> tuple[str, ...] | None:
-    """Label names recorded by `save_mask` (side-car first, then the NIfTI extension), or None.
-    A `<name>.json` beside the mask that is not such a table (another tool's side-car, e.g. dcm2niix's)
-    is passed over, not an error."""
+def read_label_table(mask_path: str | os.PathLike) -> dict | None:
+    """The label table `save_mask` recorded (side-car first, then the NIfTI extension), with its names
+    as "names" (by id), or None. A `<name>.json` beside the mask that is not such a table (another tool's
+    side-car, e.g. dcm2niix's) is passed over, not an error."""
     side = sidecar_path(mask_path)
-    if side.is_file() and (names := _names_in_table(side.read_bytes())):
-        return names
+    if side.is_file() and (table := _label_table(side.read_bytes())):
+        return table
     for ext in nib.load(str(mask_path)).header.extensions:
-        if names := _names_in_table(ext.get_content()):
-            return names
+        if table := _label_table(ext.get_content()):
+            return table
     return None
+
+
+def read_label_names(mask_path: str | os.PathLike) -> tuple[str, ...] | None:
+    """Label names recorded by `save_mask`, by id, or None (see `read_label_table`)."""
+    table = read_label_table(mask_path)
+    return table["names"] if table else None
 
 
 def save_array(array_zyx: np.ndarray, spacing: tuple[float, float, float], path: str | os.PathLike,

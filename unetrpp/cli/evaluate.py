@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(args.pred, args.truth, labels)
     print(f"{len(result['cases'])} case(s); HD95 in mm (nan: organ empty in only one of prediction / truth)")
     print(format_table(result["mean"]))
+    if "note" in result:
+        print(f"note: {result['note']}")
     if args.out:
         print(f"wrote {write_results(result, args.out)}")
     return 0

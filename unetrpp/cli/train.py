@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None,
                         help="optimiser steps in all (default 1000; with --resume, the run's own)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps and "
-                             "--device may change); without it an existing run folder is refused, never overwritten")
+                        help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps, "
+                             "--device, --data and --out may change); without it an existing run folder is refused, never overwritten")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step, per rank under torchrun (default 2)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 for adamw, "
