@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=20,
                         help="steps of linear learning-rate warm-up before the polynomial decay (default 20)")
     parser.add_argument("--grad-clip", type=float, default=12.0, help="largest gradient norm (default 12, as the original)")
-    parser.add_argument("--val-cases", type=float, default=0.2, help="held-out cases: a fraction (< 1) or a count (default 0.2)")
+    parser.add_argument("--val-cases", type=float, default=0.2, help="held-out cases: a fraction (< 1) or a count (default 0.2); data whose "
+                        "dataset_0.json lists validation cases keep that list instead")
     parser.add_argument("--val-every", type=int, default=200, help="steps between validations (default 200)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
