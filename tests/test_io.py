@@ -457,3 +457,25 @@ def test_mask_must_match_the_volume_grid(tmp_path):
     volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
     with pytest.raises(ValueError, match="differs"):
         io.save_mask(np.zeros((3, 3, 3), np.uint8), volume, tmp_path / "m.nii.gz")
+
+
+def test_a_short_uncompressed_file_is_refused_before_its_voxels_are_allocated(tmp_path):
+    """A 1 KB .nii whose header claims 400 x 512 x 512 float32 voxels (400 MB): on a shared server the reader
+    allocated the header's array before finding the data missing."""
+    import tracemalloc
+
+    path = write_nifti(tmp_path / "small.nii", _phantom())
+    raw = bytearray(path.read_bytes()[:1024])
+    raw[40:56] = np.array([3, 400, 512, 512, 1, 1, 1, 1], "<i2").tobytes()  # dim
+    raw[70:72] = np.array([16], "<i2").tobytes()  # datatype float32
+    raw[72:74] = np.array([32], "<i2").tobytes()  # bitpix
+    path.write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="truncated or corrupt") as info:
+            io.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "the file holds 1,024" in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated for a 1 KB file"

@@ -273,9 +273,18 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"{path}: zero voxel spacing (pixdim {tuple(float(v) for v in raw['pixdim'][1:4])}) and no "
                          "sform, so the affine is singular; set the real voxel size in the header")
     try:
-        return nib.load(str(path), mmap=False)
+        img = nib.load(str(path), mmap=False)
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
         raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); {_HINT}") from None
+    # An uncompressed file shorter than its header's voxels: said now, before an array of the header's size
+    # is allocated (a 1 KB upload whose header claims 700 x 512 x 512 voxels held 700 MB for nothing).
+    if not path.name.lower().endswith(".gz") and check_image(img, str(path)):  # its shape is sane
+        needed = int(img.header.get_data_offset()) + math.prod(max(0, int(n)) for n in img.header.get_data_shape()) \
+            * img.header.get_data_dtype().itemsize
+        if path.stat().st_size < needed:
+            raise ValueError(f"{path}: the image data is truncated or corrupt (the header needs {needed:,} bytes, the "
+                             f"file holds {path.stat().st_size:,}); re-export or re-download the file")
+    return img
 
 
 def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
