@@ -68,7 +68,7 @@ def user_message(exc: Exception, where: str = "") -> str:
     if isinstance(exc, (ValueError, TypeError, OSError)):
         return without_upload_folder(str(exc))
     logger.error("unexpected error in %s", where, exc_info=exc)
-    return f"unexpected error ({type(exc).__name__}: {exc}); please try another file"
+    return without_upload_folder(f"unexpected error ({type(exc).__name__}: {exc}); please try another file")
 
 
 def failure(what: str, exc: Exception, where: str) -> str:

@@ -790,3 +790,13 @@ def test_drawing_what_the_page_holds_never_waits_in_the_queue_of_segmentations(t
     assert view_events <= unqueued and not view_events & queued, view_events & queued
     assert all(fn.queue for fn in demo.fns.values() if fn.concurrency_id == "model") and \
         {"segment_shown", "after_upload", "on_attention"} <= {fn.name for fn in demo.fns.values() if fn.queue}
+
+
+def test_an_unexpected_error_shows_no_server_folders():
+    """The page names the visitor's file, never the server's upload cache it sits in, in every message."""
+    import app
+
+    cached = f"{app.get_upload_folder()}/0f3e9a/ct.nii.gz"
+    for exc in (ValueError(f"{cached}: not a NIfTI image"), RuntimeError(f"{cached}: worker died")):
+        message = app.user_message(exc)
+        assert "ct.nii.gz" in message and app.get_upload_folder() not in message, message
