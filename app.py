@@ -128,6 +128,12 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         drawn = [*H.render_all(session, display), H.position_text(session), *sliders(session)]
         return drawn if list(session.position) == at else [gr.skip()] * len(drawn)
 
+    def redraw_views(session, *disp):
+        """`views` for a setting changed or a slider let go. With no scan held nothing changes: a page never
+        loaded is empty already, and one whose scan the server dropped keeps what it shows (the slider and a
+        click in a view say why)."""
+        return [gr.skip()] * 7 if session is None else views(session, *disp)
+
     def show(session, *disp):
         """Everything drawn from the session: views, legend, table, 3-D surfaces, files, organ boxes, and an
         empty attention tab (its maps belong to the scan they were computed on)."""
@@ -384,13 +390,13 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         for view, image, slide in zip(vis.VIEWS, images, slides):
             slide.input(on_slider(view), [session, slide, *disp], [image, position], trigger_mode="always_last",
                         **view_only)
-            slide.release(views, [session, *disp], view_out, **view_only)
+            slide.release(redraw_views, [session, *disp], view_out, **view_only)
             image.select(on_click(view), [session, *disp], view_out, **view_only)
         # A W/L typed in counts on Enter or on leaving the box (a tap elsewhere, as on a phone): with Enter only, a
         # value left without it stayed in the box while the views used the preset's window.
         typed = [width.submit, level.submit, width.blur, level.blur]
         gr.on([preset.change, *typed, opacity.release, organs.change, contour.change],
-              friendly(views), [session, *disp], view_out, **view_only)
+              friendly(redraw_views), [session, *disp], view_out, **view_only)
         # Ticking organs off fades them in the legend and greys them in the 3-D plot's own legend too.
         organs.input(lambda s, o: (H.legend_html(s, o), H.surfaces(s, o)) if s is not None else (gr.skip(), gr.skip()),
                      [session, organs], [legend, surface], **view_only)
@@ -431,8 +437,8 @@ LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "sett
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
                   " #contours {min-width: 140px !important}"
-                  # the file boxes' names (the upload, the mask, the table) wrap instead of ending in "exam… .gz" (the left column is narrow;
-                  # gradio gives the size a 128 px cell); font-size 0 drops the space between name and extension
+                  # the file boxes' names (upload, mask, table) wrap instead of ending in "exam… .gz" in the narrow
+                  # left column (gradio keeps 128 px for the size); font-size 0 drops the space before the extension
                   " :is(#scan-upload, #mask-file, #csv-file) td.download {min-width: 0 !important; width: 76px !important}"
                   " :is(#scan-upload, #mask-file, #csv-file) td.filename {display: block !important; font-size: 0}"
                   " :is(#scan-upload, #mask-file, #csv-file) td.filename > span {font-size: var(--text-md);"

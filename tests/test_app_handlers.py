@@ -673,6 +673,8 @@ def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
         position = out[-1] if what == "slider" else out[3]
         assert "no longer holds this page's scan" in position and "upload the scan again" in position, (what, out)
         assert all(o == app.gr.skip() for o in out if o is not position), what  # the views stay as they are
+    redraw = next(f.fn for f in demo.fns.values() if f.name == "redraw_views")
+    assert redraw(None, *disp) == [app.gr.skip()] * 7  # a window preset clicked: the page keeps what it shows
     calls = {"attention click": lambda: on("attention-axial", "select")(None, 0, 0, *disp, click),
              "segment again": lambda: segment_shown(None, 0.5, False, False, {"path": "/cache/ct.nii.gz"})}
     for what, call in calls.items():
@@ -723,7 +725,7 @@ def test_a_window_typed_counts_when_the_box_is_left_not_only_on_enter(tiny_model
     for label in ("window W (HU)", "level L (HU)"):
         box = next(b for b in demo.blocks.values() if getattr(b, "label", None) == label)
         on_blur = {f.name: f.fn for f in demo.fns.values() if (box._id, "blur") in [tuple(t) for t in f.targets]}
-        assert {"views", "window_typed"} <= set(on_blur), label
+        assert {"redraw_views", "window_typed"} <= set(on_blur), label
     window_typed = on_blur["window_typed"]
     assert window_typed("abdomen", 2000, 40) == "custom" and window_typed("custom", 300, 20) == "custom"
     assert window_typed("abdomen", 400, 40) == app.gr.skip() and window_typed("lung", 1500.0, -600.0) == app.gr.skip()
@@ -755,7 +757,7 @@ def test_a_redraw_overtaken_by_a_crosshair_move_gives_way(monkeypatch, scan, tin
 
     handler = {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}
     session = H.load_scan(scan)
-    drawn = handler["views"](session, "custom", 800, 40, 0.5, None, False)
+    drawn = handler["redraw_views"](session, "custom", 800, 40, 0.5, None, False)
     assert all(image.ndim == 3 for image in drawn[:3]) and drawn[3] == H.position_text(session)
 
     render_all = H.render_all
@@ -766,7 +768,7 @@ def test_a_redraw_overtaken_by_a_crosshair_move_gives_way(monkeypatch, scan, tin
         return images
 
     monkeypatch.setattr(H, "render_all", clicked_meanwhile)
-    assert handler["views"](session, "custom", 800, 40, 0.5, None, False) == [app.gr.skip()] * 7
+    assert handler["redraw_views"](session, "custom", 800, 40, 0.5, None, False) == [app.gr.skip()] * 7
 
 
 def test_drawing_what_the_page_holds_never_waits_in_the_queue_of_segmentations(tiny_model):
