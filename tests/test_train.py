@@ -112,6 +112,22 @@ def test_a_bare_resume_keeps_the_runs_own_max_steps(phantoms, tmp_path):
     assert build_parser(argv).parse_args(argv).max_steps is None  # the command line leaves it to the run
 
 
+def test_writing_an_interrupted_runs_weights_keeps_its_max_steps(phantoms, tmp_path):
+    """`--weights RUN` says to write an interrupted run's model/ with `--resume --max-steps 1`, "or resume it
+    to its end". That resume saved max_steps=1 as the run's own, so a bare --resume afterwards trained nothing."""
+    def stop_at_2(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(phantoms, tmp_path / "run", max_steps=3), on_step=stop_at_2)
+    written = train(options(phantoms, tmp_path / "run", resume=True, max_steps=1))  # what the hint says
+    assert written.step == 2 and (tmp_path / "run/model/config.json").is_file()
+    assert json.loads((tmp_path / "run/options.json").read_text())["max_steps"] == 3
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["options"]["max_steps"] == 3
+    assert train(options(phantoms, tmp_path / "run", resume=True)).step == 3  # then on to the run's end
+
+
 def test_the_originals_sgd_trains_with_nesterov_momentum(phantoms, tmp_path):
     result = train(options(phantoms, tmp_path / "run", max_steps=2, optimizer="sgd", lr=1e-2))
     state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["optimizer"]

@@ -286,6 +286,11 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     if start_step >= options.max_steps and ctx.is_main:
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
                     "go on); the model is saved again", start_step, options.max_steps)
+    # What the run folder keeps: a resume that trains nothing (how an interrupted run writes model/, see
+    # pretrained.training_run_hint) leaves the run's own max_steps, or a later bare --resume would stop there.
+    saved = options
+    if state is not None and start_step >= options.max_steps:
+        saved = dataclasses.replace(options, max_steps=int(state["options"]["max_steps"]))
     config = build_config(options.name, options.config_overrides)
     check_label_names(options.data, config.class_names)  # the data's classes are the network's outputs
     _check_one_channel(config)
@@ -337,7 +342,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     history: list[dict] = []
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(options), indent=2))
+        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(saved), indent=2))
         # On resume, forget what was logged after the checkpoint: those steps run again.
         history = [h for h in read_history(run_dir / "metrics.jsonl") if h["step"] <= start_step]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -349,7 +354,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
                          "running": running,  # losses since the last logged step: a resume logs the same mean
-                         "options": dataclasses.asdict(options), "config": config.to_dict()}, ckpt_path)
+                         "options": dataclasses.asdict(saved), "config": config.to_dict()}, ckpt_path)
         save_rng(ctx, run_dir, step)
 
     def record(entry: dict) -> None:
