@@ -264,9 +264,11 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         return H.attention_view(model.get(), session, block, head)
 
     @friendly
-    def on_attention(session, block, head, preset, width, level):
+    def on_attention(session, block, head, preset, width, level, shown=None):
+        """The maps at the crosshair. `shown` (the button's) tells a page never loaded from one whose scan is gone."""
         if session is None:
-            raise gr.Error("Load a scan first, then click a voxel in the views.", print_exception=False)
+            raise gr.Error(NOT_HELD if shown and shown.get("path") else "Load a scan first, then click a voxel in "
+                           "the views.", print_exception=False)
         window = vis.window_preset(preset, width, level)  # a bad custom window is refused before the GPU is asked
         return H.show_attention(session, attention_maps(session, block, head), head, window)
 
@@ -409,7 +411,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
 
         gr.on(typed, window_typed, [preset, width, level], [preset], **view_only)
         att_in, att_out = [session, block, head, preset, width, level], [*att_images, channel_plot, att_text]
-        att_btn.click(on_attention, att_in, att_out, **model_run)
+        att_btn.click(on_attention, [*att_in, shown_scan], att_out, **model_run)
         gr.on([block.input, head.input], on_choice, att_in, att_out, **model_run)
         for view, image in zip(vis.VIEWS, att_images):
             image.select(on_attention_click(view), [*att_in, opacity, organs, contour], [*att_out, *view_out],

@@ -675,7 +675,9 @@ def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
         assert all(o == app.gr.skip() for o in out if o is not position), what  # the views stay as they are
     redraw = next(f.fn for f in demo.fns.values() if f.name == "redraw_views")
     assert redraw(None, *disp) == [app.gr.skip()] * 7  # a window preset clicked: the page keeps what it shows
+    attention = on("attention-btn", "click")
     calls = {"attention click": lambda: on("attention-axial", "select")(None, 0, 0, *disp, click),
+             "attention button": lambda: attention(None, 0, 0, *disp[:3], {"path": "/cache/ct.nii.gz"}),
              "segment again": lambda: segment_shown(None, 0.5, False, False, {"path": "/cache/ct.nii.gz"})}
     for what, call in calls.items():
         with pytest.raises(app.gr.Error) as error:
@@ -684,6 +686,8 @@ def test_a_page_whose_scan_the_server_no_longer_holds_says_so(tiny_model):
         assert "no longer holds this page's scan" in message and "upload the scan again" in message, (what, message)
     with pytest.raises(app.gr.Error, match="Upload a CT volume"):  # nothing was ever loaded on this page
         segment_shown(None, 0.5, False, False, {"path": None})
+    with pytest.raises(app.gr.Error, match="Load a scan first"):
+        attention(None, 0, 0, *disp[:3], {"path": None})
 
 
 def test_a_run_queued_for_a_scan_replaced_before_its_turn_does_not_run(scan, tiny_model, tmp_path, monkeypatch):
