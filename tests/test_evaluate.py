@@ -123,6 +123,20 @@ def test_cli_missing_prediction_is_an_error(tmp_path, capsys):
     assert "case(s) 0002, 0003, 0004, 0005, 0006, 0007, 0008, 0009, 0010, 0011 and 3 more in" in capsys.readouterr().err
 
 
+def test_cli_a_prediction_that_is_no_nifti_is_one_line(tmp_path, capsys):
+    """Every prediction's label table is read before any scoring (for SYNTHETIC and the synapse8 check): a file
+    there that is no NIfTI ended evaluate in nibabel's ImageFileError traceback, whichever --organs."""
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    io.save_array(np.zeros((4, 4, 4), np.uint8), (1, 1, 1), tmp_path / "truth/label0001.nii.gz", dtype=np.uint8)
+    (tmp_path / "pred/img0001.nii.gz").write_text("not a NIfTI image\n" * 20)
+    for organs in ("all", "synapse8"):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                     "--organs", organs]) == 2, organs
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "img0001.nii.gz: this is a text file" in err and err.count("\n") == 1
+
+
 def test_cli_checks_the_output_first_and_writes_strict_json(tmp_path, capsys):
     (tmp_path / "pred").mkdir()
     (tmp_path / "truth").mkdir()

@@ -541,11 +541,12 @@ def _label_table(text: str | bytes) -> dict | None:
 def read_label_table(mask_path: str | os.PathLike) -> dict | None:
     """The label table `save_mask` recorded (side-car first, then the NIfTI extension), with its names
     as "names" (by id), or None. A `<name>.json` beside the mask that is not such a table (another tool's
-    side-car, e.g. dcm2niix's) is passed over, not an error."""
+    side-car, e.g. dcm2niix's) is passed over, not an error; a mask that is no NIfTI is one, in one line
+    as `load` says it (`evaluate` reads every prediction's table before scoring any)."""
     side = sidecar_path(mask_path)
     if side.is_file() and (table := _label_table(side.read_bytes())):
         return table
-    for ext in nib.load(str(mask_path)).header.extensions:
+    for ext in _open(Path(mask_path)).header.extensions:
         if table := _label_table(ext.get_content()):
             return table
     return None
