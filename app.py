@@ -47,7 +47,10 @@ except ValueError as exc:
     sys.exit(f"error: {exc}")
 WIDTH_HU, LEVEL_HU = "window W (HU)", "level L (HU)"  # the W/L boxes' labels for a CT
 START = "Upload a scan or pick an example: it shows at once, then is segmented."
-SESSION_SECONDS = 3600  # how long the server keeps a page's scan after the last upload or segmentation wrote it
+# How long the server keeps a page's scan after the last upload or segmentation wrote it: as long as gradio keeps
+# the files (delete_cache), or "Segment (again)" and the downloads would fail on a page still holding its scan;
+# also what bounds the memory a busy Space holds (about 400 MB per visitor with a 512 x 512 x 300 CT).
+SESSION_SECONDS = 1800
 # What a page that still shows a scan hears once the server no longer holds it: after SESSION_SECONDS (gradio counts
 # from the last write, not the last use), or after a restart of the server.
 NOT_HELD = (f"the server no longer holds this page's scan (it keeps one for {SESSION_SECONDS // 60} minutes after its "
@@ -91,7 +94,7 @@ def friendly(fn):
     return wrapper
 
 
-def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600, 1800), net=None) -> gr.Blocks:
+def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600, SESSION_SECONDS), net=None) -> gr.Blocks:
     """The page. `weights`: folder, name under weights/ or HF repo id; `net`: a ready UNETRPP (tests)."""
     spec, notice = H.resolve_weights(weights, ROOT / "weights")
     if net is not None:
@@ -401,7 +404,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
               friendly(redraw_views), [session, *disp], view_out, **view_only)
         # Ticking organs off fades them in the legend and greys them in the 3-D plot's own legend too.
         organs.input(lambda s, o: (H.legend_html(s, o), H.surfaces(s, o)) if s is not None else (gr.skip(), gr.skip()),
-                     [session, organs], [legend, surface], **view_only)
+                     [session, organs], [legend, surface], trigger_mode="always_last", **view_only)
         # The W/L boxes show the window in use: a preset fills them in, and typing in them makes it custom.
         preset.change(lambda p: vis.WINDOW_PRESETS.get(p, (gr.skip(), gr.skip())), [preset], [width, level],
                       **view_only)

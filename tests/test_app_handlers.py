@@ -806,3 +806,13 @@ def test_an_unexpected_error_shows_no_server_folders():
     for exc in (ValueError(f"{cached}: not a NIfTI image"), RuntimeError(f"{cached}: worker died")):
         message = app.user_message(exc)
         assert "ct.nii.gz" in message and app.get_upload_folder() not in message, message
+
+
+def test_a_page_keeps_its_scan_no_longer_than_the_server_keeps_its_files(tiny_model):
+    """The scan was held 60 minutes, its upload and results deleted after 30: in between, 'Segment (again)' said
+    'no such file' and the downloads failed on a page that still held its scan."""
+    import app
+
+    demo = app.build_demo(net=tiny_model)
+    held = [b.time_to_live for b in demo.blocks.values() if isinstance(b, app.gr.State) and b.time_to_live < float("inf")]
+    assert held == [demo.delete_cache[1]] and f"{held[0] // 60} minutes" in app.NOT_HELD

@@ -305,7 +305,7 @@ def _broken_weights(kind: str, good, folder):
                                          ("missing safetensors", "no model.safetensors"),
                                          ("corrupt config", "config.json: not a UNETR++ config"),
                                          ("unknown preprocessing key", "unknown preprocessing keys ['spacings']"),
-                                         ("one-value clip", "preprocessing.clip=[-958.0]: need two HU values"),
+                                         ("one-value clip", "need two HU values (low, high), e.g. (-958, 326)); correct that value"),
                                          ("preprocessing not a table", "UNETRPPConfig.preprocessing='ct': needs")])
 def test_broken_weights_folder_is_one_line_and_writes_nothing(kind, words, tmp_path, weights, capsys):
     source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)

@@ -259,7 +259,8 @@ def read_config(folder: str | os.PathLike) -> UNETRPPConfig:
         return UNETRPPConfig.from_dict(json.loads((path / "config.json").read_text()))  # names a wrong field
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); {_FOLDER_HINT}") from None
+        raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); correct that value, or make the "
+                         "folder again with `python -m unetrpp convert` (or `save_pretrained`)") from None
 
 
 def training_run_hint(folder: Path) -> str | None:
