@@ -231,3 +231,15 @@ def test_prepared_case_is_resampled_normalised_and_padded(tmp_path):
     # (300 - 82.95) / 136.95 = 1.58 in the block, (0 - 82.95) / 136.95 = -0.61 around it
     img, inside = case.image[0, :10, :26, :26], case.label[0, :10, :26, :26] == 6
     assert img[inside].mean() > 1.0 and img[~inside].mean() < -0.4
+
+
+def test_a_split_file_is_read_as_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
+    """JSON is UTF-8: read in the locale's encoding (a Windows PC's cp1252; ASCII here), a dataset.json with one
+    accented letter in its description was refused as "not valid JSON" (or read garbled)."""
+    write_case(tmp_path, 1)
+    entry = {"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}
+    meta = {"description": "Abdomen CT, Universitätsklinikum Łódź", "training": [entry]}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    out = non_utf8_locale("from unetrpp.data.btcv import read_datalist\n"
+                          "print([c.name for c in read_datalist('.')['training']])\n")
+    assert out.strip() == "['img0001']"

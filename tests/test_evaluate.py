@@ -270,3 +270,16 @@ def test_scores_of_masks_from_synthetic_weights_say_so_on_screen_and_in_the_file
     assert main(args + ["--out", str(tmp_path / "real.csv")]) == 0
     assert "SYNTHETIC" not in capsys.readouterr().out
     assert next(csv.reader(open(tmp_path / "real.csv"))) == ["case", "organ", "dice", "hd95_mm"]
+
+
+def test_results_are_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
+    """Case names are file names: in the locale's encoding (a Windows PC's cp1252; ASCII here) a name it cannot
+    hold failed after every case was scored, and one it holds was written in bytes that a rerun, reading the file
+    as UTF-8, took for someone else's file it must not replace."""
+    non_utf8_locale(
+        "from unetrpp.evaluate import write_results\n"
+        "scores = {'dice': 0.9, 'hd95': 1.5}\n"
+        "result = {'cases': {'M\\u00fcller \\u0141\\u00f3d\\u017a': {'spleen': scores}}, 'mean': {'spleen': scores}}\n"
+        "write_results(result, 'scores.csv')\n"
+        "write_results(result, 'scores.csv')\n")  # a rerun replaces its own results
+    assert "Müller Łódź,spleen,0.900000,1.5000" in (tmp_path / "scores.csv").read_text(encoding="utf-8")

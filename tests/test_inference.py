@@ -455,3 +455,19 @@ def test_ct_warning_spares_a_crop_inside_the_body_but_not_mri_or_a_missing_inter
     assert ct_warning(inside + 1024) is not None  # CT stored without its -1024 intercept
     assert ct_warning(rng.uniform(0, 900, size=(10, 12, 8))) is not None  # MRI-like, non-negative
     assert ct_warning(rng.standard_normal((10, 12, 8))) is not None  # z-scored
+
+
+def test_statistics_tables_are_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
+    """A table lists file names: written in the locale's encoding, a Windows PC's cp1252 (ASCII here) failed
+    on names it cannot hold ("'charmap' codec can't encode" after every scan was segmented), and held others
+    as bytes that tables are not read back with (UTF-8)."""
+    non_utf8_locale(
+        "from unetrpp.postprocess import statistics_csv_text, write_statistics\n"
+        "row = {'label': 1, 'name': 'spleen', 'voxels': 8, 'volume_ml': 0.1, 'mean_hu': 40.0}\n"
+        # the second name as Linux hands over a UTF-8 name under an ASCII locale: bytes it cannot decode
+        "rows = [{'file': 'scans/\\u0141\\u00f3d\\u017a scan.nii.gz', **row}, {'file': 'M\\udcc3\\udcbcller.nii', **row}]\n"
+        "text = statistics_csv_text(rows, leading=('file',))\n"
+        "write_statistics('s.csv', text)\n"
+        "write_statistics('s.csv', text)\n")  # its own table is replaced on a rerun
+    table = (tmp_path / "s.csv").read_text(encoding="utf-8")
+    assert "scans/Łódź scan.nii.gz,1,spleen" in table and "Müller.nii,1,spleen" in table, table

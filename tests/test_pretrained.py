@@ -272,3 +272,12 @@ def test_numpy1_pickled_checkpoint_loads(tmp_path):
     assert b"numpy.core.multiarray" in path.read_bytes()
     loaded = load_original_checkpoint(path)
     assert loaded.config.name == "unetrpp_tumor"
+
+
+def test_a_model_card_is_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
+    """A trained model's card names its data folder: in the locale's encoding (a Windows PC's cp1252; ASCII here)
+    a folder such as C:\\Users\\Łukasz\\BTCV ended a finished training run with "can't encode character"."""
+    non_utf8_locale("from unetrpp import create_model\n"
+                    "from unetrpp.pretrained import save_for_inference\n"
+                    "save_for_inference(create_model('unetrpp_tiny'), 'model', card='Data: C:/Users/\\u0141ukasz/BTCV')\n")
+    assert "Data: C:/Users/Łukasz/BTCV" in (tmp_path / "model" / "README.md").read_text(encoding="utf-8")

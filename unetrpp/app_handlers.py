@@ -69,7 +69,7 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
 def _config(folder: Path) -> dict:
     """The folder's config.json as a dict ({} when unreadable: loading it later says why)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}

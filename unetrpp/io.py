@@ -393,7 +393,7 @@ def written_by_save_mask(path: str | os.PathLike) -> bool:
     path = Path(path)
     try:
         if path.name.lower().endswith(".json"):
-            return json.loads(path.read_text()).get("description") == LABEL_TABLE_DESCRIPTION
+            return json.loads(path.read_text(encoding="utf-8")).get("description") == LABEL_TABLE_DESCRIPTION
         header = nib.load(str(path)).header
         return (int(header["intent_code"]) == _NIFTI_INTENT_LABEL
                 and bytes(header["descrip"]).rstrip(b"\0") == MASK_DESCRIPTION)
@@ -521,7 +521,7 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     atomic_write(path, lambda tmp: nib.save(out, str(tmp)))
     if table is not None:
         try:
-            atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+            atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(table, indent=1), encoding="utf-8"))
         except (ValueError, FileNotFoundError):
             path.unlink(missing_ok=True)  # both or neither
             raise

@@ -86,9 +86,11 @@ def statistics_csv_text(rows: Sequence[dict], leading: Sequence[str] = (), synth
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temporary file in the same folder, then rename)."""
+    """Write text atomically (temporary file in the same folder, then rename), as UTF-8 whatever the locale:
+    Windows' usual code page (cp1252) cannot hold every file name a table lists, and tables are read back as UTF-8.
+    A file name the system gave as bytes its locale cannot decode (Linux) is written back as those bytes."""
     path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
     return path
 
 

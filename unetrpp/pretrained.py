@@ -256,7 +256,8 @@ def read_config(folder: str | os.PathLike) -> UNETRPPConfig:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no config.json; {_FOLDER_HINT}")
     try:
-        return UNETRPPConfig.from_dict(json.loads((path / "config.json").read_text()))  # names a wrong field
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return UNETRPPConfig.from_dict(config)  # names a wrong field
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path / 'config.json'}: not a UNETR++ config ({reason}); correct that value, or make the "
@@ -272,7 +273,7 @@ def training_run_hint(folder: Path) -> str | None:
     if (model / "config.json").is_file():
         return f"the run's weights folder is {model}: give --weights {model}"
     try:
-        data = str(json.loads((folder / "options.json").read_text())["data"])
+        data = str(json.loads((folder / "options.json").read_text(encoding="utf-8"))["data"])
     except (OSError, ValueError, KeyError, TypeError):
         data = "DATA"
     # a resume already at --max-steps trains nothing and saves the model of its last checkpoint
@@ -358,7 +359,7 @@ def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRP
     usual_permissions(folder / "model.safetensors")  # safetensors writes 0600
     if card is not None:
         metadata = "library_name: unetrpp\ntags: [medical-imaging, segmentation, unetr-plus-plus, 3d]"
-        (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{card.strip()}\n")
+        (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{card.strip()}\n", encoding="utf-8")
     return folder
 
 

@@ -248,7 +248,7 @@ def _check_new_run_folder(run_dir: Path, ctx: DistributedContext) -> None:
 def _holds_run_options(path: Path) -> bool:
     """Whether `path` is the options.json a run of this package wrote."""
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(TrainOptions)}
@@ -342,10 +342,10 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     history: list[dict] = []
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(saved), indent=2))
+        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(saved), indent=2), encoding="utf-8")
         # On resume, forget what was logged after the checkpoint: those steps run again.
         history = [h for h in read_history(run_dir / "metrics.jsonl") if h["step"] <= start_step]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
     def checkpoint(step: int) -> None:
         """Every rank saves its random state; rank 0 the rest (random state last, so a checkpoint
@@ -359,7 +359,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
 
     def record(entry: dict) -> None:
         history.append(entry)
-        with (run_dir / "metrics.jsonl").open("a") as f:
+        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if on_step is not None:
             on_step(entry)

@@ -202,4 +202,4 @@ def read_history(path: Path) -> list[dict]:
     """The records of a run's metrics.jsonl (training loss and validation Dice by step); [] if none."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

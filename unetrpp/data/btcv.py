@@ -70,7 +70,7 @@ def _json_type(value: object) -> str:
 def _read_split_file(path: Path) -> dict:
     """The JSON object of a dataset.json / dataset_0.json; one-line ValueError when it is not one."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete it") from exc
     if not isinstance(meta, dict):
@@ -100,7 +100,7 @@ def _from_list(source: Path, key: str, entries: object) -> list[Case]:
 def is_synthetic(root: str | os.PathLike) -> bool:
     """Whether the dataset folder's dataset.json says its cases are synthetic (as phantom folders do)."""
     try:
-        return json.loads((Path(root) / "dataset.json").read_text()).get("synthetic") is True
+        return json.loads((Path(root) / "dataset.json").read_text(encoding="utf-8")).get("synthetic") is True
     except (OSError, ValueError, AttributeError):
         return False
 

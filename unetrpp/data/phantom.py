@@ -222,7 +222,7 @@ def check_phantom_folder(out: str | os.PathLike) -> Path:
     out = io.check_folder_can_be_written(out)
     if out.is_dir() and any(out.iterdir()):
         try:
-            ours = json.loads((out / "dataset.json").read_text()).get("reference") == PHANTOM_REFERENCE
+            ours = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("reference") == PHANTOM_REFERENCE
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
@@ -254,7 +254,7 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
     if not (out / "dataset.json").exists():  # the folder is marked as ours first: an interrupted run may be rerun
         (out / "dataset.json").write_text(json.dumps({"name": "UNETR++ SYNTHETIC abdominal CT phantom (being written)",
                                                      "synthetic": True, "reference": PHANTOM_REFERENCE,
-                                                     "generator": {"seed": seed, "size": size}}))
+                                                     "generator": {"seed": seed, "size": size}}), encoding="utf-8")
     origin = (float(grid.x[0]), float(grid.y[0]), float(grid.z[0]))
     for number in range(first_index, first_index + cases):
         image, labels, _ = generate_case(seed, number, size)
@@ -279,7 +279,7 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int, seed: int = 0, siz
         "generator": {"seed": seed, "size": size, "indices": sorted(listed), "spacing_zyx_mm": list(spacing)},
     }
     text = json.dumps(meta, indent=2)  # replaced whole or not at all: it lists the earlier cases too
-    io.atomic_write(out / "dataset.json", lambda tmp: tmp.write_text(text))
+    io.atomic_write(out / "dataset.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 
@@ -287,7 +287,7 @@ def _cases_made_with(out: Path, seed: int, size: str) -> dict[int, dict]:
     """The cases the phantom folder's dataset.json lists, by number ({} for a new folder); ValueError
     when its "generator" says they were made with another seed or size."""
     try:
-        meta = json.loads((out / "dataset.json").read_text())
+        meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     made = meta.get("generator", {})
