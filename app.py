@@ -62,8 +62,9 @@ ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
 
 
 def without_upload_folder(text: str) -> str:
-    """`text` with the server's upload cache folders taken out of file paths (they mean nothing to people)."""
-    return re.sub(re.escape(get_upload_folder()) + r"/[^/]+/", "", text)
+    """`text` with the server's upload cache folders taken out of file paths (they mean nothing to people); on
+    Windows the paths are written with backslashes."""
+    return re.sub(re.escape(get_upload_folder()) + r"[/\\][^/\\]+[/\\]", "", text)
 
 
 def user_message(exc: Exception, where: str = "") -> str:

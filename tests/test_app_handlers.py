@@ -816,3 +816,14 @@ def test_a_page_keeps_its_scan_no_longer_than_the_server_keeps_its_files(tiny_mo
     demo = app.build_demo(net=tiny_model)
     held = [b.time_to_live for b in demo.blocks.values() if isinstance(b, app.gr.State) and b.time_to_live < float("inf")]
     assert held == [demo.delete_cache[1]] and f"{held[0] // 60} minutes" in app.NOT_HELD
+
+
+def test_no_server_folders_in_messages_on_windows_either(monkeypatch):
+    """On Windows gradio's upload cache and the paths in messages use backslashes: the cache folder stayed in."""
+    import app
+
+    monkeypatch.setattr(app, "get_upload_folder", lambda: r"C:\Users\Łukasz\AppData\Local\Temp\gradio")
+    cached = r"C:\Users\Łukasz\AppData\Local\Temp\gradio\0f3e9a\Müller scan.nii.gz"
+    for exc in (ValueError(f"{cached}: not a NIfTI image"), RuntimeError(f"{cached}: worker died")):
+        message = app.user_message(exc)
+        assert "Müller scan.nii.gz" in message and "Temp" not in message and "0f3e9a" not in message, message
