@@ -433,6 +433,25 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
 
 
+def test_a_file_windows_will_not_replace_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (a statistics table open in Excel): the
+    error said to choose a writable output folder with free space; the old table and nothing else stays."""
+    from unetrpp.postprocess import write_statistics
+
+    table = write_statistics(tmp_path / "stats.csv", "label,name,voxels,volume_ml,mean_hu\n")
+    before = table.read_bytes()
+
+    def held_open(src, dst):  # what os.replace raises on Windows (WinError 32) for a file open elsewhere
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(io.os, "replace", held_open)
+    with pytest.raises(ValueError, match="stats.csv .*being used by another process.*; close it in the program "
+                                         "that has it open") as info:
+        write_statistics(table, "label,name,voxels,volume_ml,mean_hu\n1,spleen,8,0.1,40.0\n")
+    assert "\n" not in str(info.value) and "free space" not in str(info.value)
+    assert table.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["stats.csv"]
+
+
 @pytest.mark.parametrize("target, words", [("missing_dir/mask.nii.gz", "does not exist"),
                                            ("ct.nii.gz/mask.nii.gz", "does not exist"),
                                            ("mask.png", "must end with")])

@@ -463,15 +463,20 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.close(fd)
     except OSError as exc:
         raise ValueError(f"cannot write to {parent} ({exc.strerror}); choose a writable output folder") from None
+    replacing = False
     try:
         write(Path(tmp))
         with open(tmp, "r+b") as f:  # on disk before the rename: a power cut leaves the old file or the new one
             os.fsync(f.fileno())
         usual_permissions(tmp)  # mkstemp makes 0600
+        replacing = path.exists()
         os.replace(tmp, path)
     except OSError as exc:
-        raise ValueError(f"cannot write {path} ({exc.strerror or exc}); "
-                         "choose a writable output folder with free space") from None
+        # Windows refuses to replace a file another program holds open (a table open in Excel) or marked read-only
+        held = replacing and isinstance(exc, PermissionError)
+        fix = ("close it in the program that has it open, or clear its read-only flag, then run again" if held
+               else "choose a writable output folder with free space")
+        raise ValueError(f"cannot write {path} ({exc.strerror or exc}); {fix}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
