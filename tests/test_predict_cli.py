@@ -279,6 +279,32 @@ def test_outputs_never_overwrite_inputs_or_foreign_side_cars(tmp_path, weights, 
     assert predict(folder / "b.nii", "-o", out, "--weights", weights) == 0  # a rerun replaces its own side-car
 
 
+def test_two_names_of_one_output_file_are_one_result(tmp_path, weights, capsys, monkeypatch):
+    """macOS and Windows file systems ignore case: a/ct.nii.gz and b/CT.nii.gz both go to out/ct.nii.gz, and on a
+    Mac the second replaced the first's mask without a word. Simulated here by a hard link: a second name for the
+    written mask, as a case-insensitive file system gives every spelling of it."""
+    from unetrpp.inference import SegmentationResult
+
+    for folder, name in (("a", "ct.nii.gz"), ("b", "CT.nii.gz")):
+        (tmp_path / folder).mkdir()
+        write_nifti(tmp_path / folder / name, ct_like(len(folder)), AFFINE)
+    save = SegmentationResult.save
+
+    def save_on_a_case_insensitive_disk(self, path, *args, **kwargs):
+        written = save(self, path, *args, **kwargs)
+        if path.name == "ct.nii.gz":
+            path.with_name("CT.nii.gz").hardlink_to(path)
+            path.with_name("CT.json").hardlink_to(path.with_name("ct.json"))
+        return written
+
+    monkeypatch.setattr(SegmentationResult, "save", save_on_a_case_insensitive_disk)
+    out = tmp_path / "out"
+    assert predict(tmp_path / "a", tmp_path / "b", "-o", out, "--weights", weights) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'b' / 'CT.nii.gz'}: output {out / 'CT.nii.gz'} would overwrite another result" in err, err
+    assert "1 of 2 files failed" in err
+
+
 def _broken_weights(kind: str, good, folder):
     shutil.copytree(good, folder)
     if kind == "truncated safetensors":

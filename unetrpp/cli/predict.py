@@ -125,6 +125,16 @@ def clobbers(target: Path, inputs: set[Path]) -> str | None:
     return None
 
 
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, else None: one file under every spelling of its name. The file
+    systems of macOS and Windows ignore case by default, so out/CT.nii.gz and out/ct.nii.gz are one file there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def make_output_folder(output: Path) -> bool:
     """Create the output folder if needed; True when it was created here (ValueError when it cannot be)."""
     if output.is_dir():
@@ -213,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
     for source, target in files_bar:
         try:
-            if target.resolve() in seen:
+            if file_id(target) in seen:  # this run's own mask: by its path, or another spelling of it
                 raise ValueError(f"output {target} would overwrite another result; "
                                  "choose another output folder or rename the input")
             if reason := clobbers(target, inputs):
@@ -236,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
                                  sw_batch_size=batch, compile=args.compile,
                                  progress=progress)
             result.save(target)
-            seen.add(target.resolve())
+            seen.add(file_id(target))
         except (ValueError, TypeError, OSError) as exc:
             if debug:
                 raise
