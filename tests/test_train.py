@@ -344,6 +344,24 @@ def test_ranks_agree_on_the_logged_loss_and_on_stopping(tmp_path):
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[1.5, True, False]] * 2
 
 
+def test_cuda_ranks_of_a_torch_without_nccl_join_over_gloo(monkeypatch):
+    """Windows builds of torch have no NCCL: torchrun training on a PC with two GPUs failed on every rank with
+    "Distributed package doesn't have NCCL built in". Simulated: CUDA present, NCCL absent."""
+    from unetrpp.train_utils import DistributedContext
+
+    joined = {}
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: joined.update(backend=backend))
+    ctx = DistributedContext.from_env("cuda")
+    assert joined == {"backend": "gloo"} and ctx.device == torch.device("cuda", 1)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX process groups and signals")
 def test_ctrl_c_under_torchrun_leaves_a_checkpoint_of_one_step_on_every_rank(phantoms, tmp_path):
     """Ctrl-C in a terminal signals torchrun and both ranks (one process group); the launcher then signals

@@ -39,7 +39,7 @@ def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, 
 @dataclass
 class DistributedContext:
     """Rank, world size and device of this process. Under torchrun (WORLD_SIZE > 1) it joins the
-    process group: NCCL with one GPU per LOCAL_RANK on CUDA, gloo on the CPU."""
+    process group: NCCL with one GPU per LOCAL_RANK on CUDA (gloo where torch has no NCCL: Windows), gloo on the CPU."""
 
     rank: int = 0
     world_size: int = 1
@@ -59,8 +59,10 @@ class DistributedContext:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not torch.distributed.is_initialized():
+            # NCCL is in Linux builds only; gloo reduces CUDA tensors too (a Windows PC with several GPUs).
+            nccl = dev.type == "cuda" and torch.distributed.is_nccl_available()
             # Ranks wait for the slowest one's validation share: allow more than NCCL's 10 minutes.
-            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+            torch.distributed.init_process_group(backend="nccl" if nccl else "gloo",
                                                  timeout=datetime.timedelta(minutes=VALIDATION_TIMEOUT_MIN))
             log.info("rank %d of %d on %s", rank, world, dev)
         return cls(rank, world, dev)
