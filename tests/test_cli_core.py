@@ -82,6 +82,15 @@ def test_complexity_options_reach_the_count(capsys):
     assert peer["network"] == "unetr" and peer["params"] == sum(p.numel() for p in unetr.parameters())
 
 
+def test_complexity_timing_on_windows_says_the_peak_memory_is_not_reported(capsys, monkeypatch):
+    """Windows has no `resource` module: the report printed "peak RSS nan MB"."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource -> ImportError, as on Windows
+    assert main(["complexity", "--name", "unetrpp_tiny", "--input", "1", "1", "16", "32", "32", "--time", "1",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "peak RSS not reported on this system" in out and "nan" not in out
+
+
 @pytest.mark.parametrize("network, fit", [("unetr", "48 x 64 x 64"), ("swin_unetr", "64 x 64 x 64")])
 def test_complexity_refuses_an_input_a_peer_cannot_take_in_one_line(network, fit, capsys):
     """Notebook 02's exercise 1: UNETR failed with an 88-line tensor-size traceback (exit 1), Swin-UNETR

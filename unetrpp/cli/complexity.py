@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
     import torch
 
@@ -59,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"MACs:  {flops / 2e9:.2f} G   (the paper's 'FLOPs', multiply-accumulates)")
     print(f"FLOPs: {flops / 1e9:.2f} G   (torch.utils.flop_counter: 2 per multiply-add, norms/softmax not counted)")
     if "seconds" in report:
+        rss = report["peak_rss_mb"]  # NaN where the system does not report it (Windows has no `resource`)
         print(f"forward: {report['seconds']:.3f} s median of {args.time} on {report['threads']} CPU threads, "
-              f"peak RSS {report['peak_rss_mb']:.0f} MB")
+              + (f"peak RSS {rss:.0f} MB" if not math.isnan(rss) else "peak RSS not reported on this system"))
     if args.network == "unetrpp":
         print("\nparameters by component:")
         for label, n in params.items():
