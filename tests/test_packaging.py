@@ -81,3 +81,13 @@ def test_every_top_level_name_exists_and_readme_the_package_names_it():
     section = (ROOT / "README.md").read_text().split("## The package", 1)[1].split("\n## ", 1)[0]
     assert [name for name in unetrpp.__all__ if f"`{name}`" not in section] == []
     assert [name for name in unetrpp.__all__ if getattr(unetrpp, name, None) is None] == []
+
+
+def test_shell_scripts_keep_lf_line_endings_in_a_windows_checkout():
+    """Git for Windows checks text out with CRLF by default: bash then stopped scripts/test.sh at its first
+    line (`set -euo pipefail\\r`: invalid option name), in WSL or Git Bash."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    scripts = subprocess.run(["git", "ls-files", "*.sh"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    done = subprocess.run(["git", "check-attr", "eol", "--", *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert scripts and done.stdout.splitlines() == [f"{name}: eol: lf" for name in scripts], done.stdout
