@@ -1,6 +1,7 @@
 """Weights: safe reading of released checkpoints, our folder format, and where weights come from."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -211,6 +212,22 @@ def test_a_training_run_folder_or_its_checkpoint_points_to_the_runs_weights(tmp_
         with pytest.raises(ValueError, match=rf"the run's weights folder is {run / 'model'}: give --weights"):
             load_pretrained(given)
     assert load_pretrained(run / "model").config == tiny.config
+
+
+def test_the_command_a_training_run_hint_gives_works_in_a_windows_shell(tmp_path, tiny, monkeypatch):
+    """On Windows the hint's command quoted paths the POSIX way: cmd.exe passed 'C:\\Users\\me\\My CT' with its
+    single quotes to --data, a folder that does not exist."""
+    import sys
+
+    from unetrpp.pretrained import training_run_hint
+
+    run = tmp_path / "my runs" / "tiny"
+    run.mkdir(parents=True)
+    torch.save({"step": 21, "model": tiny.state_dict(), "config": tiny.config.to_dict()}, run / "checkpoint.pt")
+    (run / "options.json").write_text(json.dumps({"data": "C:\\Users\\me\\My CT", "out": str(run)}))
+    monkeypatch.setattr(sys, "platform", "win32")
+    hint = training_run_hint(run)
+    assert f'--data "C:\\Users\\me\\My CT" --out "{run}" --resume' in hint and "'" not in hint, hint
 
 
 def test_weights_folder_missing_tensors_is_refused(tmp_path, tiny):

@@ -14,6 +14,8 @@ import pickle
 import re
 import shlex
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -264,6 +266,12 @@ def read_config(folder: str | os.PathLike) -> UNETRPPConfig:
                          "folder again with `python -m unetrpp convert` (or `save_pretrained`)") from None
 
 
+def _shell_word(text: str) -> str:
+    """`text` quoted for a command the user copies: POSIX quoting, or on Windows double quotes where needed
+    (cmd.exe keeps single quotes as part of the word; PowerShell reads double quotes too)."""
+    return subprocess.list2cmdline([text]) if sys.platform == "win32" else shlex.quote(text)
+
+
 def training_run_hint(folder: Path) -> str | None:
     """Where the weights of the `python -m unetrpp train` run in `folder` are (its checkpoint.pt and
     options.json tell one), or how to write them when it stopped before its end; None for other folders."""
@@ -278,8 +286,8 @@ def training_run_hint(folder: Path) -> str | None:
         data = "DATA"
     # a resume already at --max-steps trains nothing and saves the model of its last checkpoint
     return (f"the run {folder} stopped before its end, so it has no weights folder {model} yet; write one from its "
-            f"last checkpoint, without training, with `python -m unetrpp train --data {shlex.quote(data)} --out "
-            f"{shlex.quote(str(folder))} --resume --max-steps 1`, or resume it to its end")
+            f"last checkpoint, without training, with `python -m unetrpp train --data {_shell_word(data)} --out "
+            f"{_shell_word(str(folder))} --resume --max-steps 1`, or resume it to its end")
 
 
 def _from_folder(path: Path) -> UNETRPP:
