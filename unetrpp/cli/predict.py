@@ -126,13 +126,14 @@ def clobbers(target: Path, inputs: set[Path]) -> str | None:
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of an existing file, else None: one file under every spelling of its name. The file
-    systems of macOS and Windows ignore case by default, so out/CT.nii.gz and out/ct.nii.gz are one file there."""
+    """(device, inode) of an existing file, else None (also where the file system gives no inode, as some
+    network shares do on Windows): one file under every spelling of its name. The file systems of macOS and
+    Windows ignore case by default, so out/CT.nii.gz and out/ct.nii.gz are one file there."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return (st.st_dev, st.st_ino) if st.st_ino else None
 
 
 def make_output_folder(output: Path) -> bool:
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
     for source, target in files_bar:
         try:
-            if file_id(target) in seen:  # this run's own mask: by its path, or another spelling of it
+            if target.resolve() in seen or file_id(target) in seen:  # its own mask, or another spelling of it
                 raise ValueError(f"output {target} would overwrite another result; "
                                  "choose another output folder or rename the input")
             if reason := clobbers(target, inputs):
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                                  sw_batch_size=batch, compile=args.compile,
                                  progress=progress)
             result.save(target)
-            seen.add(file_id(target))
+            seen.update(key for key in (target.resolve(), file_id(target)) if key is not None)
         except (ValueError, TypeError, OSError) as exc:
             if debug:
                 raise
