@@ -35,7 +35,7 @@ def non_utf8_locale(tmp_path):
     """Run Python code (ASCII source) in a child process in tmp_path whose locale encoding is not UTF-8:
     ASCII under LC_ALL=C, a stand-in for Windows' usual cp1252, which holds "ü" but not "Ł". What the
     package writes and reads must not depend on the locale. Returns run(code) -> stdout."""
-    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     env.pop("LANG", None)
     probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
                            env=env, capture_output=True, text=True)
