@@ -298,3 +298,101 @@ def test_a_model_card_is_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
                     "from unetrpp.pretrained import save_for_inference\n"
                     "save_for_inference(create_model('unetrpp_tiny'), 'model', card='Data: C:/Users/\\u0141ukasz/BTCV')\n")
     assert "Data: C:/Users/Łukasz/BTCV" in (tmp_path / "model" / "README.md").read_text(encoding="utf-8")
+
+
+def _hub_answers(monkeypatch, tmp_path, error):
+    """huggingface_hub as it is when the Hub answers `error()` to every request (no network needed): a cache
+    in tmp_path, not offline, the Hub's name resolving."""
+    import huggingface_hub.file_download as file_download
+    from huggingface_hub import constants
+
+    def answer(*args, **kwargs):
+        raise error()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", answer)
+    monkeypatch.setattr("unetrpp.pretrained._hub_unreachable", lambda: None)
+
+
+def _hub_error(kind, status=None, message="Client Error"):
+    """An error as huggingface_hub raises it: one of its own classes with the Hub's answer, or one of its HTTP
+    client's (httpx2, huggingface_hub 2's; older ones use other clients, whose cases skip)."""
+    def make():
+        from huggingface_hub import errors
+
+        httpx2 = pytest.importorskip("httpx2")
+        if status is None:
+            return getattr(httpx2, kind)(message)
+        request = httpx2.Request("HEAD", "https://huggingface.co/someone/unetrpp/resolve/main/config.json")
+        return getattr(errors, kind)(f"{status} {message}", response=httpx2.Response(status, request=request))
+    return make
+
+
+@pytest.mark.parametrize("error, said", [
+    (_hub_error("RepositoryNotFoundError", 401), r"\(no such repo, or a private one\); check the id .*`hf auth login`"),
+    (_hub_error("GatedRepoError", 403), r"\(a gated repo\); accept its conditions at https://huggingface.co/someone/"
+                                        r"unetrpp, then log in with `hf auth login`"),
+    (_hub_error("RemoteEntryNotFoundError", 404), r"\(the repo has no config\.json\); UNETR\+\+ weights repos hold"),
+    (_hub_error("HfHubHTTPError", 429), r"\(too many requests \(429\)\); wait a few minutes"),
+    (_hub_error("HfHubHTTPError", 503), r"\(the Hub answered 503\); try again later"),
+    (_hub_error("ConnectTimeout", message="timed out"), r"\(the Hub could not be reached \(ConnectTimeout: timed "
+                                                        r"out\) and it is not in the local cache\); check"),
+    (_hub_error("ProxyError", message="407 Proxy Authentication Required"),
+     r"\(the Hub could not be reached \(ProxyError: 407 .*any proxy \(HTTPS_PROXY\)"),
+])
+def test_each_answer_of_the_hub_says_what_to_do(tmp_path, monkeypatch, error, said):
+    """A mistyped, private or gated repo id was answered "someone/unetrpp: no config.json ... make one with
+    `python -m unetrpp convert`" (huggingface_hub's loader logs and drops the Hub's answer for config.json), a
+    refusal or lost connection with a class name ("(LocalEntryNotFoundError)"), a proxy's with a traceback."""
+    _hub_answers(monkeypatch, tmp_path, error)
+    with pytest.raises(ValueError, match="could not get weights 'someone/unetrpp' from the Hugging Face Hub " + said) \
+            as info:
+        load_pretrained("someone/unetrpp")
+    assert "\n" not in str(info.value) and "unetrpp convert" not in str(info.value)
+    assert not any((tmp_path / "hub").rglob("*.json")) and not any((tmp_path / "hub").rglob("*.safetensors"))
+
+
+def test_from_pretrained_raises_the_hubs_own_error_for_a_repo_it_cannot_read(tmp_path, monkeypatch):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    for kind, status, raised in (("RepositoryNotFoundError", 401, RepositoryNotFoundError),
+                                 ("GatedRepoError", 403, GatedRepoError)):
+        _hub_answers(monkeypatch, tmp_path, _hub_error(kind, status))
+        with pytest.raises(raised):  # not ValueError "someone/unetrpp: no config.json"
+            UNETRPP.from_pretrained("someone/unetrpp")
+    _hub_answers(monkeypatch, tmp_path, _hub_error("RemoteEntryNotFoundError", 404))
+    with pytest.raises(ValueError, match="someone/unetrpp: no config.json"):  # the repo exists and lacks it
+        UNETRPP.from_pretrained("someone/unetrpp")
+
+
+def test_a_cached_repo_cut_short_or_damaged_is_one_line(tmp_path, tiny, monkeypatch):
+    """A download that stopped after config.json was "not in the local cache"; a cut model.safetensors in the cache
+    ended in safetensors' SafetensorError traceback, a config.json of another library named no file."""
+    from huggingface_hub import constants
+
+    tiny.save_pretrained(tmp_path / "src")
+    files = {f: (tmp_path / "src" / f).read_bytes() for f in ("config.json", "model.safetensors")}
+    for repo, content in (("partial", {"config.json": files["config.json"]}),
+                          ("cut", {**files, "model.safetensors": files["model.safetensors"][:5000]}),
+                          ("bert", {**files, "config.json": b'{"architectures": ["BertModel"]}'})):
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        folder = tmp_path / "hub" / f"models--someone--{repo}"
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+        for name, data in content.items():
+            (folder / "snapshots" / commit / name).write_bytes(data)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"'someone/partial' .*its model.safetensors is not in the local cache, though "
+                                         r"its config.json is \(a download that did not finish\)"):
+        load_pretrained("someone/partial")
+    with pytest.raises(ValueError, match=r"weights 'someone/cut' from the Hugging Face Hub: .*model.safetensors: "
+                                         r"unreadable"):
+        load_pretrained("someone/cut")
+    with pytest.raises(ValueError, match=r"weights 'someone/bert' from the Hugging Face Hub: .*config.json: not a "
+                                         r"UNETR\+\+ config \(unknown UNETR\+\+ config keys \['architectures'\]"):
+        load_pretrained("someone/bert")
