@@ -396,3 +396,28 @@ def test_a_cached_repo_cut_short_or_damaged_is_one_line(tmp_path, tiny, monkeypa
     with pytest.raises(ValueError, match=r"weights 'someone/bert' from the Hugging Face Hub: .*config.json: not a "
                                          r"UNETR\+\+ config \(unknown UNETR\+\+ config keys \['architectures'\]"):
         load_pretrained("someone/bert")
+
+
+def test_push_to_hub_sends_a_card_that_says_synthetic_weights_are_synthetic(tmp_path, monkeypatch):
+    """save_pretrained and push_to_hub wrote the Hub's blank template ("Paper: [More Information Needed]"): a
+    Hub page of the teaching weights would not have said they were trained on phantoms."""
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    sent = {}
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):  # what would go to the Hub
+        sent.update({f.name: f.read_bytes() for f in Path(folder_path).iterdir()})
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    create_model("unetrpp_tiny", synthetic=True).push_to_hub("someone/teaching")
+    assert sorted(sent) == ["README.md", "config.json", "model.safetensors"]
+    card = sent["README.md"].decode("utf-8")
+    assert "- synthetic-data" in card and "**SYNTHETIC teaching weights**: trained only on synthetic phantoms" in card
+    assert "arXiv 2212.04497" in card and "Not a medical device." in card and "More Information Needed" not in card
+    assert "library_name: unetrpp" in card and "python -m unetrpp predict" in card
+    create_model("unetrpp_tiny").save_pretrained(tmp_path / "real")
+    card = (tmp_path / "real" / "README.md").read_text(encoding="utf-8")
+    assert "SYNTHETIC" not in card and "synthetic-data" not in card and "arXiv 2212.04497" in card

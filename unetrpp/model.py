@@ -101,6 +101,17 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
         check_hub_config(kwargs)
         return super()._from_pretrained(strict=strict, **kwargs)
 
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The README.md of save_pretrained and push_to_hub: the Hub's metadata, our text (SYNTHETIC weights
+        say so, the paper, how to use them) instead of its blank template."""
+        from .pretrained import model_card
+
+        card = super().generate_model_card(*args, **kwargs)
+        if self.config.synthetic:
+            card.data.tags = [*(card.data.tags or []), "synthetic-data"]
+        card.text = "\n" + model_card(self.config)
+        return card
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         # Local names as in the original's forward: enc1..enc4 are encoder stages 0..3, decoder5 makes

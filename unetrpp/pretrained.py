@@ -467,6 +467,37 @@ def how_to_use(cfg: UNETRPPConfig) -> str:
             "`python -m unetrpp predict`, `segment()` and the viewer take single-channel weights only.")
 
 
+def _card_table(cfg: UNETRPPConfig) -> str:
+    """What a weights folder's card says about the network, its classes and the input it expects."""
+    prep = cfg.preprocessing
+    intensities = (f", clip {prep.clip[0]:g}..{prep.clip[1]:g}, mean {prep.mean:g}, std {prep.std:g}"
+                   if prep.normalization == "ct" else "")
+    return f"""| | |
+|---|---|
+| network | `{cfg.name}` preset, patch {" x ".join(map(str, cfg.patch_size))}, {cfg.in_channels} input channel(s) |
+| classes | {", ".join(cfg.class_names)} |
+| preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
+{prep.orientation}, normalization {prep.normalization}{intensities} |"""
+
+
+def model_card(cfg: UNETRPPConfig) -> str:
+    """The README.md that `save_pretrained` and `push_to_hub` write (markdown after the Hub's metadata), in place
+    of the Hub's blank template: a Hub page of teaching weights would not have said they are SYNTHETIC."""
+    synthetic = ("**SYNTHETIC teaching weights**: trained only on synthetic phantoms (`python -m unetrpp phantom`), "
+                 "not on patient scans; on a real scan they segment poorly or not at all.\n\n" if cfg.synthetic else "")
+    return f"""# {cfg.name}: UNETR++ weights
+
+{synthetic}UNETR++ (Shaker et al., *UNETR++: Delving into Efficient and Accurate 3D Medical Image Segmentation*,
+arXiv 2212.04497, IEEE TMI 2024), saved with the `unetrpp` package as config.json + model.safetensors.
+Licence: that of the weights' source (converted released weights keep the original release's terms).
+
+{_card_table(cfg)}
+
+{how_to_use(cfg)} A Hugging Face repo id works wherever a folder does (`--weights OWNER/NAME`,
+`unetrpp.pretrained.load_pretrained("OWNER/NAME")`). Not a medical device.
+"""
+
+
 def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None,
                      **preprocessing: Any) -> Path:
     """Write a released checkpoint as a weights folder (config.json + model.safetensors) for inference.
@@ -484,21 +515,13 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     cfg = model.config
     if preprocessing:
         cfg = cfg.replace(preprocessing=dataclasses.replace(cfg.preprocessing, **preprocessing))
-    prep = cfg.preprocessing
-    intensities = (f", clip {prep.clip[0]:g}..{prep.clip[1]:g}, mean {prep.mean:g}, std {prep.std:g}"
-                   if prep.normalization == "ct" else "")
     card = f"""# {cfg.name}: converted UNETR++ weights
 
 Converted by `python -m unetrpp convert` from `{Path(path).name}`, a checkpoint released with UNETR++
 (Shaker et al., arXiv 2212.04497); its terms of use are those of the original release.
 Deep-supervision heads dropped (inference does not use them); every other tensor as released.
 
-| | |
-|---|---|
-| network | `{cfg.name}` preset, patch {" x ".join(map(str, cfg.patch_size))}, {cfg.in_channels} input channel(s) |
-| classes | {", ".join(cfg.class_names)} |
-| preprocessing | {prep.modality}, spacing {" x ".join(f"{v:g}" for v in prep.spacing)} mm (z, y, x), orientation \
-{prep.orientation}, normalization {prep.normalization}{intensities} |
+{_card_table(cfg)}
 
 {how_to_use(cfg)} Not a medical device.
 """
