@@ -421,3 +421,18 @@ def test_push_to_hub_sends_a_card_that_says_synthetic_weights_are_synthetic(tmp_
     create_model("unetrpp_tiny").save_pretrained(tmp_path / "real")
     card = (tmp_path / "real" / "README.md").read_text(encoding="utf-8")
     assert "SYNTHETIC" not in card and "synthetic-data" not in card and "arXiv 2212.04497" in card
+
+
+def test_convert_from_python_never_replaces_anothers_folder(tmp_path):
+    """`python -m unetrpp convert` refused a folder that is not empty, convert_original wrote over it: the
+    config.json and README.md of other weights were replaced by the converted ones'."""
+    from unetrpp.pretrained import convert_original
+
+    ckpt = save_released_style(create_model("unetrpp_tumor", deep_supervision=True).state_dict(), tmp_path / "t.model")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("my notes")
+    with pytest.raises(ValueError, match=r"other exists and is not empty; choose a new --out folder or remove it"):
+        convert_original(ckpt, other)
+    assert sorted(p.name for p in other.iterdir()) == ["README.md"] and (other / "README.md").read_text() == "my notes"
+    assert (convert_original(ckpt, tmp_path / "new") / "config.json").is_file()

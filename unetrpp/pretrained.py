@@ -505,6 +505,10 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     `preprocessing` overrides fields of the preset's `Preprocessing` (spacing, clip, mean, std, ...);
     the lung preset needs spacing, clip, mean and std (`UNKNOWN_PREPROCESSING`).
     """
+    out = Path(out_dir)  # save_pretrained would replace another's config.json and README.md in it
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not {'empty' if out.is_dir() else 'a folder'}; choose a new --out "
+                         "folder or remove it first")
     if name is not None:  # a wrong name or preprocessing is answered before the checkpoint is read (seconds)
         if reason := _missing_preprocessing(name, preprocessing):
             raise ValueError(reason)

@@ -23,9 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pretrained import convert_original, how_to_use, read_config
 
     # before the checkpoint is read (seconds for the large ones); also refuses an --out that is a file
-    out = check_folder_can_be_written(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new --out folder or remove it first")
+    out = check_folder_can_be_written(args.out)  # convert_original refuses a folder that is not empty
     overrides = {k: getattr(args, k) for k in ("spacing", "orientation", "clip", "mean", "std")
                  if getattr(args, k) is not None}
     path = convert_original(args.checkpoint, out, name=args.name, **overrides)
