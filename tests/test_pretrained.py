@@ -436,3 +436,17 @@ def test_convert_from_python_never_replaces_anothers_folder(tmp_path):
         convert_original(ckpt, other)
     assert sorted(p.name for p in other.iterdir()) == ["README.md"] and (other / "README.md").read_text() == "my notes"
     assert (convert_original(ckpt, tmp_path / "new") / "config.json").is_file()
+
+
+def test_a_repo_id_whose_owner_is_a_folder_here_says_it_was_read_as_a_path(tmp_path, monkeypatch):
+    """With a folder `someone/` in the working folder, `--weights someone/unetrpp` was "no such folder or file;
+    make a weights folder ... --out someone/unetrpp", with no word of the Hub repo the user meant."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone").mkdir()
+    with pytest.raises(ValueError, match=r"no such folder or file; .*read as a path since the folder someone exists "
+                                         r"here: for the Hugging Face repo someone/unetrpp, run from another folder"):
+        load_pretrained("someone/unetrpp")
+    (tmp_path / "weights").mkdir()  # weights/unetrpp_synapse before conversion: a path, as before
+    with pytest.raises(ValueError, match=r"--out weights/unetrpp_synapse`, or give one of the local weights") as info:
+        load_pretrained("weights/unetrpp_synapse")
+    assert "read as a path" not in str(info.value)

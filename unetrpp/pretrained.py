@@ -206,9 +206,15 @@ def load_pretrained(spec: str | os.PathLike, device: str | torch.device | None =
     elif _looks_like_path(text) and (hint := training_run_hint(path.parent)):
         raise ValueError(f"weights {text!r}: no such folder; {hint}")
     elif _looks_like_path(text):
+        # a repo id "owner/name" whose owner is also a folder here is read as a path (weights/NAME: a folder
+        # convert has not yet written, the usual case)
+        owner = text.split("/")[0]
+        repo = (f"; it is read as a path since the folder {owner} exists here: for the Hugging Face repo {text}, run "
+                f"from another folder" if text.count("/") == 1 and not text.startswith((".", "/", "~"))
+                and not text.endswith("/") and owner != "weights" and Path(owner).is_dir() else "")
         raise ValueError(f"weights {text!r}: no such folder or file; make a weights folder from a released "
                          f"checkpoint with `python -m unetrpp convert CHECKPOINT --out {text}`, or give one of the "
-                         f"local weights {sorted(local) or '(none)'}")
+                         f"local weights {sorted(local) or '(none)'}{repo}")
     elif text.count("/") == 1:
         model = _from_hub(text)
     else:
