@@ -827,3 +827,25 @@ def test_no_server_folders_in_messages_on_windows_either(monkeypatch):
     for exc in (ValueError(f"{cached}: not a NIfTI image"), RuntimeError(f"{cached}: worker died")):
         message = app.user_message(exc)
         assert "Müller scan.nii.gz" in message and "Temp" not in message and "0f3e9a" not in message, message
+
+
+def test_teaching_weights_from_a_cached_hub_repo_are_announced_as_synthetic(tmp_path, monkeypatch):
+    """--weights owner/name of SYNTHETIC weights: the page's notice said only 'Weights: `owner/name`.'"""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    for repo, model in (("teaching", create_model("unetrpp_tiny", synthetic=True)), ("real", create_model("unetrpp_tiny"))):
+        model.save_pretrained(tmp_path / repo)
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        folder = tmp_path / "hub" / f"models--someone--{repo}"
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit / "config.json").write_bytes((tmp_path / repo / "config.json").read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no folder named someone/ here
+    assert H.resolve_weights("someone/teaching", tmp_path / "none") == ("someone/teaching", H.SYNTHETIC_NOTICE)
+    assert H.resolve_weights("someone/real", tmp_path / "none") == ("someone/real", "Weights: `someone/real`.")
+    assert H.resolve_weights("someone/uncached", tmp_path / "none")[1] == "Weights: `someone/uncached`."
