@@ -429,3 +429,38 @@ def test_statistics_of_a_folder_holding_a_ct_and_an_mri_keep_both_means(tmp_path
     assert by_file["ct.nii.gz"].split(",")[-1] == "" and by_file["ct.nii.gz"].split(",")[-2] != ""
     assert by_file["mri.nii.gz"].split(",")[-2] == "" and by_file["mri.nii.gz"].split(",")[-1] != ""
     assert predict(inputs, "-o", tmp_path / "out", "--weights", weights, "--stats", tmp_path / "stats.csv") == 0
+
+
+def _torchrun_predict(*args, ranks: int = 2):
+    """`torchrun --nproc_per_node RANKS -m unetrpp predict ARGS` on the CPU (gloo), as a user on a GPU machine runs it."""
+    import os
+    import subprocess
+    import sys
+
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "unetrpp", "predict", *map(str, args), "--device", "cpu"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_torchrun_a_bad_file_on_one_rank_does_not_stop_the_others(tmp_path, weights):
+    """Rank 1's share is all bad files, done in a moment: its exit status 2 made torchrun stop rank 0 at once,
+    and none of rank 0's good scans was written. Ranks now wait for each other and exit together; the one
+    statistics table asked for lists every scan in input order (it was split into stats.rank0.csv, stats.rank1.csv)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = [write_nifti(inputs / f"c{i}a.nii.gz", ct_like(i, shape=(48, 64, 64)), AFFINE) for i in range(3)]
+    for i in range(3):
+        (inputs / f"c{i}b.nii.gz").write_bytes(good[0].read_bytes()[:200])  # truncated: fails in a moment
+    out, stats = tmp_path / "out", tmp_path / "out" / "stats.csv"
+    done = _torchrun_predict(inputs, "-o", out, "--weights", weights, "--stats", stats, "--tta")  # rank 0: seconds
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [p.name for p in good], done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.csv")) == ["stats.csv"]
+    files = [line.split(",")[0] for line in stats.read_text().splitlines()[1:]]
+    assert list(dict.fromkeys(files)) == [str(p) for p in good]
+    summary = [line for line in done.stderr.splitlines() if "files failed" in line]
+    assert len(summary) == 1 and summary[0].startswith("3 of 6 files failed: "), done.stderr[-3000:]
+    assert all(f"c{i}b.nii.gz" in summary[0] for i in range(3))
+

@@ -3,15 +3,20 @@
 Each input file gives `OUT/<name>.nii.gz` (uint8 mask on the input's exact grid) and `OUT/<name>.json`
 (label names). A bad file is skipped with one `error:` line and the others are still written; the
 exit status is then 2. Under `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, LOCAL_RANK set) each
-rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; no process group is needed.
+rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; the ranks meet once, at the end, over a CPU
+(gloo) group: rank 0 writes the one statistics table and the summary, and all exit together.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 
@@ -162,6 +167,40 @@ def distributed_share(files: list, environ: dict | None = None) -> tuple[list, i
     return files[rank::world], rank, world, local
 
 
+@contextmanager
+def ranks_meet(local: object, world: int) -> Iterator[list]:
+    """Every rank's `local`, in rank order, once every rank has finished its share (`[local]` in one process);
+    the ranks leave the block together.
+
+    torchrun stops all ranks as soon as one exits with a nonzero status: a rank whose share held a bad file (exit
+    status 2) used to stop the others in the middle of theirs, losing the scans they had still to segment. So ranks
+    meet here, over a CPU (gloo) group joined for this alone, and none exits before rank 0 has written what the
+    block writes. Ranks started by hand without torchrun (RANK and WORLD_SIZE set, no MASTER_ADDR: e.g. one per
+    machine) have nobody to meet: `[local]`.
+    """
+    if world == 1 or "MASTER_ADDR" not in os.environ:
+        yield [local]
+        return
+    import torch.distributed as dist
+
+    # One rank's share may take hours longer than another's (a whole-body CT among small ones): gloo's
+    # 30-minute default would end the run there. A rank that fails makes torchrun stop the others anyway.
+    dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    try:
+        shares: list = [None] * world
+        dist.all_gather_object(shares, local)
+        yield shares
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def failure_summary(failed: list[str], total: int, shown: int = 5) -> str:
+    """`k of n files failed: a, b, ...`: the files to look at again, at the end of a long run's output."""
+    names = ", ".join(failed[:shown]) + (f" and {len(failed) - shown} more" if len(failed) > shown else "")
+    return f"{len(failed)} of {total} files failed: {names}"
+
+
 def volume_text(ml: float) -> str:
     """A volume for the console: whole mL from 10 mL up, one decimal below, so a few stray voxels do not
     read as an organ of '0 mL'."""
@@ -193,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no input files in {args.inputs}; give .nii/.nii.gz files or folders holding them")
     output = Path(args.output)
     targets = output_paths(files, output)
-    pairs, rank, world, local_rank = distributed_share(list(zip(files, targets)), None)
+    pairs, rank, world, local_rank = distributed_share(list(enumerate(zip(files, targets))), None)
+    together = world > 1 and "MASTER_ADDR" in os.environ  # torchrun: the ranks meet at the end (ranks_meet)
     device = args.device
     if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per rank
@@ -201,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     stats_path = None
     if args.stats:  # checked before the work, so a bad name does not wait for every file to be segmented
         stats_path = Path(args.stats)
-        if world > 1:
+        if world > 1 and not together:  # ranks started by hand: each writes its own share
             stats_path = stats_path.with_name(f"{stats_path.stem}.rank{rank}{stats_path.suffix}")
         check_statistics_path(stats_path, folder_to_come=output)  # -o masks/ --stats masks/s.csv on a first run
     folder = targets[0].parent  # where every mask goes: -o itself, or the folder of -o NAME.nii.gz
@@ -219,10 +259,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): {names}",
               file=sys.stderr)
 
-    failures, rows, seen, in_hu = 0, [], set(), []
+    failed, rows, seen, in_hu = [], [], set(), []
     # disable=None: bars only on a terminal, so logs and pipes get plain lines
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
-    for source, target in files_bar:
+    for index, (source, target) in files_bar:
         try:
             if target.resolve() in seen or file_id(target) in seen:  # its own mask, or another spelling of it
                 raise ValueError(f"output {target} would overwrite another result; "
@@ -251,13 +291,13 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError, OSError) as exc:
             if debug:
                 raise
-            failures += 1
+            failed.append((index, str(source)))
             tqdm.write(_line("error", source, str(exc)), file=sys.stderr)
             continue
         except Exception as exc:  # an unexpected failure on one file must not lose the others
             if debug:
                 raise
-            failures += 1
+            failed.append((index, str(source)))
             first = str(exc).splitlines()[0] if str(exc) else ""
             tqdm.write(_line("error", source, f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)"),
                        file=sys.stderr)
@@ -267,18 +307,24 @@ def run(args: argparse.Namespace) -> int:
                 tqdm.write(_line("warning", source, warning), file=sys.stderr)
         organs = ", ".join(f"{s['name']} {volume_text(s['volume_ml'])}" for s in result.statistics) or "no organs found"
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
-        rows.append((str(source), result.statistics))
+        rows.append((index, str(source), result.statistics))
         in_hu.append(getattr(result, "in_hu", True))
 
-    if stats_path is not None:
-        text = statistics_csv_text([{"file": name, **row} for name, stats in rows for row in stats], leading=("file",),
-                                   synthetic=bool(model.config.synthetic), in_hu=all(in_hu))  # no organ in any scan
-        write_statistics(stats_path, text)
-        tqdm.write(f"{tag}wrote {stats_path}")
+    with ranks_meet((rows, failed, in_hu), world if together else 1) as shares:
+        if together:  # input order whichever rank segmented a file: the table and summary one process gives
+            rows, failed, in_hu = (sorted(sum((share[k] for share in shares), [])) for k in range(3))
+            total, tag = len(files), ""
+        else:
+            total = len(pairs)
+        main = rank == 0 or not together
+        if stats_path is not None and main:
+            text = statistics_csv_text([{"file": name, **row} for _, name, stats in rows for row in stats],
+                                       leading=("file",), synthetic=bool(model.config.synthetic),
+                                       in_hu=all(in_hu))  # no organ in any scan
+            write_statistics(stats_path, text)
+            tqdm.write(f"{tag}wrote {stats_path}")
+        if failed and total > 1 and main:  # a single file's error line says it all
+            print(f"{tag}{failure_summary([name for _, name in failed], total)}", file=sys.stderr)
     if created and world == 1 and not any(output.iterdir()):
         output.rmdir()  # nothing was written: leave no trace
-    if failures:
-        if len(pairs) > 1:  # a single file's error line says it all
-            print(f"{tag}{failures} of {len(pairs)} files failed", file=sys.stderr)
-        return 2
-    return 0
+    return 2 if failed else 0
