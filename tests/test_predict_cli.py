@@ -464,3 +464,17 @@ def test_torchrun_a_bad_file_on_one_rank_does_not_stop_the_others(tmp_path, weig
     assert len(summary) == 1 and summary[0].startswith("3 of 6 files failed: "), done.stderr[-3000:]
     assert all(f"c{i}b.nii.gz" in summary[0] for i in range(3))
 
+
+def test_torchrun_two_inputs_with_one_output_name_on_two_ranks(tmp_path, weights):
+    """a/ct.nii.gz and b/ct.nii.gz both give out/ct.nii.gz. One process refuses the second; under torchrun they fell to
+    two ranks, each wrote out/ct.nii.gz, and b's mask silently replaced a's (exit status 0)."""
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        write_nifti(tmp_path / folder / "ct.nii.gz", ct_like(seed), AFFINE)
+    out = tmp_path / "out"
+    done = _torchrun_predict(tmp_path / "a", tmp_path / "b", "-o", out, "--weights", weights)
+    assert done.returncode != 0
+    assert f"error: {tmp_path / 'b' / 'ct.nii.gz'}: output {out / 'ct.nii.gz'}" in done.stderr, done.stderr[-3000:]
+    single = tmp_path / "single"
+    assert predict(tmp_path / "a" / "ct.nii.gz", "-o", single, "--weights", weights) == 0
+    assert sha(out / "ct.nii.gz") == sha(single / "ct.nii.gz")  # a's mask, as one process writes it

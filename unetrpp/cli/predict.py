@@ -167,6 +167,21 @@ def distributed_share(files: list, environ: dict | None = None) -> tuple[list, i
     return files[rank::world], rank, world, local
 
 
+def repeated_outputs(targets: list[Path]) -> dict[int, int]:
+    """{i: j} for each output `targets[i]` that an earlier input `j` also has (a/ct.nii.gz and b/ct.nii.gz both give
+    OUT/ct.nii.gz). Found over all files before they are shared out: under torchrun the two may fall to different
+    ranks, which would each write the file, the later one silently replacing the other's mask."""
+    first: dict[Path, int] = {}
+    repeated = {}
+    for i, target in enumerate(targets):
+        key = Path(os.path.abspath(target))
+        if key in first:
+            repeated[i] = first[key]
+        else:
+            first[key] = i
+    return repeated
+
+
 @contextmanager
 def ranks_meet(local: object, world: int) -> Iterator[list]:
     """Every rank's `local`, in rank order, once every rank has finished its share (`[local]` in one process);
@@ -232,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no input files in {args.inputs}; give .nii/.nii.gz files or folders holding them")
     output = Path(args.output)
     targets = output_paths(files, output)
+    repeated = repeated_outputs(targets)
     pairs, rank, world, local_rank = distributed_share(list(enumerate(zip(files, targets))), None)
     together = world > 1 and "MASTER_ADDR" in os.environ  # torchrun: the ranks meet at the end (ranks_meet)
     device = args.device
@@ -264,6 +280,9 @@ def run(args: argparse.Namespace) -> int:
     files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
     for index, (source, target) in files_bar:
         try:
+            if index in repeated:
+                raise ValueError(f"output {target} would overwrite another result, the mask of "
+                                 f"{files[repeated[index]]}; choose another output folder or rename the input")
             if target.resolve() in seen or file_id(target) in seen:  # its own mask, or another spelling of it
                 raise ValueError(f"output {target} would overwrite another result; "
                                  "choose another output folder or rename the input")
