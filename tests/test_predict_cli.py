@@ -478,3 +478,17 @@ def test_torchrun_two_inputs_with_one_output_name_on_two_ranks(tmp_path, weights
     single = tmp_path / "single"
     assert predict(tmp_path / "a" / "ct.nii.gz", "-o", single, "--weights", weights) == 0
     assert sha(out / "ct.nii.gz") == sha(single / "ct.nii.gz")  # a's mask, as one process writes it
+
+
+def test_a_file_named_twice_is_segmented_once(tmp_path, weights, capsys):
+    """`predict scans/ct.nii.gz scans/` (or a shell glob plus one name) names ct.nii.gz twice: it was segmented,
+    then counted as a failed second input whose mask would overwrite the first's, with exit status 2."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        write_nifti(scans / f"{name}.nii.gz", ct_like(len(name)), AFFINE)
+    out = tmp_path / "out"
+    assert predict(scans / "b.nii.gz", scans, scans / ".." / "scans" / "b.nii.gz", "-o", out, "--weights", weights) == 0
+    captured = capsys.readouterr()
+    assert "error" not in captured.err and captured.out.count("wrote") == 2, captured
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "b.json", "b.nii.gz"]

@@ -67,7 +67,7 @@ def sw_batch_size(value: int | str) -> int | str:
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
     """Files as given (missing paths kept, to be reported), plus the .nii/.nii.gz files inside given
-    folders (sorted); and the other files of those folders, which are skipped (the .json side-cars
+    folders (sorted), each once; and the other files of those folders, which are skipped (the .json side-cars
     dcm2niix writes, .bval/.bvec, notes). A folder with no NIfTI file at all is refused (subfolders
     are not searched).
     """
@@ -90,7 +90,10 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
             raise ValueError(f"{path}: no .nii/.nii.gz files in this folder (subfolders are not searched){hint}")
         files.extend(p for p in members if is_nifti(p))
         skipped.extend(p for p in members if not is_nifti(p))
-    return files, skipped
+    # `predict scans/ct.nii.gz scans/` names ct.nii.gz twice: one scan, not a second input whose mask would
+    # overwrite the first's (it was counted as a failed file, exit status 2)
+    once = {os.path.realpath(p): p for p in reversed(files)}
+    return [p for p in files if once[os.path.realpath(p)] is p], skipped
 
 
 # Names that look like a file rather than a folder: -o with one of these is a typo, not a new folder.
