@@ -4,6 +4,7 @@ inputs untouched, statistics CSV, torchrun sharding. Uses a tiny random network 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -433,7 +434,6 @@ def test_statistics_of_a_folder_holding_a_ct_and_an_mri_keep_both_means(tmp_path
 
 def _torchrun_predict(*args, ranks: int = 2):
     """`torchrun --nproc_per_node RANKS -m unetrpp predict ARGS` on the CPU (gloo), as a user on a GPU machine runs it."""
-    import os
     import subprocess
     import sys
 
@@ -492,3 +492,48 @@ def test_a_file_named_twice_is_segmented_once(tmp_path, weights, capsys):
     captured = capsys.readouterr()
     assert "error" not in captured.err and captured.out.count("wrote") == 2, captured
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "b.json", "b.nii.gz"]
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="a pseudo-terminal (POSIX)")
+def test_torchrun_on_a_terminal_shows_the_bars_of_rank_0_only(tmp_path, weights):
+    """In a terminal every rank's tqdm bars drew on the same line, each rank's redraw overwriting the other's (a
+    flickering, garbled line); rank 0 alone draws them now, as in training."""
+    import fcntl
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        write_nifti(inputs / f"c{i}.nii.gz", ct_like(i), AFFINE)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))  # a terminal 150 columns wide
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unetrpp",
+           "predict", str(inputs), "-o", str(tmp_path / "out"), "--weights", str(weights), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # a terminal's buffer is small: read while the ranks write
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the last writer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=10)
+    os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "[rank 1/2] wrote" in shown and "[rank 0/2] files:" in shown, shown[-3000:]
+    assert "[rank 1/2] files:" not in shown and "[rank 1/2] c1.nii.gz:" not in shown

@@ -279,8 +279,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     failed, rows, seen, in_hu = [], [], set(), []
-    # disable=None: bars only on a terminal, so logs and pipes get plain lines
-    files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=None if len(pairs) > 1 else True)
+    # disable=None: bars only on a terminal, so logs and pipes get plain lines. Under torchrun every rank writes to
+    # the one terminal, where the bars of several ranks redrew one another's line: rank 0 alone shows them, as in
+    # training; the other ranks' "wrote" lines still report their progress.
+    bars = None if rank == 0 or not together else True
+    files_bar = tqdm(pairs, desc=f"{tag}files", unit="file", disable=bars if len(pairs) > 1 else True)
     for index, (source, target) in files_bar:
         try:
             if index in repeated:
@@ -298,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             if said:
                 windows = count_windows(target_shape(shape, spacing, prep.spacing), model.config.patch_size, args.overlap)
                 tqdm.write(_line("warning", source, f"{said} ({windows:,} windows to run)"), file=sys.stderr)
-            with tqdm(total=100, desc=f"{tag}{source.name}", leave=False, disable=None,
+            with tqdm(total=100, desc=f"{tag}{source.name}", leave=False, disable=bars,
                       bar_format="{l_bar}{bar}| {postfix}") as bar:
                 def progress(fraction: float, message: str) -> None:
                     bar.n = round(100 * fraction)
