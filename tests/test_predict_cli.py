@@ -404,15 +404,19 @@ def test_console_volumes_keep_small_organs_visible():
         "1520 mL", "10 mL", "10.0 mL", "3.2 mL", "0.1 mL", "<0.1 mL"]
 
 
-def test_statistics_of_weights_trained_on_phantoms_say_synthetic(tmp_path):
+def test_statistics_of_weights_trained_on_phantoms_say_synthetic(tmp_path, capsys):
     torch.manual_seed(0)
     folder = tmp_path / "teaching"
     create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
                  synthetic=True).save_pretrained(folder)
-    source = write_nifti(tmp_path / "ct.nii.gz", ct_like(1), AFFINE)
-    assert predict(source, "-o", tmp_path / "out", "--weights", folder, "--stats", tmp_path / "stats.csv") == 0
+    (tmp_path / "scans").mkdir()
+    for i in range(3):
+        write_nifti(tmp_path / "scans" / f"ct{i}.nii.gz", ct_like(i), AFFINE)
+    assert predict(tmp_path / "scans", "-o", tmp_path / "out", "--weights", folder, "--stats", tmp_path / "stats.csv") == 0
     lines = (tmp_path / "stats.csv").read_text().splitlines()
     assert lines[0] == "file,label,name,voxels,volume_ml,mean_hu,note" and len(lines) > 1
+    err = capsys.readouterr().err
+    assert err.count("trained on SYNTHETIC phantoms") == 1, err  # once for the run, not once per file
     assert all(line.endswith(",made by weights trained on SYNTHETIC phantoms: not real anatomy") for line in lines[1:])
 
 

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from .. import io
-    from ..inference import check_single_channel, count_windows, large_scan_warning, segment
+    from ..inference import SYNTHETIC_WEIGHTS_WARNING, check_single_channel, count_windows, large_scan_warning, segment
     from ..preprocess import target_shape
     from ..postprocess import check_statistics_path, statistics_csv_text, write_statistics
     from ..pretrained import load_pretrained
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): {names}",
               file=sys.stderr)
 
-    failed, rows, seen, in_hu = [], [], set(), []
+    failed, rows, seen, in_hu, told_synthetic = [], [], set(), [], False
     # disable=None: bars only on a terminal, so logs and pipes get plain lines. Under torchrun every rank writes to
     # the one terminal, where the bars of several ranks redrew one another's line: rank 0 alone shows them, as in
     # training; the other ranks' "wrote" lines still report their progress.
@@ -328,8 +328,10 @@ def run(args: argparse.Namespace) -> int:
                        file=sys.stderr)
             continue
         for warning in result.warnings:
-            if warning != said:
+            if warning != said and not (warning == SYNTHETIC_WEIGHTS_WARNING and told_synthetic):
                 tqdm.write(_line("warning", source, warning), file=sys.stderr)
+        # the same for every file of the run: said once, not 500 times (each mask's side-car still says it)
+        told_synthetic = told_synthetic or SYNTHETIC_WEIGHTS_WARNING in result.warnings
         organs = ", ".join(f"{s['name']} {volume_text(s['volume_ml'])}" for s in result.statistics) or "no organs found"
         tqdm.write(f"{tag}wrote {target} ({result.windows} windows, {result.seconds:.1f} s): {organs}")
         rows.append((index, str(source), result.statistics))
