@@ -439,7 +439,18 @@ def startup_demo(weights: str | None) -> gr.Blocks:
 
 
 QUEUE = dict(max_size=QUEUE_SIZE, default_concurrency_limit=8)
-LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"],
+# Run in the page once it has loaded. Gradio sends a slider's "release" only when a pointer lets go, so the arrow keys
+# (Home, End, Page Up/Down) moved a slice slider's own view but left the other two views' crosshair where it was,
+# and changed the overlay opacity without redrawing anything: a key let go on a slider counts as the pointer let go
+# (an event that bubbles: gradio's Svelte listens for it on the page's root).
+PAGE_JS = """() => {
+  const keys = ['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown', 'Home', 'End', 'PageUp', 'PageDown'];
+  document.addEventListener('keyup', (e) => {
+    if (e.target instanceof HTMLInputElement && e.target.type === 'range' && keys.includes(e.key))
+      e.target.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
+  });
+}"""
+LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"], js=PAGE_JS,
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
                   " #contours {min-width: 140px !important}"

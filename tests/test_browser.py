@@ -109,6 +109,16 @@ def test_viewer_end_to_end(page, tmp_path):
     before = image_src(page, "axial")
     page.locator("#slider-axial input[type=range]").fill("3")
     changed(page, "axial", before)
+    # Keyboard only: an arrow key on a slice slider moves the crosshair in the other two views as well, and one on
+    # the opacity slider redraws the views (gradio sent a slider's release for a pointer only).
+    before = [image_src(page, view) for view in ("coronal", "sagittal")]
+    page.locator("#slider-axial input[type=range]").press("ArrowRight")
+    changed(page, "coronal", before[0])
+    changed(page, "sagittal", before[1])
+    page.wait_for_timeout(300)  # the axial view's own redraw lands too
+    before = image_src(page, "axial")
+    page.get_by_label("range slider for overlay opacity").press("ArrowLeft")
+    changed(page, "axial", before)
     # Switch the window preset: all views re-render.
     before = image_src(page, "coronal")
     page.locator("#window-preset").get_by_text("lung", exact=True).click()
