@@ -55,6 +55,15 @@ SESSION_SECONDS = 1800
 # from the last write, not the last use), or after a restart of the server.
 NOT_HELD = (f"the server no longer holds this page's scan (it keeps one for {SESSION_SECONDS // 60} minutes after its "
             "last upload or segmentation, and none after a restart): upload the scan again or pick an example")
+# What a screen reader says for each image (gradio marks one without alt text decorative, and leaves the
+# clickable view a button without a name); the changing details are in the text beside them.
+VIEW_ALT = ("{view} slice of the scan through the crosshair, organs in colour once segmented; the line under the "
+            "views gives the crosshair's voxel, value and organ, and the table the organs found")
+ATTENTION_ALT = ("{view} slice of the model window around the query voxel (crosshair), with the query's attention as "
+                 "a heat-map; the caption above names the voxel, block and head")
+# Under the views: the keyboard's way to the crosshair (a click in a view has none).
+CROSSHAIR_HELP = ("Click a view to put the crosshair there, or move it with the three slice sliders, one axis each "
+                  "(keyboard: Tab to a slider, then the arrow keys).")
 ATTRIBUTION = ("Example CT: `example_ct_sm.nii.gz` from "
                "[TotalSegmentator](https://github.com/wasserth/TotalSegmentator) "
                "(Wasserthal et al., Radiology: AI 2023), Apache-2.0. The phantom example is **SYNTHETIC** "
@@ -336,10 +345,12 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                             for view in vis.VIEWS:
                                 with gr.Column(min_width=200):
                                     images.append(gr.Image(label=view, type="numpy", format="png", interactive=False,
-                                                           elem_id=f"view-{view}", buttons=["fullscreen"]))
+                                                           elem_id=f"view-{view}", buttons=["fullscreen"],
+                                                           alt_text=VIEW_ALT.format(view=view)))
                                     slides.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
                                                             interactive=False, elem_id=f"slider-{view}",
                                                             buttons=[]))  # its reset would go to slice 0
+                        gr.Markdown(CROSSHAIR_HELP, elem_id="crosshair-help")
                         position = gr.Markdown("", elem_id="position")
                         table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
                                              max_height=720, wrap=True, column_widths=["15%", "33%", "18%", "18%", "16%"],
@@ -365,7 +376,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                         att_text = gr.Markdown("")
                         with gr.Row():
                             att_images = [gr.Image(label=f"{v} (model window)", type="numpy", format="png",
-                                                   interactive=False, elem_id=f"attention-{v}") for v in vis.VIEWS]
+                                                   interactive=False, elem_id=f"attention-{v}",
+                                                   alt_text=ATTENTION_ALT.format(view=v)) for v in vis.VIEWS]
                         channel_plot = gr.Plot(label="channel attention")
         gr.Markdown(ATTRIBUTION)
 
@@ -442,13 +454,19 @@ QUEUE = dict(max_size=QUEUE_SIZE, default_concurrency_limit=8)
 # Run in the page once it has loaded. Gradio sends a slider's "release" only when a pointer lets go, so the arrow keys
 # (Home, End, Page Up/Down) moved a slice slider's own view but left the other two views' crosshair where it was,
 # and changed the overlay opacity without redrawing anything: a key let go on a slider counts as the pointer let go
-# (an event that bubbles: gradio's Svelte listens for it on the page's root).
+# (an event that bubbles: gradio's Svelte listens for it on the page's root). Screen readers announce the status
+# line's text when it changes (loaded, segmented and what was found, or why not), not its progress bar's every step.
 PAGE_JS = """() => {
   const keys = ['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown', 'Home', 'End', 'PageUp', 'PageDown'];
   document.addEventListener('keyup', (e) => {
     if (e.target instanceof HTMLInputElement && e.target.type === 'range' && keys.includes(e.key))
       e.target.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
   });
+  const live = () => document.querySelector('#status [data-testid="markdown"]')?.setAttribute('aria-live', 'polite') ?? false;
+  if (live() === false) {  // not drawn yet
+    const watch = new MutationObserver(() => live() !== false && watch.disconnect());
+    watch.observe(document.body, {childList: true, subtree: true});
+  }
 }"""
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"], js=PAGE_JS,
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"

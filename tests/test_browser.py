@@ -104,6 +104,12 @@ def test_viewer_end_to_end(page, tmp_path):
     assert any(name in legend for name in ("liver", "spleen", "kidney", "stomach", "aorta", "pancreas"))
     assert page.locator("#stats-table").get_by_text("mean HU").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "01_segmented.png"), full_page=True)
+    # Screen readers: each view is named (gradio leaves an image without alt text out, and the clickable view a
+    # button without a name), the status line is announced, and the page says how to move the crosshair by keyboard.
+    for view in ("axial", "coronal", "sagittal"):
+        expect(page.locator(f"#view-{view}").get_by_role("button", name=f"{view} slice of the scan")).to_have_count(1)
+    expect(page.locator("#status [aria-live=polite]")).to_contain_text("Segmented")
+    expect(page.locator("#crosshair-help")).to_contain_text("arrow keys")
 
     # Move the axial slider: only the axial image is re-rendered.
     before = image_src(page, "axial")
@@ -166,6 +172,7 @@ def test_viewer_end_to_end(page, tmp_path):
     page.locator("#attention-btn").click()
     page.locator("#attention-axial img").first.wait_for(timeout=60_000)
     page.get_by_text("Query voxel").first.wait_for()
+    expect(page.get_by_role("img", name="axial slice of the model window")).to_have_count(1)
     page.locator(".gtitle", has_text="encoder stage 0").first.wait_for(timeout=30_000)  # the plotly matrices' title
     page.screenshot(path=str(ARTIFACTS / "03_attention.png"), full_page=True)
     # Clicking the heat-map moves the query, and the crosshair of the Slices tab with it.
