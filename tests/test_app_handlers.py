@@ -849,3 +849,29 @@ def test_teaching_weights_from_a_cached_hub_repo_are_announced_as_synthetic(tmp_
     assert H.resolve_weights("someone/teaching", tmp_path / "none") == ("someone/teaching", H.SYNTHETIC_NOTICE)
     assert H.resolve_weights("someone/real", tmp_path / "none") == ("someone/real", "Weights: `someone/real`.")
     assert H.resolve_weights("someone/uncached", tmp_path / "none")[1] == "Weights: `someone/uncached`."
+
+
+def test_the_legend_reads_in_light_and_dark_themes_and_without_colour():
+    """A hidden organ's faded name keeps 4.5:1 on a light page, every swatch has a border in the text's colour
+    (a yellow swatch on white, a dark blue one on a dark page had almost none), and the legend says how to tell
+    organs apart without colour (with deuteranopia liver, gallbladder and aorta look alike)."""
+    import re
+
+    from unetrpp import BTCV_CLASS_NAMES
+
+    mask = np.zeros((4, 8, 8), np.uint8)
+    mask[1:3, 1:4, 1:4], mask[1:3, 4:7, 4:7] = 2, 10  # right kidney (yellow), portal and splenic vein (dark blue)
+    session = H.Session(np.zeros(mask.shape, np.float32), (1.0, 1.0, 1.0), "m.nii.gz", "m.nii.gz", mask=mask,
+                        class_names=("background", *BTCV_CLASS_NAMES))
+    legend = H.legend_html(session, ["right kidney"])
+
+    def luminance(rgb):
+        c = [v / 255 for v in rgb]
+        c = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    opacity = float(re.search(r"opacity:([0-9.]+)", legend).group(1))
+    text = [opacity * v + (1 - opacity) * 255 for v in (39, 39, 42)]  # gradio's light theme: text on white
+    assert (1.05) / (luminance(text) + 0.05) >= 4.5
+    assert legend.count("border:1px solid currentColor") == 2
+    assert "names the organ at the crosshair" in legend
