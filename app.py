@@ -470,6 +470,12 @@ PAGE_JS = """() => {
 }"""
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"], js=PAGE_JS,
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
+                  # where the keyboard is: gradio's theme draws no focus ring on radios, checkboxes and sliders, and a
+                  # 1 px dark one on the views (lost on a black CT); this blue is 3.5:1 or more on light and dark pages
+                  " :focus-visible {outline: 3px solid #3b82f6 !important; outline-offset: 2px}"
+                  # inside the views' edge, which clips what lies outside
+                  " :is(#view-axial, #view-coronal, #view-sagittal, #attention-axial, #attention-coronal,"
+                  " #attention-sagittal) button:focus-visible {outline-offset: -3px}"
                   # Gradio drops a Checkbox's min_width; without one, a narrow screen cuts its label
                   " #contours {min-width: 140px !important}"
                   # the file boxes' names (upload, mask, table) wrap instead of ending in "exam… .gz" in the narrow

@@ -125,6 +125,12 @@ def test_viewer_end_to_end(page, tmp_path):
     before = image_src(page, "axial")
     page.get_by_label("range slider for overlay opacity").press("ArrowLeft")
     changed(page, "axial", before)
+    # Where the keyboard is shows: a ring on the slider just moved and on a radio button (gradio's theme drew none).
+    ring = "() => [document.activeElement.type, getComputedStyle(document.activeElement).outlineStyle]"
+    assert page.evaluate(ring) == ["range", "solid"]
+    page.get_by_label("window W (HU)").focus()
+    page.keyboard.press("Shift+Tab")  # to the window presets' last radio button
+    assert page.evaluate(ring) == ["radio", "solid"]
     # Switch the window preset: all views re-render.
     before = image_src(page, "coronal")
     page.locator("#window-preset").get_by_text("lung", exact=True).click()
