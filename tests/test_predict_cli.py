@@ -541,3 +541,21 @@ def test_torchrun_on_a_terminal_shows_the_bars_of_rank_0_only(tmp_path, weights)
     shown = b"".join(chunks).decode("utf-8", "replace")
     assert "[rank 1/2] wrote" in shown and "[rank 0/2] files:" in shown, shown[-3000:]
     assert "[rank 1/2] files:" not in shown and "[rank 1/2] c1.nii.gz:" not in shown
+
+
+def test_scans_with_no_organ_found_are_named_since_the_table_has_no_row_for_them(tmp_path, capsys):
+    """--stats has one row per organ found: in a folder run, the scans where nothing was found vanish from it."""
+    torch.manual_seed(0)
+    folder = tmp_path / "blind"
+    model = create_model("unetrpp_tiny", patch_size=(16, 32, 32), preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)))
+    with torch.no_grad():
+        model.out1.conv.conv.bias[0] = 1e4  # background everywhere
+    model.save_pretrained(folder)
+    (tmp_path / "scans").mkdir()
+    for i in range(3):
+        write_nifti(tmp_path / "scans" / f"ct{i}.nii.gz", ct_like(i), AFFINE)
+    assert predict(tmp_path / "scans", "-o", tmp_path / "out", "--weights", folder, "--stats", tmp_path / "s.csv") == 0
+    out = capsys.readouterr().out
+    assert "note: no organ found in 3 of 3 scan(s), which therefore have no row in s.csv:" in out, out
+    assert all(str(tmp_path / "scans" / f"ct{i}.nii.gz") in out.splitlines()[-1] for i in range(3))
+    assert (tmp_path / "s.csv").read_text().count("\n") == 1  # the header alone

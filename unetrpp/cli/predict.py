@@ -213,10 +213,14 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
         dist.destroy_process_group()
 
 
-def failure_summary(failed: list[str], total: int, shown: int = 5) -> str:
-    """`k of n files failed: a, b, ...`: the files to look at again, at the end of a long run's output."""
-    names = ", ".join(failed[:shown]) + (f" and {len(failed) - shown} more" if len(failed) > shown else "")
-    return f"{len(failed)} of {total} files failed: {names}"
+def some_names(names: list[str], shown: int = 5) -> str:
+    """`a, b, c, d, e and 7 more`: files to look at again, at the end of a long run's output."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def failure_summary(failed: list[str], total: int) -> str:
+    """`k of n files failed: a, b, ...`."""
+    return f"{len(failed)} of {total} files failed: {some_names(failed)}"
 
 
 def volume_text(ml: float) -> str:
@@ -350,6 +354,10 @@ def run(args: argparse.Namespace) -> int:
                                        in_hu=all(in_hu))  # no organ in any scan
             write_statistics(stats_path, text)
             tqdm.write(f"{tag}wrote {stats_path}")
+            # one row per organ found: a scan with none has no row, and would be missed in a table of 500
+            if empty := [name for _, name, stats in rows if not stats]:
+                tqdm.write(f"{tag}note: no organ found in {len(empty)} of {len(rows)} scan(s), which therefore have "
+                           f"no row in {stats_path.name}: {some_names(empty)}")
         if failed and total > 1 and main:  # a single file's error line says it all
             print(f"{tag}{failure_summary([name for _, name in failed], total)}", file=sys.stderr)
     if created and world == 1 and not any(output.iterdir()):
