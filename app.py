@@ -241,12 +241,6 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                           write_csv=False)
         return mask, session.statistics, [without_upload_folder(w) for w in session.warnings]
 
-    def held(session):
-        """The page's session, or a gr.Error saying it is gone (the views on the page outlive it)."""
-        if session is None:
-            raise gr.Error(NOT_HELD, print_exception=False)
-        return session
-
     # The slider and the views answer without the queue (see view_only below), where gradio shows no error
     # toast: a page whose scan is gone hears it on the position line under the views.
     not_held = f"**{NOT_HELD[0].upper()}{NOT_HELD[1:]}.**"
@@ -294,7 +288,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def on_attention_click(view):
         @friendly
         def handler(session, block, head, preset, width, level, opacity, organs, contour, evt: gr.SelectData):
-            H.attention_click(held(session), view, *evt.index)  # re-centre on the clicked voxel of the window
+            if session is None:  # the maps on the page outlive the scan the server held
+                raise gr.Error(NOT_HELD, print_exception=False)
+            H.attention_click(session, view, *evt.index)  # re-centre on the clicked voxel of the window
             return [*on_attention(session, block, head, preset, width, level),
                     *views(session, preset, width, level, opacity, organs, contour)]  # the Slices tab follows
         return handler

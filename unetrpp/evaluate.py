@@ -118,7 +118,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                          f"too (`python -m unetrpp predict` their images into {pred_dir}), or give a --truth folder "
                          "holding only the labels of the predicted cases")
     tables = {case: io.read_label_table(preds[case]) for case in truths}
-    names = next(iter(tables.values()))["names"] if tables and next(iter(tables.values())) else None
+    first = next(iter(tables.values()), None)
+    names = first["names"] if first else None
     if labels is None:
         labels = dict(enumerate(names)) if names else dict(BTCV_LABELS)
         labels.pop(0, None)  # background

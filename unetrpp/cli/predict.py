@@ -278,9 +278,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = {f.resolve() for f in files} | {f.resolve() for f in skipped}
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
     if skipped and rank == 0:
-        names = ", ".join(p.name for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): {names}",
-              file=sys.stderr)
+        print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): "
+              f"{some_names([p.name for p in skipped], 3)}", file=sys.stderr)
 
     failed, rows, seen, in_hu, told_synthetic = [], [], set(), [], False
     # disable=None: bars only on a terminal, so logs and pipes get plain lines. Under torchrun every rank writes to
