@@ -48,7 +48,10 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     root = Path(weights_dir)
     if spec:
         folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
-        folder = folder or _cached_repo(str(spec))
+        if folder is None:  # a Hub repo id the local cache holds: its config tells SYNTHETIC weights before they load
+            from .pretrained import cached_hub_folder
+
+            folder = cached_hub_folder(str(spec))
         config = _config(folder) if folder is not None else {}
         if config.get("in_channels", 1) != 1:
             raise ValueError(f"weights {spec}: the network takes {config['in_channels']} input channels, "
@@ -65,20 +68,6 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     if phantom:
         return str(phantom[0]), SYNTHETIC_NOTICE
     return None, UNTRAINED_NOTICE
-
-
-def _cached_repo(spec: str) -> Path | None:
-    """The snapshot folder holding config.json of Hugging Face repo `spec` when the local cache has it: its
-    config tells SYNTHETIC weights before the page opens (the model itself loads later)."""
-    if spec.count("/") != 1 or Path(spec).exists():
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(spec, "config.json")
-    except ValueError:  # not a repo id
-        return None
-    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _config(folder: Path) -> dict:

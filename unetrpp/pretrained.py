@@ -261,6 +261,20 @@ def check_hub_config(loader_kwargs: Mapping[str, Any]) -> None:
                      "model.safetensors (make one from a released checkpoint with `python -m unetrpp convert`)")
 
 
+def cached_hub_folder(repo_id: str) -> Path | None:
+    """The local cache's snapshot folder holding config.json of Hub repo `repo_id`, or None (not cached, or not a
+    repo id); nothing is downloaded. Its config can be read before the weights are loaded."""
+    if repo_id.count("/") != 1 or _looks_like_path(repo_id):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
 def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub repo id "owner/name": it starts like one, ends with a checkpoint
     suffix, or its first folder exists here (`weights/unetrpp_synapse` before conversion)."""
