@@ -83,12 +83,15 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _sequence(values: Any) -> tuple | None:
+    """`values` as a tuple, or None when it is a single value (a number, a string: JSON's 64 for [64, 128, 128])."""
+    return None if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) else tuple(values)
+
+
 def _numbers(values: Any) -> tuple[float, ...] | None:
     """`values` as a tuple of floats, or None when it is not a sequence of numbers."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        return None
-    values = tuple(values)
-    return tuple(float(v) for v in values) if all(_is_real(v) for v in values) else None
+    values = _sequence(values)
+    return tuple(float(v) for v in values) if values is not None and all(_is_real(v) for v in values) else None
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,14 @@ class UNETRPPConfig:
 
     def __post_init__(self) -> None:
         for key in ("patch_size", "stem", "dims", "depths", "proj_sizes"):  # numpy integers become ints
-            values = getattr(self, key)
-            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):  # e.g. patch_size=64
+            values = _sequence(getattr(self, key))
+            if values is None:  # e.g. patch_size=64
                 example = next(f.default for f in dataclasses.fields(self) if f.name == key)
-                raise ValueError(f"UNETRPPConfig.{key}={values!r}: needs {len(example)} whole numbers, e.g. {example}")
+                raise ValueError(f"UNETRPPConfig.{key}={getattr(self, key)!r}: needs {len(example)} whole numbers, "
+                                 f"e.g. {example}")
             object.__setattr__(self, key, tuple(int(v) if isinstance(v, numbers.Integral) else v for v in values))
-        names = tuple(self.class_names) if isinstance(self.class_names, Iterable) else None
-        if isinstance(self.class_names, str) or names is None or not all(isinstance(n, str) for n in names):
+        names = _sequence(self.class_names)
+        if names is None or not all(isinstance(n, str) for n in names):
             raise ValueError(f"UNETRPPConfig.class_names={self.class_names!r}: needs one name (a string) per output "
                              "channel, background first, e.g. ('background', 'spleen', ...)")
         object.__setattr__(self, "class_names", names)
