@@ -1,7 +1,7 @@
 """Median forward time of UNETR++ (synapse, 1x1x64x128x128, no deep supervision) on the CPU against
 MONAI's UNETR (feature_size=16, hidden_size=768) and Swin-UNETR (feature_size=48), same input, same run.
 
-    python benchmarks/forward.py [--threads 2] [--repeats 5] [--no-swin] [--bf16] [--plain-allocator]
+    python benchmarks/forward.py [--threads 2] [--repeats 5] [--no-swin] [--bf16] [--plain-allocator] [--cpu-compile]
 
 Prints one line per network: median seconds, ratio to UNETR fp32, peak RSS so far.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 
 import torch
 
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also time UNETR++ with bfloat16 weights and input")
     parser.add_argument("--plain-allocator", action="store_true",
                         help="time every network without unetrpp.fast.reuse_freed_memory (segment() uses it)")
+    parser.add_argument("--cpu-compile", action="store_true",
+                        help="also time the plain network under torch.compile on the CPU (needs a C++ compiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from monai.networks.nets import UNETR, SwinUNETR
@@ -40,6 +43,18 @@ def main() -> None:
     del unetr
     ours = create_model("unetrpp_synapse").eval()
     rows.append(("UNETR++ synapse fp32, plain", median_time(ours, x)))
+    if args.cpu_compile:  # inductor with frozen weights (oneDNN-prepacked convolutions); compiled on first call
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
+        torch._dynamo.config.recompile_limit = 64  # each block is traced anew; the default 8 leaves some eager
+        start = time.perf_counter()
+        compiled = torch.compile(ours, dynamic=False)
+        with torch.inference_mode():
+            compiled(x)
+        print(f"torch.compile on the CPU: {time.perf_counter() - start:.0f} s to compile")
+        rows.append(("UNETR++ synapse fp32, plain, torch.compile", median_time(compiled, x)))
+        del compiled
     optimize_for_inference(ours)  # what unetrpp.segment() runs
     rows.append(("UNETR++ synapse fp32, optimized", median_time(ours, x)))
     if args.bf16:  # what segment(precision="bf16") runs: a bfloat16 copy of the optimized network
