@@ -313,7 +313,7 @@ def _hub_answers(monkeypatch, tmp_path, error):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(file_download, "get_hf_file_metadata", answer)
-    monkeypatch.setattr("unetrpp.pretrained._hub_unreachable", lambda: None)
+    monkeypatch.setattr("unetrpp.hub._hub_unreachable", lambda: None)
 
 
 def _hub_error(kind, status=None, message="Client Error"):

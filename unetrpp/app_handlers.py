@@ -49,7 +49,7 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     if spec:
         folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
         if folder is None:  # a Hub repo id the local cache holds: its config tells SYNTHETIC weights before they load
-            from .pretrained import cached_hub_folder
+            from .hub import cached_hub_folder
 
             folder = cached_hub_folder(str(spec))
         config = _config(folder) if folder is not None else {}

@@ -83,11 +83,11 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
             self.out3 = OutBlock(dims[1], cfg.out_channels)
         self.unetr_pp_encoder.apply(_init_like_the_original)
 
-    # The Hub mixin's loaders, with the checks pretrained.py makes (it alone knows files and hubs).
+    # The Hub mixin's loaders, with the checks hub.py makes (it and pretrained.py alone know files and hubs).
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "UNETRPP":
         """A weights folder (config.json + model.safetensors) or a Hugging Face repo id -> the network."""
-        from .pretrained import check_hub_source
+        from .hub import check_hub_source
 
         check_hub_source(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -96,7 +96,7 @@ class UNETRPP(nn.Module, PyTorchModelHubMixin, library_name="unetrpp", tags=["me
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> "UNETRPP":
         """huggingface_hub's loader, strict unless asked otherwise: a missing tensor is an error, not a
         randomly initialised layer."""
-        from .pretrained import check_hub_config
+        from .hub import check_hub_config
 
         check_hub_config(kwargs)
         return super()._from_pretrained(strict=strict, **kwargs)
