@@ -300,6 +300,21 @@ def test_a_model_card_is_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
     assert "Data: C:/Users/Łukasz/BTCV" in (tmp_path / "model" / "README.md").read_text(encoding="utf-8")
 
 
+
+def test_a_card_given_to_save_for_inference_keeps_the_metadata_of_save_pretrained(tmp_path):
+    """save_for_inference (train's RUN_DIR/model, convert) wrote metadata of its own under the card it was given,
+    without the synthetic-data tag that save_pretrained and push_to_hub give SYNTHETIC weights: a phantom-trained
+    model folder uploaded to the Hub was listed as if it were real weights."""
+    from unetrpp.pretrained import save_for_inference
+
+    for synthetic in (True, False):
+        model = create_model("unetrpp_tiny", synthetic=synthetic)
+        folder = save_for_inference(model, tmp_path / str(synthetic), card="# my card\n\nmy text")
+        text = (folder / "README.md").read_text(encoding="utf-8")
+        assert text.startswith("---\n") and "library_name: unetrpp" in text and "- medical-imaging" in text, text
+        assert text.rstrip().endswith("# my card\n\nmy text") and "UNETR++ weights" not in text, text
+        assert ("- synthetic-data" in text) is synthetic, text
+
 def _hub_answers(monkeypatch, tmp_path, error):
     """huggingface_hub as it is when the Hub answers `error()` to every request (no network needed): a cache
     in tmp_path, not offline, the Hub's name resolving."""

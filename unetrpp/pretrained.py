@@ -304,16 +304,17 @@ def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRP
                        card: str | None = None) -> Path:
     """Save `model` as a weights folder (config.json + model.safetensors) without its deep-supervision
     heads, which inference never uses; `config` replaces the model's (e.g. other preprocessing).
-    `card`: the folder's README.md (markdown after the Hub's metadata), instead of the Hub's blank template."""
+    `card`: the text of the folder's README.md (markdown under the Hub's metadata) instead of `model_card`'s."""
     config = (config or model.config).replace(deep_supervision=False)
     clean = UNETRPP(config)
     clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
     folder = Path(folder)
     clean.save_pretrained(folder)
     usual_permissions(folder / "model.safetensors")  # safetensors writes 0600
-    if card is not None:
-        metadata = "library_name: unetrpp\ntags: [medical-imaging, segmentation, unetr-plus-plus, 3d]"
-        (folder / "README.md").write_text(f"---\n{metadata}\n---\n\n{card.strip()}\n", encoding="utf-8")
+    if card is not None:  # under the metadata save_pretrained writes: its tags say synthetic-data where they must
+        readme = clean.generate_model_card()
+        readme.text = f"\n{card.strip()}\n"
+        readme.save(folder / "README.md")  # in UTF-8, whatever the locale
     return folder
 
 
