@@ -438,6 +438,21 @@ def test_push_to_hub_sends_a_card_that_says_synthetic_weights_are_synthetic(tmp_
     assert "SYNTHETIC" not in card and "synthetic-data" not in card and "arXiv 2212.04497" in card
 
 
+
+def test_convert_from_python_names_the_valid_preprocessing_keys_before_reading_the_checkpoint(tmp_path, monkeypatch):
+    """convert_original(path, out, spcing=...) read the checkpoint (seconds for the large ones), then stopped with
+    Python's "Preprocessing.__init__() got an unexpected keyword argument", which names no valid key."""
+    from unetrpp import pretrained
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(pretrained, "load_original_checkpoint", never)
+    for name in (None, "unetrpp_synapse"):
+        with pytest.raises(ValueError, match=r"unknown preprocessing keys \['spcing'\]; valid keys: \[.*'spacing'"):
+            pretrained.convert_original(tmp_path / "t.model", tmp_path / "out", name=name, spcing=(1, 1, 1))
+    assert not (tmp_path / "out").exists()
+
 def test_convert_from_python_never_replaces_anothers_folder(tmp_path):
     """`python -m unetrpp convert` refused a folder that is not empty, convert_original wrote over it: the
     config.json and README.md of other weights were replaced by the converted ones'."""

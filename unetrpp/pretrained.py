@@ -26,7 +26,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .config import UNETRPPConfig, get_config
+from .config import Preprocessing, UNETRPPConfig, get_config
 from .io import usual_permissions
 from .model import UNETRPP
 
@@ -390,6 +390,9 @@ def convert_original(path: str | os.PathLike, out_dir: str | os.PathLike, name: 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not {'empty' if out.is_dir() else 'a folder'}; choose a new --out "
                          "folder or remove it first")
+    fields = {f.name for f in dataclasses.fields(Preprocessing)}  # a misspelt one, before the checkpoint is read
+    if unknown := sorted(set(preprocessing) - fields):
+        raise ValueError(f"unknown preprocessing keys {unknown}; valid keys: {sorted(fields)}")
     if name is not None:  # a wrong name or preprocessing is answered before the checkpoint is read (seconds)
         if reason := _missing_preprocessing(name, preprocessing):
             raise ValueError(reason)
