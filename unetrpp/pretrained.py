@@ -59,8 +59,9 @@ def shortened(text: str, limit: int = 300) -> str:
 def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a released `model_final_checkpoint.model` without unpickling arbitrary objects.
 
-    Returns the checkpoint dict. Raises ValueError with a one-line reason for anything that is not a
-    UNETR++ / nnU-Net v1 checkpoint (wrong file, truncated file, unexpected pickled objects).
+    Returns the checkpoint dict (a bare state_dict comes back as {"state_dict": ...}). Raises
+    FileNotFoundError when there is no such file, and ValueError with a one-line reason for anything that
+    is not a UNETR++ / nnU-Net v1 checkpoint (a folder, wrong file, truncated file, unexpected pickled objects).
     """
     path = Path(path)
     if path.is_dir():
@@ -108,16 +109,19 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys without the "module." that a model saved from inside DataParallel/DDP gives them."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
 def _expected_shapes(cfg: UNETRPPConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of the network `cfg` describes, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = UNETRPP(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _first_mismatch(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The first way `state_dict` differs from `expected` (a missing key, a shape, an extra key), or None."""
     for k, shape in expected.items():
         if k not in state_dict:
             return f"missing key {k}"
@@ -324,6 +328,8 @@ UNKNOWN_PREPROCESSING = {"unetrpp_lung": ("spacing", "clip", "mean", "std")}
 
 
 def _missing_preprocessing(name: str, given: Any) -> str | None:
+    """Why weights of preset `name` cannot be used with only the preprocessing fields `given` (their release
+    does not state the others, `UNKNOWN_PREPROCESSING`) and where to find them; None when nothing is missing."""
     missing = [f for f in UNKNOWN_PREPROCESSING.get(name, ()) if f not in given]
     if not missing:
         return None
