@@ -159,6 +159,11 @@ def _bad_dim0(d: Path) -> Path:
     return _patched_header(d, "dim0.nii", 40, np.array([9], "<i2"))
 
 
+def _vox_offset_zero(d: Path) -> Path:
+    # vox_offset 0 (an "unset" some writers leave): nibabel would read the header bytes as the first voxels
+    return _patched_header(d, "offset0.nii", 108, np.array([0.0], "<f4"))
+
+
 BAD_CASES = {
     "png": (_png, "PNG"),
     "text": (_text, "text file"),
@@ -177,6 +182,7 @@ BAD_CASES = {
     "huge": (_huge, "MAX_VOXELS"),
     "negative_axis": (_negative_axis, "negative axis length"),
     "bad_dim0": (_bad_dim0, "dim[0]"),
+    "vox_offset_zero": (_vox_offset_zero, "vox_offset"),
 }
 
 
@@ -362,7 +368,8 @@ def test_header_grid_refuses_what_load_refuses(tmp_path):
     raw = bytearray(odd.read_bytes())
     raw[70:72] = np.array([12345], "<i2").tobytes()  # datatype: no such code
     odd.write_bytes(bytes(raw))
-    for path, words in ((flat, "zero voxel spacing"), (odd, "cannot read the NIfTI header")):
+    for path, words in ((flat, "zero voxel spacing"), (odd, "cannot read the NIfTI header"),
+                        (_vox_offset_zero(tmp_path), "vox_offset")):
         for read in (io.load, io.header_grid):
             with pytest.raises(ValueError, match=words):
                 read(path)

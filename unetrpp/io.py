@@ -272,6 +272,14 @@ def _open(path: Path) -> nib.Nifti1Image:
     if int(raw["sform_code"]) == 0 and np.any(np.asarray(raw["pixdim"][1:4]) == 0):
         raise ValueError(f"{path}: zero voxel spacing (pixdim {tuple(float(v) for v in raw['pixdim'][1:4])}) and no "
                          "sform, so the affine is singular; set the real voxel size in the header")
+    # A single file's voxels follow its header. An offset inside the header (0 is a common "unset") is read by
+    # nibabel from that offset, header bytes as voxels and the whole image shifted, and by niftilib (ITK, FSL)
+    # from byte 348: the mask would lie on a shifted image without a word.
+    offset = float(raw["vox_offset"])
+    if offset < raw.sizeof_hdr:
+        raise ValueError(f"{path}: the header's vox_offset is {offset:g}, inside the {raw.sizeof_hdr}-byte header, so "
+                         "where the voxels start is unknown; re-export the image, or set vox_offset to where they "
+                         f"start ({raw.single_vox_offset} in a file without header extensions)")
     try:
         img = nib.load(str(path), mmap=False)
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
