@@ -164,6 +164,15 @@ def _vox_offset_zero(d: Path) -> Path:
     return _patched_header(d, "offset0.nii", 108, np.array([0.0], "<f4"))
 
 
+def _bad_quaternion(d: Path) -> Path:
+    path = write_nifti(d / "quaternion.nii", _phantom())
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = np.array([1, 0], "<i2").tobytes()  # qform_code 1, sform_code 0: the qform alone places it
+    raw[256:268] = np.array([0.9, 0.9, 0.9], "<f4").tobytes()  # quatern_b, c, d: length 1.56, above 1
+    path.write_bytes(bytes(raw))
+    return path
+
+
 BAD_CASES = {
     "png": (_png, "PNG"),
     "text": (_text, "text file"),
@@ -183,6 +192,7 @@ BAD_CASES = {
     "negative_axis": (_negative_axis, "negative axis length"),
     "bad_dim0": (_bad_dim0, "dim[0]"),
     "vox_offset_zero": (_vox_offset_zero, "vox_offset"),
+    "bad_quaternion": (_bad_quaternion, "quaternion"),
 }
 
 
@@ -369,7 +379,7 @@ def test_header_grid_refuses_what_load_refuses(tmp_path):
     raw[70:72] = np.array([12345], "<i2").tobytes()  # datatype: no such code
     odd.write_bytes(bytes(raw))
     for path, words in ((flat, "zero voxel spacing"), (odd, "cannot read the NIfTI header"),
-                        (_vox_offset_zero(tmp_path), "vox_offset")):
+                        (_vox_offset_zero(tmp_path), "vox_offset"), (_bad_quaternion(tmp_path), "quaternion")):
         for read in (io.load, io.header_grid):
             with pytest.raises(ValueError, match=words):
                 read(path)

@@ -280,6 +280,14 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"{path}: the header's vox_offset is {offset:g}, inside the {raw.sizeof_hdr}-byte header, so "
                          "where the voxels start is unknown; re-export the image, or set vox_offset to where they "
                          f"start ({raw.single_vox_offset} in a file without header extensions)")
+    # Without an sform the qform's quaternion places the image; nibabel refuses one of length above 1 with a
+    # bare "w2 should be positive" that names neither the file nor the field.
+    bcd = np.asarray([raw["quatern_b"], raw["quatern_c"], raw["quatern_d"]], dtype=np.float64)
+    if int(raw["sform_code"]) == 0 and int(raw["qform_code"]) > 0 \
+            and 1.0 - float(bcd @ bcd) < -float(raw.quaternion_threshold):
+        raise ValueError(f"{path}: the qform quaternion (quatern_b, c, d = {', '.join(f'{v:g}' for v in bcd)}) has a "
+                         f"length above 1 and there is no sform, so how the image lies in the body is unknown; fix "
+                         "the qform in the header (or set an sform), or re-export the image")
     try:
         img = nib.load(str(path), mmap=False)
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
