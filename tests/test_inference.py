@@ -220,6 +220,19 @@ def test_bad_options_are_refused(kwargs, words, tmp_path, model):
         segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO), model=model, **kwargs)
 
 
+def test_a_nibabel_image_that_is_not_nifti_is_refused_with_the_conversion(tmp_path, model):
+    """A .hdr/.img pair loaded with nibabel is a Nifti1Pair: "give a nibabel image" was no answer to it."""
+    path = tmp_path / "pair.img"
+    nib.save(nib.Nifti1Pair(phantom_ras(), ISO), str(path))
+    pair = nib.load(str(path))
+    with pytest.raises(TypeError, match=r"Nifti1Pair: give a nibabel Nifti1Image .*Nifti1Image\.from_image"):
+        segment(pair, model=model)
+    with pytest.raises(TypeError, match="image of type list: give a path"):
+        segment([1, 2], model=model)
+    result = segment(nib.Nifti1Image.from_image(pair), model=model)  # the fix it names works
+    assert result.mask.shape == phantom_ras().shape[::-1]
+
+
 def test_needs_model_or_weights(tmp_path):
     with pytest.raises(ValueError, match="model= .* or weights="):
         segment(write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO))

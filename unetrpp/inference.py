@@ -336,7 +336,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
             device: str | torch.device | None = None, overlap: float = 0.5, tta: bool = False,
             largest_component: bool = False, sw_batch_size: int | str | None = "auto",
             progress: Progress | None = None, precision: str = "auto", compile: bool = False) -> SegmentationResult:
-    """Segment one volume (a path, a nibabel image or a `unetrpp.io.Volume`).
+    """Segment one volume (a path, a nibabel Nifti1Image/Nifti2Image or a `unetrpp.io.Volume`).
 
     `model` (a UNETRPP, moved to `device`) or `weights` (for `unetrpp.pretrained.load_pretrained`);
     `device` None picks CUDA when present, else CPU; `overlap` in [0, 1) between windows; `tta`

@@ -63,8 +63,11 @@ def load_volume(image: ImageLike, preprocessing: Preprocessing) -> io.Volume:
         return io.from_image(image, orientation=orientation)
     if isinstance(image, (str, os.PathLike)):
         return io.load(image, orientation=orientation)
+    if isinstance(image, nib.spatialimages.SpatialImage):  # a .hdr/.img pair (Nifti1Pair), Analyze, MGH, ...
+        raise TypeError(f"image of type {type(image).__name__}: give a nibabel Nifti1Image or Nifti2Image, e.g. "
+                        "nibabel.Nifti1Image.from_image(image) (same voxels, affine and header)")
     raise TypeError(f"image of type {type(image).__name__}: "
-                    "give a path (str/Path), a nibabel image or a unetrpp.io.Volume")
+                    "give a path (str/Path), a nibabel Nifti1Image/Nifti2Image or a unetrpp.io.Volume")
 
 
 def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, int, int]:
