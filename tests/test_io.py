@@ -304,6 +304,22 @@ def test_a_header_without_orientation_codes_is_warned_about(tmp_path):
     assert any("left and right may be swapped" in w for w in io.load(tmp_path / "nocodes.nii.gz").warnings)
 
 
+def test_a_sheared_grid_is_warned_about_and_a_rotated_one_is_not(tmp_path):
+    """Gantry tilt left in the affine: the slices slide along y. Everything downstream takes the grid as
+    rectangular, and the statistics' volumes come out 1/cos(tilt) too large."""
+    tilt = np.radians(20)
+    sheared = np.diag([2.0, 2.0, 3.0, 1.0])
+    sheared[:3, 2] = (0.0, 3.0 * np.sin(tilt), 3.0 * np.cos(tilt))  # slice 3 mm apart along z, shifted along y
+    volume = io.load(write_nifti(tmp_path / "tilted.nii.gz", _phantom(), sheared))
+    said = [w for w in volume.warnings if "not perpendicular" in w]
+    assert len(said) == 1 and "20.0 degrees" in said[0] and "6% too large" in said[0], volume.warnings
+    rotation = np.eye(4)
+    rotation[:3, :3] = [[np.cos(tilt), -np.sin(tilt), 0], [np.sin(tilt), np.cos(tilt), 0], [0, 0, 1]]
+    for affine in (AFFINE, rotation @ AFFINE):  # permuted, flipped, oblique: all still perpendicular
+        assert not any("perpendicular" in w for w in io.load(write_nifti(tmp_path / "ok.nii.gz", _phantom(),
+                                                                          affine)).warnings)
+
+
 @pytest.mark.parametrize("unit, scale", [("meter", 1e-3), ("micron", 1e3)])
 def test_spatial_units_other_than_millimetres_are_converted(unit, scale, tmp_path):
     img = nib.Nifti1Image(_phantom().transpose(2, 1, 0), np.diag([2.5 * scale, 2.0 * scale, 3.0 * scale, 1.0]))

@@ -8,7 +8,8 @@ Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, a
 data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed; results are
 written 3-D on its grid). Everything else is refused with a one-line `ValueError` before any voxel
 is read (see `check_image`). Non-finite voxels (NaN/Inf) are replaced by the minimum finite value,
-and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`.
+and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`, as is
+a sheared grid (voxel axes not perpendicular, e.g. uncorrected gantry tilt).
 Files are only ever opened for reading; outputs are written to a temporary file in the target
 folder and moved into place, so a failed write leaves nothing behind.
 """
@@ -337,10 +338,32 @@ def from_image(img: nib.Nifti1Image, orientation: str = "RAS", dtype: np.dtype |
     affine, unit = _affine_mm(img)
     if unit is not None:
         warnings.append(f"{name}: the header gives distances in {unit}s; converted to millimetres")
+    if sheared := _shear_warning(affine, name):
+        warnings.append(sheared)
     data, new_affine = _to_orientation(data, affine, orientation)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
     spacing_xyz = voxel_sizes(new_affine)
     return Volume(array, tuple(float(s) for s in spacing_xyz[::-1]), new_affine, img, orientation, warnings)
+
+
+# Voxel axes further than this from perpendicular are reported (a rotated, oblique grid stays perpendicular).
+SHEAR_DEGREES = 1.0
+
+
+def _shear_warning(affine: np.ndarray, name: str) -> str | None:
+    """A warning when the affine's voxel axes are not perpendicular, as in a CT with uncorrected gantry tilt:
+    everything downstream (resampling, the network, the views, voxel volumes from the spacing) takes the
+    grid as rectangular. The mask still lies voxel for voxel on the scan."""
+    columns = affine[:3, :3] / voxel_sizes(affine)
+    cosine = float(np.abs(columns.T @ columns - np.eye(3)).max())
+    angle = math.degrees(math.asin(min(cosine, 1.0)))
+    if angle <= SHEAR_DEGREES:
+        return None
+    excess = float(np.prod(voxel_sizes(affine)) / abs(np.linalg.det(affine[:3, :3]))) - 1.0
+    return (f"{name}: the voxel axes are not perpendicular (sheared by {angle:.1f} degrees, as in a CT with "
+            f"uncorrected gantry tilt); the network and the statistics take the grid as rectangular, so shapes "
+            f"are slanted and organ volumes {100 * excess:.0f}% too large; resample the scan onto a rectangular "
+            "grid first (dcm2niix corrects gantry tilt)")
 
 
 def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
