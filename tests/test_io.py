@@ -441,6 +441,24 @@ def test_save_mask_keeps_grid_header_codes_and_records_labels(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii", "mask.nii.gz"]  # no temporary files
 
 
+def test_an_image_in_memory_gets_its_mask_on_its_affine_even_when_its_header_lags_behind(tmp_path):
+    """img.affine is what the image was read with and what nibabel saves it with; a header changed apart
+    from it (or an affine changed in place) must not carry the mask somewhere else."""
+    flipped = AFFINE @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[:3, 3] += 40.0
+    changed_header = nib.Nifti1Image(_phantom(), AFFINE)
+    changed_header.header.set_sform(flipped, 1)
+    changed_affine = nib.Nifti1Image(_phantom(), AFFINE)
+    changed_affine.affine[:] = flipped
+    for name, img in (("header", changed_header), ("affine", changed_affine)):
+        volume = io.from_image(img)
+        out = io.save_mask((volume.array > 0).astype(np.uint8), volume, tmp_path / f"{name}.nii.gz")
+        nib.save(img, str(tmp_path / f"{name}_scan.nii.gz"))
+        np.testing.assert_allclose(nib.load(str(out)).affine, img.affine, err_msg=name)
+        np.testing.assert_allclose(nib.load(str(tmp_path / f"{name}_scan.nii.gz")).affine, img.affine)
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), _phantom() > 0)
+
+
 def test_a_written_mask_with_many_label_names_reads_back(tmp_path):
     """The label-name extension can be longer than the header's 544 bytes; reading must not choke on it."""
     volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))

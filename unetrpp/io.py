@@ -548,8 +548,11 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
         header = volume.source.header.copy()
         header.set_data_dtype(np.uint8)
         header.extensions.clear()
-        # affine=None keeps the copied qform/sform fields and codes byte for byte.
-        out = type(volume.source)(data, None, header)
+        # affine=None keeps the copied qform/sform fields and codes byte for byte. An image in memory whose
+        # affine was changed after its header was made (img.affine[:] = A; img.header.set_sform(B)) was read with
+        # img.affine, and nibabel saves it with img.affine: so is its mask, not with the stale header's.
+        stale = not np.allclose(volume.source.affine, header.get_best_affine())
+        out = type(volume.source)(data, volume.source.affine if stale else None, header)
         out.header.set_slope_inter(1.0, 0.0)
     else:
         out = nib.Nifti1Image(data, volume.affine)
