@@ -441,6 +441,11 @@ def test_save_mask_keeps_grid_header_codes_and_records_labels(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii", "mask.nii.gz"]  # no temporary files
 
 
+def test_an_image_in_memory_without_an_affine_is_told_to_get_one_not_to_fix_a_header():
+    with pytest.raises(ValueError, match=r"no affine \(made with affine=None\).*Nifti1Image\(data, affine\)"):
+        io.from_image(nib.Nifti1Image(_phantom(), None))
+
+
 def test_an_image_in_memory_gets_its_mask_on_its_affine_even_when_its_header_lags_behind(tmp_path):
     """img.affine is what the image was read with and what nibabel saves it with; a header changed apart
     from it (or an affine changed in place) must not carry the mask somewhere else."""

@@ -210,8 +210,12 @@ def check_image(img: nib.Nifti1Image, name: str = "image") -> tuple[int, int, in
     if dtype.kind not in "iuf" or dtype.fields is not None:
         raise ValueError(f"{name}: voxel type {dtype} is not supported; give a scalar integer or float image")
     affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)):
-        raise ValueError(f"{name}: the affine is missing or not finite; "
+    if affine is None:  # only an image made in memory: a file always yields one
+        raise ValueError(f"{name}: the image has no affine (made with affine=None), so where its voxels lie is "
+                         "unknown; make it with one, e.g. nibabel.Nifti1Image(data, affine) with the scan's voxel "
+                         "to mm affine")
+    if not np.all(np.isfinite(affine)):
+        raise ValueError(f"{name}: the affine is not finite (NaN or Inf in the sform/qform); "
                          "fix the header's sform/qform (e.g. re-save in 3D Slicer)")
     spacing = voxel_sizes(affine)
     if spacing.min() <= 1e-6 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
