@@ -474,6 +474,19 @@ def test_a_written_mask_with_many_label_names_reads_back(tmp_path):
     assert io.read_label_names(out) == names
 
 
+@pytest.mark.parametrize("name", ["mask.Nii", "mask.Nii.Gz", "MASK.NII", "mask.nii.GZ"])
+def test_a_mask_named_with_an_extension_in_any_case_holds_the_mask(name, tmp_path):
+    """nibabel lowercases a mixed-case extension: it wrote beside the temporary file, and the empty temporary
+    file became the mask (0 bytes, the real one left as a hidden .tmp.nii)."""
+    data = _phantom()
+    volume = io.load(write_nifti(tmp_path / "ct.nii.gz", data))
+    out = io.save_mask((volume.array > 0).astype(np.uint8), volume, tmp_path / name, label_names=("bg", "body"))
+    raw = out.read_bytes()
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if name.lower().endswith(".gz") else raw)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data > 0)
+    assert {p.name for p in tmp_path.iterdir()} == {"ct.nii.gz", name, io.sidecar_path(out).name}  # no stray file
+
+
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
     mask = np.zeros(volume.shape, np.uint8)

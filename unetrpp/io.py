@@ -500,7 +500,9 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise FileNotFoundError(f"output folder {parent} does not exist; create it or choose another output path")
     if path.is_dir():
         raise ValueError(f"output {path} is a folder; give a file name")
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else path.suffix
+    # Lower case: nibabel lowercases a mixed-case extension (.Nii) and would write beside the temporary file,
+    # which, empty, was then moved into place as the result.
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else path.suffix.lower()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=parent)
         os.close(fd)
