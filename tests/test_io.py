@@ -487,6 +487,24 @@ def test_a_mask_named_with_an_extension_in_any_case_holds_the_mask(name, tmp_pat
     assert {p.name for p in tmp_path.iterdir()} == {"ct.nii.gz", name, io.sidecar_path(out).name}  # no stray file
 
 
+@pytest.mark.parametrize("name", ["scan.Nii", "scan.Nii.Gz", "SCAN.NII.gz"])
+def test_a_scan_named_with_an_extension_in_any_case_is_read_and_its_mask_replaced_on_a_rerun(name, tmp_path):
+    """nib.load lowercases a mixed-case extension and then looked for scan.nii, a file that is not there."""
+    data = _phantom()
+    plain = write_nifti(tmp_path / "plain.nii", data)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(plain.read_bytes()) if name.lower().endswith(".gz") else plain.read_bytes())
+    plain.unlink()
+    volume = io.load(path)
+    assert io.header_grid(path) == (volume.shape, volume.spacing)
+    mask = (volume.array > 0).astype(np.uint8)
+    for _ in range(2):  # the rerun replaces its own mask, which it must recognise
+        out = io.save_mask(mask, volume, tmp_path / name.replace("scan", "mask").replace("SCAN", "MASK"),
+                           label_names=("bg", "body"))
+    np.testing.assert_array_equal(io.load(out).array, mask)
+    assert io.read_label_names(out) == ("bg", "body") and io.written_by_save_mask(out)
+
+
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     volume = io.load(write_nifti(tmp_path / "ct.nii.gz", _phantom()))
     mask = np.zeros(volume.shape, np.uint8)

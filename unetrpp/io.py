@@ -293,8 +293,10 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"{path}: the qform quaternion (quatern_b, c, d = {', '.join(f'{v:g}' for v in bcd)}) has a "
                          f"length above 1 and there is no sform, so how the image lies in the body is unknown; fix "
                          "the qform in the header (or set an sform), or re-export the image")
+    # This very file: nib.load lowercases a mixed-case extension (scan.Nii -> scan.nii), then finds no such file.
+    klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        img = nib.load(str(path), mmap=False)
+        img = klass.from_file_map(klass.make_file_map({"image": str(path), "header": str(path)}), mmap=False)
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
         raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); {_HINT}") from None
     # An uncompressed file shorter than its header's voxels: said now, before an array of the header's size
@@ -437,7 +439,7 @@ def written_by_save_mask(path: str | os.PathLike) -> bool:
     try:
         if path.name.lower().endswith(".json"):
             return json.loads(path.read_text(encoding="utf-8")).get("description") == LABEL_TABLE_DESCRIPTION
-        header = nib.load(str(path)).header
+        header = sniff(path)  # the header alone (and read as `load` reads it, whatever the extension's case)
         return (int(header["intent_code"]) == _NIFTI_INTENT_LABEL
                 and bytes(header["descrip"]).rstrip(b"\0") == MASK_DESCRIPTION)
     except Exception:  # unreadable, not JSON, not NIfTI: someone else's file
