@@ -173,6 +173,15 @@ def _bad_quaternion(d: Path) -> Path:
     return path
 
 
+def _infinite_pixdim(d: Path) -> Path:
+    path = write_nifti(d / "infinite.nii", _phantom())
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = np.array([1, 0], "<i2").tobytes()  # qform_code 1, sform_code 0: pixdim gives the spacing
+    raw[80:84] = np.array([np.inf], "<f4").tobytes()  # pixdim[1]: numpy warned on stderr as nibabel used it
+    path.write_bytes(bytes(raw))
+    return path
+
+
 BAD_CASES = {
     "png": (_png, "PNG"),
     "text": (_text, "text file"),
@@ -193,6 +202,7 @@ BAD_CASES = {
     "bad_dim0": (_bad_dim0, "dim[0]"),
     "vox_offset_zero": (_vox_offset_zero, "vox_offset"),
     "bad_quaternion": (_bad_quaternion, "quaternion"),
+    "infinite_pixdim": (_infinite_pixdim, "voxel spacing is not finite"),
 }
 
 
@@ -202,7 +212,8 @@ def test_bad_input_is_refused_with_one_line_and_left_untouched(case, tmp_path):
     path = build(tmp_path)
     before = sha(path)
     tracemalloc.start()
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError) as info, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy or nibabel warning would be a second line on stderr
         io.load(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

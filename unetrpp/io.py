@@ -277,6 +277,12 @@ def _open(path: Path) -> nib.Nifti1Image:
     if int(raw["sform_code"]) == 0 and np.any(np.asarray(raw["pixdim"][1:4]) == 0):
         raise ValueError(f"{path}: zero voxel spacing (pixdim {tuple(float(v) for v in raw['pixdim'][1:4])}) and no "
                          "sform, so the affine is singular; set the real voxel size in the header")
+    # Said here, before nibabel builds the qform from it: an infinite pixdim makes numpy print a RuntimeWarning
+    # on stderr, beside the one line the user is promised.
+    if int(raw["sform_code"]) == 0 and not np.all(np.isfinite(np.asarray(raw["pixdim"][1:4], dtype=np.float64))):
+        raise ValueError(f"{path}: the voxel spacing is not finite (pixdim "
+                         f"{tuple(float(v) for v in raw['pixdim'][1:4])}) and there is no sform, so where the voxels "
+                         "lie is unknown; set the real voxel size in the header")
     # A single file's voxels follow its header. An offset inside the header (0 is a common "unset") is read by
     # nibabel from that offset, header bytes as voxels and the whole image shifted, and by niftilib (ITK, FSL)
     # from byte 348: the mask would lie on a shifted image without a word.
