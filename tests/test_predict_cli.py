@@ -559,3 +559,36 @@ def test_scans_with_no_organ_found_are_named_since_the_table_has_no_row_for_them
     assert "note: no organ found in 3 of 3 scan(s), which therefore have no row in s.csv:" in out, out
     assert all(str(tmp_path / "scans" / f"ct{i}.nii.gz") in out.splitlines()[-1] for i in range(3))
     assert (tmp_path / "s.csv").read_text().count("\n") == 1  # the header alone
+
+
+def test_ctrl_c_stops_a_rank_waiting_at_the_meeting_at_once(tmp_path):
+    """A rank that has finished its share waits inside gloo for the others, where Python runs no signal handler:
+    under torchrun, Ctrl-C left it there until torchrun killed it 30 s later. Here rank 0 of 2 waits for a rank 1
+    that never comes, as it waits for one still segmenting a large scan."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)), RANK="0",
+               WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = ("import sys, torch.distributed; from unetrpp.cli.predict import ranks_meet\n"
+            "print('waiting', flush=True)\n"
+            "try:\n    with ranks_meet('share', 2): pass\nexcept KeyboardInterrupt:\n    sys.exit(130)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "waiting\n"
+        time.sleep(2)  # inside the meeting by now
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        proc.wait(timeout=20)
+        assert proc.returncode == 130 and time.monotonic() - start < 10, proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -14,9 +14,12 @@ import datetime
 import logging
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 
@@ -201,16 +204,51 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
         return
     import torch.distributed as dist
 
-    # One rank's share may take hours longer than another's (a whole-body CT among small ones): gloo's
-    # 30-minute default would end the run there. A rank that fails makes torchrun stop the others anyway.
-    dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    try:
+    def gather() -> list:
+        # One rank's share may take hours longer than another's (a whole-body CT among small ones): gloo's
+        # 30-minute default would end the run there. A rank that fails makes torchrun stop the others anyway.
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
         shares: list = [None] * world
         dist.all_gather_object(shares, local)
+        return shares
+
+    shares = interruptible(gather)  # hours of waiting, maybe: Ctrl-C must still stop it
+    try:
         yield shares
-        dist.barrier()
-    finally:
+        interruptible(dist.barrier)
+    except KeyboardInterrupt:
+        raise  # the process ends now, and the group with it; the helper may still be inside it
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        dist.destroy_process_group()
+
+
+def interruptible(call: Callable[[], T]) -> T:
+    """`call()` run in a helper thread while this (the main) thread waits for it, so that Ctrl-C still stops it.
+
+    A rank waiting at the meeting for the others (for hours, when another rank's share holds a whole-body CT) sits
+    inside gloo, where Python runs no signal handler: Ctrl-C reached it only when torchrun killed it, 30 s later,
+    after a warning. The waiting main thread takes KeyboardInterrupt at once; the helper, a daemon, ends with the
+    process.
+    """
+    done: list = []
+
+    def run_call() -> None:
+        try:
+            done.append((True, call()))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            done.append((False, exc))
+
+    helper = threading.Thread(target=run_call, name="unetrpp-ranks-meet", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.2)  # a short wait: the signal may have gone to the helper thread, which cannot take it
+    ok, value = done[0]
+    if not ok:
+        raise value
+    return value
 
 
 def some_names(names: list[str], shown: int = 5) -> str:
