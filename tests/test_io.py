@@ -596,3 +596,51 @@ def test_a_short_uncompressed_file_is_refused_before_its_voxels_are_allocated(tm
         tracemalloc.stop()
     assert "the file holds 1,024" in str(info.value) and len(str(info.value).splitlines()) == 1
     assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated for a 1 KB file"
+
+
+@pytest.mark.parametrize("killed_in", ["mask", "label side-car"])
+def test_a_save_killed_part_way_leaves_no_finished_mask(tmp_path, killed_in):
+    """predict --skip-existing takes a mask as done when `finished_mask` says so: a run killed while writing (SIGKILL,
+    a reboot, a job's time limit: no Python cleanup runs) must leave nothing that passes for one."""
+    import os
+    import subprocess
+    import sys
+
+    scan = write_nifti(tmp_path / "ct.nii.gz", _phantom())
+    mask = tmp_path / "out" / "ct.nii.gz"
+    mask.parent.mkdir()
+    # the real writer writes the whole temporary file, then the process dies before it is moved into place
+    code = (f"import os, signal, nibabel as nib, numpy as np\nfrom unetrpp import io\n"
+            f"volume = io.load({str(scan)!r})\n"
+            f"real_save, real_text = nib.save, io.Path.write_text\n"
+            f"def killed(write):\n"
+            f"    def wrapper(*a, **k):\n        write(*a, **k)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"    return wrapper\n"
+            f"if {killed_in == 'mask'}:\n    nib.save = killed(real_save)\n"
+            f"else:\n    io.Path.write_text = killed(real_text)\n"
+            f"io.save_mask((volume.array > 100).astype(np.uint8), volume, {str(mask)!r}, ('background', 'bone'))\n")
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    left = sorted(p.name for p in mask.parent.iterdir())
+    expected = ["ct.nii.gz"] if killed_in == "label side-car" else []  # the mask was in place, its side-car not
+    assert [name for name in left if not name.startswith(".")] == expected, left
+    assert any(name.startswith(".ct.") and ".tmp" in name for name in left)  # the temporary file it was writing
+    assert not io.finished_mask(mask, scan)
+
+
+def test_finished_mask_is_a_whole_mask_of_that_scan(tmp_path):
+    """A finished mask: ours, with its side-car, on the scan's grid; not someone's file, nor a mask of another scan."""
+    scan = write_nifti(tmp_path / "ct.nii.gz", _phantom())
+    volume = io.load(scan)
+    out = tmp_path / "out"
+    out.mkdir()
+    mask = io.save_mask((volume.array > 100).astype(np.uint8), volume, out / "ct.nii.gz", ("background", "bone"))
+    assert io.finished_mask(mask, scan)
+    assert not io.finished_mask(out / "missing.nii.gz", scan) and not io.finished_mask(mask, tmp_path / "gone.nii.gz")
+    other = io.load(write_nifti(tmp_path / "other.nii.gz", _phantom()[:-1]))  # another scan, saved under this name
+    io.save_mask(np.zeros(other.shape, np.uint8), other, mask, ("background", "bone"))
+    assert not io.finished_mask(mask, scan)
+    foreign = write_nifti(out / "ct.nii.gz", np.zeros(_phantom().shape, np.uint8))  # a mask some other tool wrote
+    assert not io.finished_mask(foreign, scan)

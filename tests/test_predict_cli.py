@@ -592,3 +592,56 @@ def test_ctrl_c_stops_a_rank_waiting_at_the_meeting_at_once(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_skip_existing_goes_on_where_a_stopped_run_ended(tmp_path, weights, capsys):
+    """A run over many scans stopped part-way (Ctrl-C, a reboot, a job's time limit) had to start again from the first
+    scan. --skip-existing segments only the scans without a finished mask (a mask without its side-car was stopped
+    between the two), and --stats still lists every scan, the kept ones read back from their masks: the table a
+    whole run writes."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(4):
+        write_nifti(scans / f"ct{i}.nii.gz", ct_like(i), AFFINE)
+    whole = tmp_path / "whole"
+    assert predict(scans, "-o", whole, "--weights", weights, "--stats", whole / "s.csv") == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ct0.nii.gz", "ct0.json", "ct1.nii.gz", "ct3.nii.gz", "ct3.json"):  # ct1: no side-car; ct2: not begun
+        shutil.copy(whole / name, out / name)
+        os.utime(out / name, ns=(10**18, 10**18))
+    (out / ".ct2.nii.gz.k3j4.tmp.nii.gz").write_bytes(b"\x1f\x8b")  # what a killed write leaves
+    capsys.readouterr()
+
+    assert predict(scans, "-o", out, "--weights", weights, "--stats", out / "s.csv", "--skip-existing") == 0
+
+    printed = capsys.readouterr().out
+    assert "note: 2 of 4 scans already have their mask in" in printed and printed.count("wrote") == 3, printed
+    assert printed.splitlines()[-1] == f"skipped 2 of 4 scans: their masks were already in {out} (--skip-existing)"
+    assert [(out / f"ct{i}.nii.gz").stat().st_mtime_ns == 10**18 for i in range(4)] == [True, False, False, True]
+    assert (out / "s.csv").read_text() == (whole / "s.csv").read_text()
+    for i in range(4):
+        assert (np.asarray(nib.load(str(out / f"ct{i}.nii.gz")).dataobj) ==
+                np.asarray(nib.load(str(whole / f"ct{i}.nii.gz")).dataobj)).all()
+        assert (out / f"ct{i}.json").read_text() == (whole / f"ct{i}.json").read_text()
+    assert predict(scans / "ct0.nii.gz", "-o", out, "--weights", weights) == 0  # without it, as before: replaced
+    assert (out / "ct0.nii.gz").stat().st_mtime_ns != 10**18
+
+
+def test_torchrun_skip_existing_counts_every_rank_in_one_summary(tmp_path, weights):
+    """Under torchrun each rank skips the finished scans of its own share; rank 0 says how many were skipped in all,
+    and its one statistics table lists every scan, kept or segmented, in input order."""
+    scans, whole, out = tmp_path / "scans", tmp_path / "whole", tmp_path / "out"
+    scans.mkdir()
+    for i in range(4):
+        write_nifti(scans / f"ct{i}.nii.gz", ct_like(i), AFFINE)
+    assert predict(scans, "-o", whole, "--weights", weights, "--stats", whole / "s.csv") == 0
+    out.mkdir()
+    for name in ("ct0.nii.gz", "ct0.json", "ct1.nii.gz", "ct1.json", "ct2.nii.gz", "ct2.json"):  # ranks 0, 1, 0
+        shutil.copy(whole / name, out / name)
+    done = _torchrun_predict(scans, "-o", out, "--weights", weights, "--stats", out / "s.csv", "--skip-existing")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("skipped 3 of 4 scans: their masks were already in") == 1, done.stdout
+    assert "[rank 0/2] note: 2 of 2 scans" in done.stdout and "[rank 1/2] note: 1 of 2 scans" in done.stdout
+    assert done.stdout.count("wrote") == 2  # ct3 and s.csv
+    assert (out / "s.csv").read_text() == (whole / "s.csv").read_text()

@@ -420,3 +420,19 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
     return SegmentationResult(volume, mask, tuple(config.class_names), stats, warnings, np.array(affine),
                               str(dev), windows, seconds, config.synthetic, not_ct is None)
 
+
+
+def saved_mask_statistics(image: ImageLike, mask_path: str | Path,
+                          preprocessing: Preprocessing) -> tuple[list[dict], bool]:
+    """The statistics `segment` gave for `image`, computed again from the mask it saved (`predict --skip-existing`
+    keeps such masks and still lists them in --stats): the same rows as `SegmentationResult.statistics`, named by
+    the mask's label table, and whether the scan is CT in HU (`SegmentationResult.in_hu`)."""
+    volume = load_volume(image, preprocessing)
+    # the mask lies on the scan's grid: read in the same orientation, it is the (Z, Y, X) mask `segment` made
+    mask = io.load(mask_path, orientation=volume.orientation, dtype=np.uint8)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask {mask_path} has shape {mask.shape}, the scan {volume.shape}; "
+                         "segment the scan again (predict without --skip-existing)")
+    in_hu = ct_warning(volume.array) is None
+    names = io.read_label_names(mask_path) or ()
+    return organ_statistics(mask.array, volume.array, volume.spacing, names, in_hu=in_hu), in_hu

@@ -452,6 +452,21 @@ def written_by_save_mask(path: str | os.PathLike) -> bool:
         return False
 
 
+def finished_mask(mask_path: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether `mask_path` already holds a finished mask of the scan `source` (predict --skip-existing): a mask and
+    its label side-car that `save_mask` wrote, the mask on the scan's grid. `save_mask` writes each file whole under a
+    temporary name and the side-car second, so a run stopped part-way leaves no mask, or one without its side-car:
+    unfinished. A mask of another scan of that name (another shape or affine) is not taken for this one's."""
+    mask_path = Path(mask_path)
+    if not (written_by_save_mask(mask_path) and written_by_save_mask(sidecar_path(mask_path))):
+        return False
+    try:
+        mask, scan = nib.load(str(mask_path)), nib.load(str(source))  # headers only
+        return mask.shape == scan.shape[:3] and np.allclose(mask.affine, scan.affine, rtol=0, atol=1e-4)
+    except Exception:  # a scan nibabel cannot read is segmented, to be reported in one line as any bad file
+        return False
+
+
 def label_table(label_names: Sequence[str], synthetic: bool = False) -> dict:
     """JSON-ready label table: {"labels": [{"value", "name", "color"}, ...]}, background first; with
     `synthetic`, also {"synthetic": true, "note": ...} (a mask from weights trained on phantoms)."""

@@ -2,7 +2,8 @@
 
 Each input file gives `OUT/<name>.nii.gz` (uint8 mask on the input's exact grid) and `OUT/<name>.json`
 (label names). A bad file is skipped with one `error:` line and the others are still written; the
-exit status is then 2. Under `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, LOCAL_RANK set) each
+exit status is then 2. With --skip-existing, inputs whose finished mask is already there are skipped (a stopped
+run goes on where it ended). Under `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, LOCAL_RANK set) each
 rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; the ranks meet once, at the end, over a CPU
 (gloo) group: rank 0 writes the one statistics table and the summary, and all exit together.
 """
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="FILE", default=None,
                         help="write per-organ statistics of all files to this .csv (replaces only a statistics "
                              "table written before)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip the inputs whose mask and label side-car an earlier run already wrote in the "
+                             "output folder, to go on with a run that was stopped (nnU-Net's --continue_prediction); "
+                             "--stats still lists them, read from those masks. Without it, earlier masks are replaced")
 
 
 def sw_batch_size(value: int | str) -> int | str:
@@ -275,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from .. import io
-    from ..inference import SYNTHETIC_WEIGHTS_WARNING, check_single_channel, count_windows, large_scan_warning, segment
+    from ..inference import (SYNTHETIC_WEIGHTS_WARNING, check_single_channel, count_windows, large_scan_warning,
+                             saved_mask_statistics, segment)
     from ..preprocess import target_shape
     from ..postprocess import check_statistics_path, statistics_csv_text, write_statistics
     from ..pretrained import load_pretrained
@@ -319,7 +325,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): "
               f"{some_names([p.name for p in skipped], 3)}", file=sys.stderr)
 
-    failed, rows, seen, in_hu, told_synthetic = [], [], set(), [], False
+    # --skip-existing: each rank looks at its own share only. A rank looking at the others' would race with them
+    # (a mask written meanwhile by one rank, unseen by another, would make their shares overlap or leave gaps); and a
+    # run stopped part-way goes on with the shares it had, each rank's rest about as long as the others'.
+    finished: set[int] = set()
+    if args.skip_existing:
+        finished = {index for index, (source, target) in pairs
+                    if index not in repeated and io.finished_mask(target, source)}
+        if finished:
+            print(f"{tag}note: {len(finished)} of {len(pairs)} scans already have their mask in {folder} and are "
+                  f"skipped (--skip-existing){'; their statistics are read from those masks' if stats_path else ''}")
+    failed, rows, seen, in_hu, kept, told_synthetic = [], [], set(), [], [], False
     # disable=None: bars only on a terminal, so logs and pipes get plain lines. Under torchrun every rank writes to
     # the one terminal, where the bars of several ranks redrew one another's line: rank 0 alone shows them, as in
     # training; the other ranks' "wrote" lines still report their progress.
@@ -335,6 +351,14 @@ def run(args: argparse.Namespace) -> int:
                                  "choose another output folder or rename the input")
             if reason := clobbers(target, inputs):
                 raise ValueError(reason)
+            if index in finished:
+                if stats_path is not None:
+                    statistics, ct = saved_mask_statistics(source, target, model.config.preprocessing)
+                    rows.append((index, str(source), statistics))
+                    in_hu.append(ct)
+                kept.append(index)
+                seen.update(key for key in (target.resolve(), file_id(target)) if key is not None)
+                continue
             # A voxel size that is wrong in the header can make a run last hours: say so before it starts.
             prep = model.config.preprocessing
             shape, spacing = io.header_grid(source, prep.orientation)
@@ -378,9 +402,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append((index, str(source), result.statistics))
         in_hu.append(getattr(result, "in_hu", True))
 
-    with ranks_meet((rows, failed, in_hu), world if together else 1) as shares:
+    with ranks_meet((rows, failed, in_hu, kept), world if together else 1) as shares:
         if together:  # input order whichever rank segmented a file: the table and summary one process gives
-            rows, failed, in_hu = (sorted(sum((share[k] for share in shares), [])) for k in range(3))
+            rows, failed, in_hu, kept = (sorted(sum((share[k] for share in shares), [])) for k in range(4))
             total, tag = len(files), ""
         else:
             total = len(pairs)
@@ -395,6 +419,9 @@ def run(args: argparse.Namespace) -> int:
             if empty := [name for _, name, stats in rows if not stats]:
                 tqdm.write(f"{tag}note: no organ found in {len(empty)} of {len(rows)} scan(s), which therefore have "
                            f"no row in {stats_path.name}: {some_names(empty)}")
+        if kept and main:
+            tqdm.write(f"{tag}skipped {len(kept)} of {total} scans: their masks were already in {folder} "
+                       "(--skip-existing)")
         if failed and total > 1 and main:  # a single file's error line says it all
             print(f"{tag}{failure_summary([name for _, name in failed], total)}", file=sys.stderr)
     if created and world == 1 and not any(output.iterdir()):
