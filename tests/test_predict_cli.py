@@ -645,3 +645,32 @@ def test_torchrun_skip_existing_counts_every_rank_in_one_summary(tmp_path, weigh
     assert "[rank 0/2] note: 2 of 2 scans" in done.stdout and "[rank 1/2] note: 1 of 2 scans" in done.stdout
     assert done.stdout.count("wrote") == 2  # ct3 and s.csv
     assert (out / "s.csv").read_text() == (whole / "s.csv").read_text()
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, weights, capsys, monkeypatch):
+    """Ctrl-C in the second of three scans: the first mask stays, nothing half-written is left, and the one line
+    printed says how to go on (it said only "interrupted"); the same command with --skip-existing then does the rest."""
+    from unetrpp import inference
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for i in range(3):
+        write_nifti(scans / f"ct{i}.nii.gz", ct_like(i), AFFINE)
+    real, calls = inference.segment, []
+
+    def pressed_in_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "segment", pressed_in_the_second)
+    assert predict(scans, "-o", out, "--weights", weights) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("interrupted: the masks already written are kept; the same command with --skip-existing goes on "
+                       "from there"), err
+    assert sorted(p.name for p in out.iterdir()) == ["ct0.json", "ct0.nii.gz"]
+    monkeypatch.setattr(inference, "segment", real)
+    assert predict(scans, "-o", out, "--weights", weights, "--skip-existing") == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("skipped 1 of 3 scans")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"ct{i}.{e}" for i in range(3) for e in ("json", "nii.gz"))

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"{__name__}.{COMMANDS[args.command][0]}")
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say what was kept and how to go on
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as exc:
         if args.debug:

@@ -275,6 +275,14 @@ def volume_text(ml: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return segment_files(args)
+    except KeyboardInterrupt:  # the dispatcher's "interrupted" line then says how to go on
+        raise KeyboardInterrupt("the masks already written are kept; the same command with --skip-existing goes "
+                                "on from there") from None
+
+
+def segment_files(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
