@@ -628,22 +628,25 @@ def test_skip_existing_goes_on_where_a_stopped_run_ended(tmp_path, weights, caps
     assert (out / "ct0.nii.gz").stat().st_mtime_ns != 10**18
 
 
-def test_torchrun_skip_existing_counts_every_rank_in_one_summary(tmp_path, weights):
-    """Under torchrun each rank skips the finished scans of its own share; rank 0 says how many were skipped in all,
-    and its one statistics table lists every scan, kept or segmented, in input order."""
+def test_torchrun_skip_existing_shares_out_what_is_left(tmp_path, weights):
+    """Under torchrun each rank took the finished scans out of its own share: a run stopped when rank 1 had done its
+    share and rank 0 not went on with rank 0 alone. The scans left are now shared out evenly; rank 0 says how many were
+    skipped in all, and its one statistics table lists every scan, kept or segmented, in input order."""
     scans, whole, out = tmp_path / "scans", tmp_path / "whole", tmp_path / "out"
     scans.mkdir()
-    for i in range(4):
+    for i in range(6):
         write_nifti(scans / f"ct{i}.nii.gz", ct_like(i), AFFINE)
     assert predict(scans, "-o", whole, "--weights", weights, "--stats", whole / "s.csv") == 0
     out.mkdir()
-    for name in ("ct0.nii.gz", "ct0.json", "ct1.nii.gz", "ct1.json", "ct2.nii.gz", "ct2.json"):  # ranks 0, 1, 0
-        shutil.copy(whole / name, out / name)
+    for i in (1, 3, 5):  # rank 1's share, all done
+        for name in (f"ct{i}.nii.gz", f"ct{i}.json"):
+            shutil.copy(whole / name, out / name)
     done = _torchrun_predict(scans, "-o", out, "--weights", weights, "--stats", out / "s.csv", "--skip-existing")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("skipped 3 of 4 scans: their masks were already in") == 1, done.stdout
-    assert "[rank 0/2] note: 2 of 2 scans" in done.stdout and "[rank 1/2] note: 1 of 2 scans" in done.stdout
-    assert done.stdout.count("wrote") == 2  # ct3 and s.csv
+    assert done.stdout.count("skipped 3 of 6 scans: their masks were already in") == 1, done.stdout
+    assert done.stdout.count("note: 3 of 6 scans already have their mask in") == 1, done.stdout
+    assert f"[rank 1/2] wrote {out / 'ct2.nii.gz'}" in done.stdout, done.stdout  # rank 0 has ct0 and ct4
+    assert done.stdout.count("wrote") == 4  # ct0, ct2, ct4 and s.csv
     assert (out / "s.csv").read_text() == (whole / "s.csv").read_text()
 
 

@@ -4,8 +4,9 @@ Each input file gives `OUT/<name>.nii.gz` (uint8 mask on the input's exact grid)
 (label names). A bad file is skipped with one `error:` line and the others are still written; the
 exit status is then 2. With --skip-existing, inputs whose finished mask is already there are skipped (a stopped
 run goes on where it ended). Under `torchrun --nproc_per_node N` (RANK, WORLD_SIZE, LOCAL_RANK set) each
-rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; the ranks meet once, at the end, over a CPU
-(gloo) group: rank 0 writes the one statistics table and the summary, and all exit together.
+rank takes files[rank::world_size] and, with CUDA, GPU LOCAL_RANK; the ranks meet at the end, over a CPU
+(gloo) group: rank 0 writes the one statistics table and the summary, and all exit together. With --skip-existing they
+also meet at the start, where rank 0 says which scans are done, so that the rest is shared out evenly.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
 
     torchrun stops all ranks as soon as one exits with a nonzero status: a rank whose share held a bad file (exit
     status 2) used to stop the others in the middle of theirs, losing the scans they had still to segment. So ranks
-    meet here, over a CPU (gloo) group joined for this alone, and none exits before rank 0 has written what the
+    meet here, over a CPU (gloo) group (`join_group`), and none exits before rank 0 has written what the
     block writes. Ranks started by hand without torchrun (RANK and WORLD_SIZE set, no MASTER_ADDR: e.g. one per
     machine) have nobody to meet: `[local]`.
     """
@@ -210,9 +211,7 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
     import torch.distributed as dist
 
     def gather() -> list:
-        # One rank's share may take hours longer than another's (a whole-body CT among small ones): gloo's
-        # 30-minute default would end the run there. A rank that fails makes torchrun stop the others anyway.
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
+        join_group()
         shares: list = [None] * world
         dist.all_gather_object(shares, local)
         return shares
@@ -228,6 +227,30 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
         raise
     else:
         dist.destroy_process_group()
+
+
+def join_group() -> None:
+    """Join the ranks' CPU (gloo) group, unless this rank already has: `ranks_agree` keeps it for `ranks_meet`, as a
+    group once left cannot be joined again (gloo looks for the ranks at their old addresses)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # One rank's share may take hours longer than another's (a whole-body CT among small ones): gloo's
+        # 30-minute default would end the run there. A rank that fails makes torchrun stop the others anyway.
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+
+def ranks_agree(value: T) -> T:
+    """Rank 0's `value`, on every rank under torchrun (the others pass None): the ranks meet at the start."""
+    import torch.distributed as dist
+
+    def agree() -> T:
+        join_group()
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return interruptible(agree)
 
 
 def interruptible(call: Callable[[], T]) -> T:
@@ -333,16 +356,27 @@ def segment_files(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} file(s) without a .nii/.nii.gz name in the input folder(s): "
               f"{some_names([p.name for p in skipped], 3)}", file=sys.stderr)
 
-    # --skip-existing: each rank looks at its own share only. A rank looking at the others' would race with them
-    # (a mask written meanwhile by one rank, unseen by another, would make their shares overlap or leave gaps); and a
-    # run stopped part-way goes on with the shares it had, each rank's rest about as long as the others'.
     finished: set[int] = set()
     if args.skip_existing:
-        finished = {index for index, (source, target) in pairs
+        def finished_of(candidates: list) -> set[int]:
+            return {index for index, (source, target) in candidates
                     if index not in repeated and io.finished_mask(target, source)}
-        if finished:
-            print(f"{tag}note: {len(finished)} of {len(pairs)} scans already have their mask in {folder} and are "
-                  f"skipped (--skip-existing){'; their statistics are read from those masks' if stats_path else ''}")
+
+        if together:
+            # Found before the files are shared out, so each rank gets an even part of what is left: a run stopped
+            # while one rank had many scans to go and the others none went on with that one rank alone. Rank 0
+            # looks and tells the others before any rank writes: ranks looking for themselves could see a mask
+            # another rank had just written, and their shares would overlap or leave scans to nobody.
+            everyone = list(enumerate(zip(files, targets)))
+            finished = ranks_agree(finished_of(everyone) if rank == 0 else None)
+            pairs = ([p for p in everyone if p[0] not in finished][rank::world]
+                     + [p for p in everyone if p[0] in finished][rank::world])  # the kept ones: --stats reads them
+        else:  # one process, or ranks started by hand, which meet nobody: each looks at its own share
+            finished = finished_of(pairs)
+        if finished and (rank == 0 or not together):
+            print(f"{'' if together else tag}note: {len(finished)} of {len(files) if together else len(pairs)} scans "
+                  f"already have their mask in {folder} and are skipped (--skip-existing)"
+                  f"{'; their statistics are read from those masks' if stats_path else ''}")
     failed, rows, seen, in_hu, kept, told_synthetic = [], [], set(), [], [], False
     # disable=None: bars only on a terminal, so logs and pipes get plain lines. Under torchrun every rank writes to
     # the one terminal, where the bars of several ranks redrew one another's line: rank 0 alone shows them, as in
