@@ -677,3 +677,30 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, weights, capsys, mo
     assert predict(scans, "-o", out, "--weights", weights, "--skip-existing") == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("skipped 1 of 3 scans")
     assert sorted(p.name for p in out.iterdir()) == sorted(f"ct{i}.{e}" for i in range(3) for e in ("json", "nii.gz"))
+
+
+def test_a_job_time_limit_sigterm_ends_like_ctrl_c(tmp_path, weights):
+    """A job's time limit (SLURM, Kubernetes) sends SIGTERM: the run vanished without a word (status -15), leaving the
+    mask it was writing under a temporary name. It now ends as Ctrl-C does, saying how to go on."""
+    import signal
+    import subprocess
+    import sys
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        write_nifti(scans / f"ct{i}.nii.gz", ct_like(i, shape=(40, 64, 64)), AFFINE)
+    path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
+    cmd = [sys.executable, "-m", "unetrpp", "predict", str(scans), "-o", str(tmp_path / "out"), "--weights",
+           str(weights), "--tta"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("wrote"), proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1].startswith("interrupted: the masks already written are kept"), err[-2000:]
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

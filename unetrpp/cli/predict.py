@@ -15,6 +15,7 @@ import argparse
 import datetime
 import logging
 import os
+import signal
 import sys
 import threading
 from contextlib import contextmanager
@@ -298,11 +299,22 @@ def volume_text(ml: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A job's time limit (SLURM, Kubernetes; torchrun passes it on to the ranks) ends a run with SIGTERM, which killed
+    # the process without a word, leaving the file it was writing under a temporary name: taken as Ctrl-C instead.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
         return segment_files(args)
     except KeyboardInterrupt:  # the dispatcher's "interrupted" line then says how to go on
         raise KeyboardInterrupt("the masks already written are kept; the same command with --skip-existing goes "
                                 "on from there") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def segment_files(args: argparse.Namespace) -> int:
