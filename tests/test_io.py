@@ -645,3 +645,11 @@ def test_finished_mask_is_a_whole_mask_of_that_scan(tmp_path):
     assert not io.finished_mask(mask, scan)
     foreign = write_nifti(out / "ct.nii.gz", np.zeros(_phantom().shape, np.uint8))  # a mask some other tool wrote
     assert not io.finished_mask(foreign, scan)
+
+
+def test_finished_mask_of_a_scan_named_with_a_mixed_case_extension(tmp_path):
+    """scan.Nii.Gz is read by its own name (nib.load would look for scan.nii.gz), so its mask counts as finished."""
+    scan = write_nifti(tmp_path / "ct.nii.gz", _phantom()).rename(tmp_path / "CT.Nii.Gz")
+    volume = io.load(scan)
+    mask = io.save_mask((volume.array > 100).astype(np.uint8), volume, tmp_path / "ct_mask.nii.gz", ("background", "bone"))
+    assert io.finished_mask(mask, scan)

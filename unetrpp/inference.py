@@ -421,7 +421,6 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
                               str(dev), windows, seconds, config.synthetic, not_ct is None)
 
 
-
 def saved_mask_statistics(image: ImageLike, mask_path: str | Path,
                           preprocessing: Preprocessing) -> tuple[list[dict], bool]:
     """The statistics `segment` gave for `image`, computed again from the mask it saved (`predict --skip-existing`

@@ -461,7 +461,7 @@ def finished_mask(mask_path: str | os.PathLike, source: str | os.PathLike) -> bo
     if not (written_by_save_mask(mask_path) and written_by_save_mask(sidecar_path(mask_path))):
         return False
     try:
-        mask, scan = nib.load(str(mask_path)), nib.load(str(source))  # headers only
+        mask, scan = _open(mask_path), _open(Path(source))  # headers only, whatever the extension's case
         return mask.shape == scan.shape[:3] and np.allclose(mask.affine, scan.affine, rtol=0, atol=1e-4)
     except Exception:  # a scan nibabel cannot read is segmented, to be reported in one line as any bad file
         return False
