@@ -183,8 +183,9 @@ first = maps[names[0]]
 # what the figures below show comes from these weights: say so on every one
 WEIGHTS_NOTE = "SYNTHETIC teaching weights" if cfg.synthetic else f"weights {choice or 'RANDOM (untrained)'}"
 fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 3.4), layout="constrained")
+top = first["channel"][0].max().item()  # one colour scale for all heads, so the one colour bar reads every panel
 for i, ax in enumerate(axes):
-    im = ax.imshow(first["channel"][0, i].numpy(), cmap="viridis", vmin=0)
+    im = ax.imshow(first["channel"][0, i].numpy(), cmap="viridis", vmin=0, vmax=top)
     ax.set_title(f"head {i + 1}")  # numbered from 1, as in the viewer
     ax.set_xlabel("value channel")
     ax.set_xticks(range(im.get_array().shape[1]))

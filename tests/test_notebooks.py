@@ -56,6 +56,26 @@ def test_notebook_02_says_why_a_network_refuses_the_input():
         namespace["measure"]("unetrpp")
 
 
+def test_notebook_01_draws_every_head_of_channel_attention_on_the_one_colour_bar():
+    """Section 4 draws one colour bar, the last head's: with each head scaled on its own, the bar misread
+    the other panels (on the example CT, head 1 peaks at 0.47 and head 3 at 0.39, both drawn yellow)."""
+    import matplotlib
+    import torch
+
+    import unetrpp
+
+    matplotlib.use("Agg")
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[0].with_suffix(".py")).cells if "Channel attention A_CA" in c.source)
+    model = unetrpp.create_model("unetrpp_tiny").eval()
+    namespace = {"model": model, "x": torch.randn(1, 1, *model.config.patch_size), "heads": model.config.num_heads,
+                 "cfg": model.config, "choice": None}
+    exec("import matplotlib.pyplot as plt, torch\nfrom unetrpp.attention import capture_attention", namespace)
+    exec(compile(cell, "01_epa_attention.py", "exec"), namespace)
+    limits = {image.get_clim() for ax in namespace["fig"].axes for image in ax.get_images()}
+    assert len(limits) == 1, f"the heads are drawn on different colour scales: {limits}"
+    namespace["plt"].close("all")
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the

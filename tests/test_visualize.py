@@ -125,6 +125,17 @@ def test_legend_entries_and_heatmap():
     assert tuple(out[3, 3]) == (50, 50, 50) and tuple(out[0, 0]) != (50, 50, 50)
 
 
+def test_channel_attention_panels_share_the_one_colour_bar():
+    """The figure shows one colour bar (the last head's): each head scaled on its own made the same colour
+    mean 0.47 in one panel and 0.39 in another, so the bar misread every panel but the last."""
+    from unetrpp.visualize_attention import channel_figure
+
+    channel = np.stack([np.full((4, 4), 0.25), np.eye(4) * 0.9 + 0.025, np.full((4, 4), 0.25)])
+    channel[0, 0] = [0.4, 0.2, 0.2, 0.2]
+    traces = channel_figure(channel).data
+    assert [(t.zmin, t.zmax) for t in traces] == [(channel.min(), channel.max())] * 3
+
+
 def test_organ_meshes_in_mm_and_colours():
     mask = np.zeros((10, 20, 30), np.uint8)
     mask[2:6, 5:15, 10:20] = 6  # liver block: z 2..5, y 5..14, x 10..19

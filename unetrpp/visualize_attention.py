@@ -153,9 +153,11 @@ def channel_figure(channel: np.ndarray, title: str = ""):
     cols = -(-heads // rows)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h + 1}" for h in range(heads)],
                         horizontal_spacing=0.12, vertical_spacing=0.16)
+    # one colour scale for all heads: the one colour bar shown (the last head's) must read every panel
+    low, high = float(channel.min()), float(channel.max())
     for h in range(heads):
         row, col = h // cols + 1, h % cols + 1
-        fig.add_trace(go.Heatmap(z=channel[h], colorscale="Inferno", showscale=h == heads - 1,
+        fig.add_trace(go.Heatmap(z=channel[h], colorscale="Inferno", showscale=h == heads - 1, zmin=low, zmax=high,
                                  colorbar=dict(thickness=12, title=dict(text="weight<br>(no unit)", side="right")),
                                  hovertemplate="query channel %{y}<br>key channel %{x}<br>weight %{z:.3f}"
                                                "<extra></extra>"),
