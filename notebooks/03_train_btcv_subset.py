@@ -59,7 +59,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import plotly.io as pio
-from IPython.display import clear_output, display
+from IPython.display import display
 
 from unetrpp import BTCV_LABELS, io
 from unetrpp.data.btcv import check_cases, load_case, read_datalist
@@ -112,13 +112,14 @@ plt.show()
 
 # %%
 history = []
+plot = None  # the figure's display, redrawn in place: clear_output() would also wipe the progress bar above it
 
 
 def live_plot(record: dict) -> None:
+    global plot
     history.append(record)
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     dices = [(h["step"], h["val_mean_dice"]) for h in history if "val_mean_dice" in h]
-    clear_output(wait=True)
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
     if losses:
         ax_loss.plot(*zip(*losses))
@@ -133,7 +134,10 @@ def live_plot(record: dict) -> None:
         ax.set_xlim(0, MAX_STEPS)
         ax.set_ylabel("no unit")
     fig.suptitle("Training unetrpp_tiny" + (" on SYNTHETIC phantoms" if synthetic else " on BTCV"))
-    display(fig)
+    if plot is None:
+        plot = display(fig, display_id=True)  # None outside IPython: each call then shows the figure anew
+    else:
+        plot.update(fig)
     plt.close(fig)
 
 

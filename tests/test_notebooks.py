@@ -76,6 +76,37 @@ def test_notebook_01_draws_every_head_of_channel_attention_on_the_one_colour_bar
     namespace["plt"].close("all")
 
 
+def test_notebook_03_keeps_the_progress_bar_while_the_live_plot_redraws(tmp_path):
+    """The training cell shows train()'s progress bar (a widget in Jupyter) and a plot redrawn every few
+    steps; redrawing with clear_output() also wiped the bar for the rest of a 13-minute run, while the text
+    tells the student to read the seconds per step from it. Runs the cell with train() stubbed."""
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[2].with_suffix(".py")).cells if "def live_plot" in c.source)
+    stub = f"""
+from pathlib import Path
+from types import SimpleNamespace
+import time
+import matplotlib.pyplot as plt
+from IPython.display import clear_output, display
+from tqdm.auto import tqdm
+FAST, MAX_STEPS, WARMUP_STEPS, synthetic = True, 8, 2, True
+work = data_dir = Path({str(tmp_path)!r})
+TrainOptions = SimpleNamespace
+def train(options, on_step):
+    bar = tqdm(total=options.max_steps, desc="train", unit="step")
+    for step in range(1, options.max_steps + 1):
+        bar.update(1)
+        if step % 4 == 0:
+            on_step({{"step": step, "loss": 1 / step}})
+    bar.close()
+    return SimpleNamespace(step=step, model_dir=None)
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(stub), nbformat.v4.new_code_cell(cell)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    kinds = [key for o in nb.cells[1].outputs for key in o.get("data", {})]
+    assert "application/vnd.jupyter.widget-view+json" in kinds, f"no progress bar left in the cell's outputs: {kinds}"
+    assert kinds.count("image/png") == 1, f"the live plot should be one figure redrawn in place: {kinds}"
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
