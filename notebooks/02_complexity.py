@@ -72,7 +72,11 @@ def measure(network: str) -> dict:
     return json.loads(done.stdout)
 
 
-runs = {"UNETR++": measure("unetrpp"), "UNETR": measure("unetr"), "Swin-UNETR": measure("swin_unetr")}
+runs = {}
+for name, network in [("UNETR++", "unetrpp"), ("UNETR", "unetr"), ("Swin-UNETR", "swin_unetr")]:
+    # each takes from seconds to minutes on a laptop: say which one runs, not only when all are done
+    print(f"measuring {name} in its own process ...", flush=True)
+    runs[name] = measure(network)
 print(f"{'network':12s} {'params (M)':>10s} {'GMACs':>8s} {'forward (s)':>11s} {'peak RSS (MB)':>13s}"
       f" | paper: {'params':>6s} {'GMACs':>7s}")
 for name, r in runs.items():

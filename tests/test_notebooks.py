@@ -107,6 +107,31 @@ def train(options, on_step):
     assert kinds.count("image/png") == 1, f"the live plot should be one figure redrawn in place: {kinds}"
 
 
+def test_notebook_02_says_which_network_it_is_measuring(capsys):
+    """Section 1 runs three networks, each in its own process, for about a minute in all on an idle laptop
+    and several on a busy one: it printed nothing until all three were done. Runs the cell with the
+    process stubbed, checking what was printed when each network starts."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from unetrpp.complexity import PAPER_TABLE
+
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[1].with_suffix(".py")).cells if "def measure" in c.source)
+    shown_at_start = []
+
+    def run(cmd, **kwargs):
+        shown_at_start.append(capsys.readouterr().out)
+        record = {"params": 1e6, "macs": 1e9, "seconds": 0.5, "peak_rss_mb": 100.0}
+        return SimpleNamespace(returncode=0, stdout=json.dumps(record), stderr="")
+
+    namespace = {"INPUT": (1, 1, 32, 64, 64), "REPEATS": 1, "THREADS": 1, "PAPER_TABLE": PAPER_TABLE,
+                 "json": json, "sys": __import__("sys"), "subprocess": SimpleNamespace(run=run)}
+    exec(compile(cell, "02_complexity.py", "exec"), namespace)
+    started = zip(["UNETR++", "UNETR", "Swin-UNETR"], shown_at_start, strict=True)
+    assert all(network in text for network, text in started), f"printed as each one started: {shown_at_start}"
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
