@@ -282,15 +282,19 @@ def best_ms(fn, repeats=REPEATS):
 epa_ms, sa_ms = [], []
 qkv = torch.nn.Linear(C_demo, 3 * C_demo)
 threads = torch.get_num_threads()
-torch.set_num_threads(1)  # restored below
-for n in TOKENS:
-    tok = torch.randn(1, n, C_demo)
-    epa_demo = EPA(n, C_demo, P_demo, heads_demo).eval()
-    with torch.no_grad():
-        epa_ms.append(best_ms(lambda: epa_demo(tok)))
-        q_, k_, v_ = rearrange(qkv(tok), "b n (three h d) -> three b h n d", three=3, h=heads_demo)
-        sa_ms.append(best_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_)))
-torch.set_num_threads(threads)
+torch.set_num_threads(1)  # restored below, also when the cell is interrupted
+try:
+    for n in TOKENS:
+        tok = torch.randn(1, n, C_demo)
+        epa_demo = EPA(n, C_demo, P_demo, heads_demo).eval()
+        with torch.no_grad():
+            epa_ms.append(best_ms(lambda: epa_demo(tok)))
+            q_, k_, v_ = rearrange(qkv(tok), "b n (three h d) -> three b h n d", three=3, h=heads_demo)
+            sa_ms.append(best_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_)))
+        # as each size is done: the largest self-attention takes a minute on a busy laptop
+        print(f"N = {n:6d}: EPA {epa_ms[-1]:8.2f} ms, self-attention {sa_ms[-1]:8.2f} ms", flush=True)
+finally:
+    torch.set_num_threads(threads)
 fig, ax = plt.subplots(figsize=(5.5, 3.8))
 ax.loglog(TOKENS, sa_ms, "o-", label="self-attention (N×N)")
 ax.loglog(TOKENS, epa_ms, "s-", label=f"EPA (N×{P_demo} and d×d)")
@@ -302,8 +306,6 @@ ax.set_title("Measured cost of one attention block")
 ax.legend()
 fig.tight_layout()
 plt.show()
-for n, a, b in zip(TOKENS, epa_ms, sa_ms):
-    print(f"N = {n:6d}: EPA {a:8.2f} ms, self-attention {b:8.2f} ms")
 
 # %% [markdown]
 # ## Exercises

@@ -132,6 +132,38 @@ def test_notebook_02_says_which_network_it_is_measuring(capsys):
     assert all(network in text for network, text in started), f"printed as each one started: {shown_at_start}"
 
 
+def test_notebook_01_timing_shows_each_size_and_gives_the_threads_back_when_interrupted(capsys):
+    """Section 7 times on one thread, a minute or more for its largest N on a busy laptop: a student who
+    stopped it was left with one thread for every later cell (and a rerun then kept one as the number to
+    restore), and the numbers came only after all sizes. Runs the cell, interrupted during the second size."""
+    import time
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import torch
+    from einops import rearrange
+
+    from unetrpp.attention import EPA
+
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[0].with_suffix(".py")).cells if "def best_ms" in c.source)
+
+    def attention(q, k, v):
+        if q.shape[2] > 64:  # the second size: the student presses stop
+            raise KeyboardInterrupt
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    threads = torch.get_num_threads()
+    namespace = {"TOKENS": [64, 128], "REPEATS": 1, "time": time, "torch": torch, "rearrange": rearrange, "EPA": EPA,
+                 "plt": plt, "F": SimpleNamespace(scaled_dot_product_attention=attention)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            exec(compile(cell, "01_epa_attention.py", "exec"), namespace)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    assert "N =     64: EPA" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
