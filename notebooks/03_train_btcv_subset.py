@@ -34,8 +34,12 @@
 # **Data.** BTCV (the "Beyond the Cranial Vault" abdomen set, 13 organs) needs a free Synapse
 # registration, so it cannot be downloaded here. If you have it, set `BTCV_DIR` to a folder with
 # `imagesTr/img0001.nii.gz` + `labelsTr/label0001.nii.gz` (and optionally `dataset.json` or MONAI's
-# `dataset_0.json`). Otherwise the notebook generates **synthetic abdominal CT phantoms** with the same
-# 13 labels and layout: a teaching stand-in, not real anatomy.
+# `dataset_0.json`). The notebook takes every case the folder lists: it holds out the validation cases of
+# `dataset_0.json`, else 2 cases drawn at random (1 in fast mode), trains on the rest, and evaluates up
+# to 5 of the held-out cases in section 3 (1 in fast mode). The "small subset" is yours to make: copy a
+# few `imagesTr`/`labelsTr` pairs into a folder of their own and point `BTCV_DIR` there. Otherwise the
+# notebook generates **synthetic abdominal CT phantoms** with the same 13 labels and layout: a teaching
+# stand-in, not real anatomy.
 #
 # **Not a medical device.** For research and teaching only: a model trained here must never be used for
 # diagnosis or treatment.
