@@ -64,6 +64,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import plotly.io as pio
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from unetrpp import BTCV_LABELS, io
 from unetrpp.data.btcv import check_cases, load_case, read_datalist
@@ -92,7 +93,10 @@ if BTCV_DIR:
     data_dir = Path(BTCV_DIR)
     synthetic = False
 else:
-    data_dir = write_phantom_dataset(work / f"phantoms-{PHANTOM_SIZE}", PHANTOM_CASES, seed=1000, size=PHANTOM_SIZE)
+    data_dir = work / f"phantoms-{PHANTOM_SIZE}"
+    # one case at a time, under a progress bar: full mode's 24 take a minute or more
+    for number in tqdm(range(1, PHANTOM_CASES + 1), desc="writing phantoms", unit="case"):
+        write_phantom_dataset(data_dir, 1, seed=1000, size=PHANTOM_SIZE, first_index=number)
     synthetic = True
 lists = read_datalist(data_dir)
 check_cases(lists["training"])

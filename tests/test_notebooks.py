@@ -164,6 +164,20 @@ def test_notebook_01_timing_shows_each_size_and_gives_the_threads_back_when_inte
     assert "N =     64: EPA" in capsys.readouterr().out
 
 
+def test_notebook_03_writes_its_phantoms_under_a_progress_bar(tmp_path, capsys):
+    """Full mode writes 24 phantoms before training, a minute or more on a laptop, and the cell said nothing
+    until all were written. Runs the data cell on two small phantoms (tqdm writes to stderr outside Jupyter)."""
+    cell = next(c.source for c in jupytext.read(NOTEBOOKS[2].with_suffix(".py")).cells
+                if "write_phantom_dataset(" in c.source and "if BTCV_DIR" in c.source)
+    namespace = {"BTCV_DIR": "", "work": tmp_path, "PHANTOM_CASES": 2, "PHANTOM_SIZE": "small", "Path": Path}
+    exec("from tqdm.auto import tqdm\nfrom unetrpp.data.btcv import check_cases, read_datalist\n"
+         "from unetrpp.data.phantom import write_phantom_dataset", namespace)
+    exec(compile(cell, "03_train_btcv_subset.py", "exec"), namespace)
+    out = capsys.readouterr()
+    assert "2/2" in out.err, f"no progress bar while the phantoms were written: {out.err!r}"
+    assert "2 cases in" in out.out and len(namespace["lists"]["training"]) == 2
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
