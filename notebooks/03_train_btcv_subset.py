@@ -224,6 +224,7 @@ surface_figure(seg.mask, seg.volume.spacing, names, title="Predicted organ surfa
 # 1. Train with `MAX_STEPS` doubled. Which organs gain most? Which stay poor, and what do they have in common?
 # 2. Set `flip_prob=0.5` in `TrainOptions`. Why can left-right flips hurt an abdominal model with
 #    left and right kidneys as separate classes?
-# 3. Change the deep-supervision weights in `unetrpp/train.py` to (1, 0, 0). What happens to the
-#    first hundred steps of the loss curve?
+# 3. Run `import unetrpp.train; unetrpp.train.DEEP_SUPERVISION_WEIGHTS = (1, 0, 0)` (the full-resolution
+#    output alone), then the training cell again. What happens to the first hundred steps of the loss
+#    curve? (An edit of `unetrpp/train.py` itself is read only after Kernel > Restart.)
 # 4. Compute HD95 in voxels instead of millimetres for one organ. Why do the papers' numbers differ from ours?
