@@ -250,8 +250,11 @@ for ax, r in zip(axes, rows):
     lim = np.abs(pattern).max()
     im = ax.imshow(pattern, cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_title(f"row {r} of E")
-    ax.axis("off")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("right ← → left, tokens")  # as the CT's axes in section 1
     fig.colorbar(im, ax=ax, orientation="horizontal", shrink=0.9, label="weight")
+axes[0].set_ylabel("anterior ↑ posterior ↓, tokens")
 fig.suptitle(f"Learned token projections E as spatial patterns (grid {grid}, axial middle slice; {WEIGHTS_NOTE})")
 plt.show()
 

@@ -56,24 +56,44 @@ def test_notebook_02_says_why_a_network_refuses_the_input():
         namespace["measure"]("unetrpp")
 
 
-def test_notebook_01_draws_every_head_of_channel_attention_on_the_one_colour_bar():
-    """Section 4 draws one colour bar, the last head's: with each head scaled on its own, the bar misread
-    the other panels (on the example CT, head 1 peaks at 0.47 and head 3 at 0.39, both drawn yellow)."""
+def _run_notebook_01_figure_cells(*titles: str) -> dict:
+    """Run the cells of notebook 01 that draw the figures titled `titles` (section 4 first: the later ones
+    read its captured maps) on a random unetrpp_tiny and one random window; returns their namespace."""
     import matplotlib
     import torch
 
     import unetrpp
 
     matplotlib.use("Agg")
-    cell = next(c.source for c in jupytext.read(NOTEBOOKS[0].with_suffix(".py")).cells if "Channel attention A_CA" in c.source)
+    cells = jupytext.read(NOTEBOOKS[0].with_suffix(".py")).cells
     model = unetrpp.create_model("unetrpp_tiny").eval()
     namespace = {"model": model, "x": torch.randn(1, 1, *model.config.patch_size), "heads": model.config.num_heads,
-                 "cfg": model.config, "choice": None}
-    exec("import matplotlib.pyplot as plt, torch\nfrom unetrpp.attention import capture_attention", namespace)
-    exec(compile(cell, "01_epa_attention.py", "exec"), namespace)
+                 "cfg": model.config, "choice": None, "orientation": model.config.preprocessing.orientation}
+    exec("import matplotlib.pyplot as plt, numpy as np, torch\nfrom unetrpp.attention import capture_attention\n"
+         "from unetrpp.visualize import slice_2d", namespace)
+    for title in titles:
+        cell = next(c.source for c in cells if c.cell_type == "code" and title in c.source)
+        exec(compile(cell, "01_epa_attention.py", "exec"), namespace)
+    return namespace
+
+
+def test_notebook_01_draws_every_head_of_channel_attention_on_the_one_colour_bar():
+    """Section 4 draws one colour bar, the last head's: with each head scaled on its own, the bar misread
+    the other panels (on the example CT, head 1 peaks at 0.47 and head 3 at 0.39, both drawn yellow)."""
+    namespace = _run_notebook_01_figure_cells("Channel attention A_CA")
     limits = {image.get_clim() for ax in namespace["fig"].axes for image in ax.get_images()}
-    assert len(limits) == 1, f"the heads are drawn on different colour scales: {limits}"
     namespace["plt"].close("all")
+    assert len(limits) == 1, f"the heads are drawn on different colour scales: {limits}"
+
+
+def test_notebook_01_labels_the_axes_of_the_rows_of_e():
+    """Section 6 drew the rows of E with no axes at all, though the text says they are shown in the CT's
+    orientation: the panels say which way is which, in tokens."""
+    namespace = _run_notebook_01_figure_cells("Channel attention A_CA", "Learned token projections E")
+    panels = [ax for ax in namespace["fig"].axes if ax.get_images()]
+    namespace["plt"].close("all")
+    assert all("tokens" in ax.get_xlabel() and "left" in ax.get_xlabel() for ax in panels)
+    assert "anterior" in panels[0].get_ylabel()
 
 
 def test_notebook_03_keeps_the_progress_bar_while_the_live_plot_redraws(tmp_path):
