@@ -240,3 +240,24 @@ def test_direction_letters_name_the_side_where_the_anatomy_is():
         vertical = top if rows.mean() < rgb.shape[0] / 2 else bottom
         horizontal = left if cols.mean() < rgb.shape[1] / 2 else right
         assert {vertical, horizontal} <= {"R", "A", "S"} and vertical != horizontal, (view, vertical, horizontal)
+
+
+def test_the_attention_window_of_an_int16_scan_is_cut_without_a_float_copy_of_the_scan():
+    """The viewer holds a CT in whole HU as int16: each click on the attention tab cuts a window from it without
+    a float32 copy of the whole scan (300 MB for 512 x 512 x 300 voxels), and gets float32 HU as from float32."""
+    import tracemalloc
+
+    from unetrpp.visualize_attention import extract_window
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-1000, 1500, size=(64, 384, 384)).astype(np.int16)  # 19 MB; as float32, 38 MB
+    args = ((2.0, 0.8, 0.8), (30, 100, 120), (32, 64, 64), (4.0, 2.5, 2.5))
+    extract_window(volume[:8, :8, :8], *args)  # scipy imported before counting
+    tracemalloc.start()
+    try:
+        window = extract_window(volume, *args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < volume.nbytes, f"{peak:,} bytes allocated for a window of a {volume.nbytes:,}-byte scan"
+    assert window.dtype == np.float32 and np.array_equal(window, extract_window(volume.astype(np.float32), *args))

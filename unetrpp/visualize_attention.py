@@ -65,7 +65,9 @@ def extract_window(volume: np.ndarray, spacing: Sequence[float], centre: Sequenc
               for c, p, t, s in zip(centre, patch_size, target_spacing, spacing)]
     grid = np.meshgrid(*coords, indexing="ij")
     fill = float(min(volume.min(), -1024.0))
-    return map_coordinates(volume.astype(np.float32, copy=False), grid, order=1, mode="constant", cval=fill)
+    # float32 out whatever the volume's type (the viewer holds an int16 CT), without a float32 copy of the
+    # whole volume per click: scipy interpolates in float64 either way
+    return map_coordinates(volume, grid, output=np.float32, order=1, mode="constant", cval=fill)
 
 
 def compute_attention(model, volume: np.ndarray, spacing: Sequence[float], centre: Sequence[int],
