@@ -254,6 +254,20 @@ def test_progress_tta_and_window_count(tmp_path, model):
     assert sum(forwards) == 8 * result.windows  # 8 mirrorings per window
 
 
+def test_resampling_back_reports_each_class(tmp_path, model):
+    """Resampling the probabilities back to the scan's grid takes about a minute for a 512 x 512 x 300 CT on two
+    cores: the bar moves on with each class instead of standing at 90 % as if hung."""
+    calls = []
+    path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
+    segment(path, model=model, progress=lambda f, m: calls.append((f, m)))
+    messages = [m for _, m in calls]
+    after = calls[messages.index("resampling back") + 1:messages.index("done")]
+    classes = model.config.out_channels
+    assert [m for _, m in after] == [f"resampling back: class {c}/{classes}" for c in range(1, classes + 1)]
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and 0.9 < after[0][0] and after[-1][0] < 1.0
+
+
 def test_largest_component_keeps_one_blob_per_label():
     mask = np.zeros((6, 10, 10), np.uint8)
     mask[1:4, 1:5, 1:5] = 1

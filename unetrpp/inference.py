@@ -270,24 +270,29 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
     return total[(..., *(slice(p // 2, p // 2 + n) for p, n in zip(pad, image.shape)))]
 
 
-def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared) -> np.ndarray:
+def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared, progress: Progress | None = None) -> np.ndarray:
     """Argmax on the original grid: each class map (Z', Y', X') resampled back (linear) in turn.
 
     Returns uint8 (Z, Y, X); equal to argmax over all resampled maps, without holding them all.
     Probabilities on a GPU are resampled there (the same maths in torch), a few classes at a time.
+    On the CPU `progress` hears of each class (from 0.9 to 0.99): for a 512 x 512 x 300 CT on two
+    cores this step takes about a minute, which a bar standing still at 90 % made look hung.
     """
     if probabilities.device.type == "cuda":
         return argmax_restored_torch(probabilities, prepared).cpu().numpy()
     best = None
     mask = np.zeros(prepared.original_shape, dtype=np.uint8)
-    for c in range(probabilities.shape[0]):
+    classes = probabilities.shape[0]
+    for c in range(classes):
         p = restore(probabilities[c].float().cpu().numpy(), prepared, order=1)
-        if best is None:
+        if best is not None:
+            better = p > best
+            mask[better] = c
+            np.maximum(best, p, out=best)
+        else:
             best = p.copy()
-            continue
-        better = p > best
-        mask[better] = c
-        np.maximum(best, p, out=best)
+        if progress is not None:
+            progress(_WINDOWS_END + 0.09 * (c + 1) / classes, f"resampling back: class {c + 1}/{classes}")
     return mask
 
 
@@ -402,7 +407,7 @@ def segment(image: ImageLike, model: Optional["UNETRPP"] = None, weights: str | 
             probabilities = sliding_window_probabilities(runner, prepared.image, dev, float(overlap), batch, tta,
                                                          report, autocast=autocast, static_batch=runner is not net)
             report(_WINDOWS_END, "resampling back")
-            mask = probabilities_to_mask(probabilities, prepared)
+            mask = probabilities_to_mask(probabilities, prepared, report)
             del probabilities
     finally:
         net.train(was_training)
