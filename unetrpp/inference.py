@@ -289,8 +289,10 @@ def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared, progr
             better = p > best
             mask[better] = c
             np.maximum(best, p, out=best)
+            del better
         else:
             best = p.copy()
+        del p  # before the next class's map is made: one map the scan's size at a time (300 MB for 512 x 512 x 300)
         if progress is not None:
             progress(_WINDOWS_END + 0.09 * (c + 1) / classes, f"resampling back: class {c + 1}/{classes}")
     return mask
