@@ -50,7 +50,7 @@ START = "Upload a scan or pick an example: it shows at once, then is segmented."
 # How long the server keeps a page's scan after the last upload or segmentation wrote it: as long as gradio keeps
 # the files (delete_cache), or "Segment (again)" and the downloads would fail on a page still holding its scan;
 # also what bounds the memory a busy Space holds (about 230 MB per visitor with a 512 x 512 x 300 CT: its HU as
-# int16, see app_handlers.compact, and the uint8 mask).
+# int16, see app_handlers.compact, and the uint8 mask), though gradio holds a closed page's state for an hour.
 SESSION_SECONDS = 1800
 # What a page that still shows a scan hears once the server no longer holds it: after SESSION_SECONDS (gradio counts
 # from the last write, not the last use), or after a restart of the server.

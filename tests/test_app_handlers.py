@@ -818,6 +818,34 @@ def test_a_page_keeps_its_scan_no_longer_than_the_server_keeps_its_files(tiny_mo
     assert held == [demo.delete_cache[1]] and f"{held[0] // 60} minutes" in app.NOT_HELD
 
 
+def test_the_readme_says_how_long_a_closed_page_keeps_its_scan(tiny_model):
+    """Gradio keeps a closed page's state for an hour whatever the State's time_to_live: a visitor who closes the
+    tab leaves a 512 x 512 x 300 CT on the server for an hour, not the 30 minutes the README said."""
+    import datetime
+
+    from gradio.state_holder import StateHolder
+
+    import app
+
+    demo = app.build_demo(net=tiny_model)
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    state = next(b for b in demo.blocks.values() if isinstance(b, app.gr.State) and b.time_to_live < float("inf"))
+    state.delete_callback = lambda value: None
+    held = {}
+    for closed in (False, True):
+        page = holder[f"page-{closed}"]
+        page[state._id] = "a session"
+        ttl, _ = page._state_ttl[state._id]
+        page._state_ttl[state._id] = (ttl, datetime.datetime.now() - datetime.timedelta(seconds=app.SESSION_SECONDS + 60))
+        page.is_closed = closed
+        holder.delete_all_expired_state()
+        held[closed] = state._id in page.state_data
+    assert held == {False: False, True: True}  # an open page's goes after 30 minutes, a closed page's stays
+    readme = " ".join((Path(app.__file__).parent / "README.md").read_text().split())
+    assert "keeps a closed page's for an hour" in readme
+
+
 def test_no_server_folders_in_messages_on_windows_either(monkeypatch):
     """On Windows gradio's upload cache and the paths in messages use backslashes: the cache folder stayed in."""
     import app
