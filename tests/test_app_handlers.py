@@ -565,6 +565,10 @@ def test_organs_ticked_off_fade_in_the_legend_and_grey_in_the_3d_plot():
     built = session.surfaces
     spleen_only = H.surfaces(session, ["spleen"])
     assert [(t.name, t.visible) for t in spleen_only.data] == [("spleen", True), ("right kidney", "legendonly")]
+    # the box stays as it was (plotly would autorange it to the organs shown, out of the camera's frame): the
+    # spleen stays where it was, beside the place of the kidney
+    box = [(everything.layout.scene[f"{a}axis"].range, spleen_only.layout.scene[f"{a}axis"].range) for a in "xyz"]
+    assert all(whole is not None and tuple(whole) == tuple(shown) for whole, shown in box), box
     assert session.surfaces is built and [t.visible for t in built.data] == [None, None]  # built once, kept whole
     session.mask = None
     assert H.surfaces(session) is None

@@ -164,6 +164,58 @@ def test_organ_meshes_in_mm_and_colours():
     assert titled.layout.title.text == "organs (mm) · too small for a surface: left adrenal gland"
 
 
+def _scene_box(fig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scene's axis ranges (lo, hi) in mm and its aspect ratio, (3,) each, as plotly draws them: ranges not
+    given are the surfaces' extent with 1/32 of it added at both ends, and aspectmode "data" gives each axis a
+    length in proportion to its range, their product 1."""
+    scene = fig.layout.scene
+    points = np.concatenate([np.stack([t.x, t.y, t.z], 1) for t in fig.data])
+    lo, hi = points.min(0), points.max(0)
+    lo, hi = lo - (hi - lo) / 32, hi + (hi - lo) / 32
+    for n, a in enumerate("xyz"):
+        if scene[f"{a}axis"].range is not None:
+            lo[n], hi[n] = scene[f"{a}axis"].range
+    if scene.aspectmode == "manual":
+        return lo, hi, np.array([scene.aspectratio[a] for a in "xyz"])
+    return lo, hi, (hi - lo) / np.prod(hi - lo) ** (1 / 3)
+
+
+def _corners_on_screen(fig) -> np.ndarray:
+    """Where plotly's camera puts the 8 corners of the scene's box: (8, 2) as fractions of the half-height of the
+    view (45 degree vertical field of view, looking from the eye at the centre with the layout's up)."""
+    scene = fig.layout.scene
+    ratio = _scene_box(fig)[2]
+    eye = np.array([scene.camera.eye[a] for a in "xyz"])
+    forward = -eye / np.linalg.norm(eye)
+    right = np.cross(forward, [scene.camera.up[a] for a in "xyz"])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * ratio / 2 - eye
+    depth = corners @ forward
+    return np.stack([corners @ right / depth, corners @ up / depth], 1) / np.tan(np.pi / 8)
+
+
+@pytest.mark.parametrize("shape, spacing", [((30, 101, 122), (3.0, 3.0, 3.0)),  # the example CT: wide and shallow
+                                            ((200, 100, 100), (3.0, 3.0, 3.0))])  # chest to pelvis: tall
+def test_surfaces_fit_a_phone_shaped_view_with_room_for_the_axis_titles(shape, spacing):
+    """Plotly frames a 3-D scene by the plot's height: with the camera set for a desktop, a 390 px phone (a plot
+    about as wide as tall) lost the sides and their axis titles, and a tall scan lost its top and bottom on every
+    screen. The whole box of organs stays within 70 % of a square view, in mm on every axis."""
+    mask = np.zeros(shape, np.uint8)
+    z, y, x = shape
+    mask[1:z - 1, y // 2 - 3:y // 2 + 3, x // 2 - 3:x // 2 + 3] = 8  # aorta, top to bottom
+    mask[z // 3:2 * z // 3, 10:y // 2, 2:x // 3] = 6  # liver, on the right
+    mask[z // 3:2 * z // 3, y // 2:y - 10, 2 * x // 3:x - 2] = 1  # spleen, on the left
+    fig = surface_figure(mask, spacing, NAMES)
+    scene = fig.layout.scene
+    points = np.concatenate([np.stack([t.x, t.y, t.z], 1) for t in fig.data])
+    lo, hi, ratio = _scene_box(fig)
+    assert np.all(lo < points.min(0)) and np.all(points.max(0) < hi)  # every surface inside the box
+    np.testing.assert_allclose(ratio / ratio[0], (hi - lo) / (hi - lo)[0], rtol=1e-6)  # a mm is a mm on every axis
+    assert np.abs(_corners_on_screen(fig)).max() <= 0.7 + 1e-6
+    assert all(scene[f"{a}axis"].title.text.endswith("(mm)") for a in "xyz")
+
+
 def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():
     assert surface_step((10, 10, 10), (1, 1, 1), 1000) == (1, 1, 1)
     shape = (200, 512, 512)

@@ -16,6 +16,16 @@ from .visualize import label_lut
 
 logger = logging.getLogger(__name__)
 
+# The camera: in front of the patient (+y, anterior) and a little to their left and above, looking at the centre
+# with superior up. Straight from the front, the anterior axis pointed at the viewer: its tick labels piled up and
+# its title ran off the side.
+EYE_DIRECTION = (-0.3, 1.0, 0.3)
+# Plotly draws a 3-D scene with a 45 degree vertical field of view and lets the width follow the plot's shape, so a
+# camera set for a desktop's wide plot cuts the sides off on a phone, where the plot is about as tall as it is wide.
+# The camera stands back until the organs' box fills at most FILL of a square view, the rest kept for the tick
+# labels and axis titles around it: the scene fits every screen the server cannot see, from a phone up.
+FIELD_OF_VIEW, VIEW_ASPECT, FILL = math.pi / 4, 1.0, 0.7
+
 
 @dataclass
 class OrganMesh:
@@ -44,6 +54,23 @@ def surface_step(shape: Sequence[int], spacing: Sequence[float], max_voxels: int
         finest = min(range(3), key=lambda a: steps[a] * spacing[a])
         steps[finest] += 1
     return tuple(steps)
+
+
+def camera_distance(half: Sequence[float], direction: Sequence[float] = EYE_DIRECTION, aspect: float = VIEW_ASPECT,
+                    fill: float = FILL) -> float:
+    """How far along `direction` the camera must stand, in plotly's scene units (the box spans +-`half` (x, y, z)
+    around the origin, which the camera looks at), for the whole box to show within `fill` of a view `aspect`
+    times as wide as it is tall. Each corner p projects to (p.r, p.v) / (d - p.u) for a camera at d u, so it is
+    inside the view from d >= p.u + |p.r| / (aspect tan_v) and from d >= p.u + |p.v| / tan_v: the distance is the
+    largest of these."""
+    u = np.asarray(direction, float) / np.linalg.norm(direction)
+    right = np.cross(-u, (0.0, 0.0, 1.0))
+    right /= np.linalg.norm(right)
+    up = np.cross(right, -u)
+    tan_v = fill * math.tan(FIELD_OF_VIEW / 2)
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * np.asarray(half, float)
+    across, upwards = np.abs(corners @ right) / (tan_v * aspect), np.abs(corners @ up) / tan_v
+    return float(np.max(corners @ u + np.maximum(across, upwards)))
 
 
 def organ_meshes(mask: np.ndarray, spacing: Sequence[float], class_names: Sequence[str],
@@ -103,13 +130,26 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
         fig.add_trace(go.Mesh3d(x=x, y=y, z=z, i=i, j=j, k=k, color=m.color, opacity=1.0, name=m.name,
                                 showlegend=True, flatshading=False, hovertemplate=f"{m.name}<extra></extra>",
                                 lighting=dict(ambient=0.45, diffuse=0.8, specular=0.2, roughness=0.6)))
-    # x runs towards the patient's right in RAS volumes: view from the front (anterior), right on the left.
+    # The box the camera is placed for, in mm as plotly would autorange it (1/32 of each side added at both ends),
+    # held fixed: an organ hidden from the legend would otherwise reshape the box and move the others.
+    if meshes:
+        points = np.concatenate([m.vertices for m in meshes]) * signs
+        lo, hi = points.min(0), points.max(0)
+        pad = np.maximum(hi - lo, 1.0) / 32
+        lo, hi = lo - pad, hi + pad
+    else:
+        lo, hi = -np.ones(3), np.ones(3)
+    sides = hi - lo
+    ratio = sides / np.prod(sides) ** (1 / 3)  # equal mm on every axis, scaled as plotly's aspectmode "data" does
+    eye = np.asarray(EYE_DIRECTION) / np.linalg.norm(EYE_DIRECTION) * camera_distance(ratio / 2)
+    axes = {f"{a}axis": dict(title=t, range=[float(lo[n]), float(hi[n])])
+            for n, (a, t) in enumerate(zip("xyz", ("→ right (mm)", "→ anterior (mm)", "→ superior (mm)")))}
+    # x runs towards the patient's right in RAS volumes: seen from the front, right is on the left.
     fig.update_layout(
         # the legend below the scene, in rows: beside it, it took half of a phone's width
         title=dict(text=title, font=dict(size=13)), margin=dict(l=0, r=0, t=30 if title else 0, b=0),
         legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=0, x=0),
-        scene=dict(aspectmode="data", xaxis_title="→ right (mm)", yaxis_title="→ anterior (mm)",
-                   zaxis_title="→ superior (mm)",
-                   camera=dict(eye=dict(x=0.0, y=2.0, z=0.3), up=dict(x=0, y=0, z=1))),
+        scene=dict(aspectmode="manual", aspectratio=dict(zip("xyz", ratio.tolist())), **axes,
+                   camera=dict(eye=dict(zip("xyz", eye.tolist())), up=dict(x=0, y=0, z=1))),
     )
     return fig
