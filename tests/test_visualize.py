@@ -161,7 +161,7 @@ def test_organ_meshes_in_mm_and_colours():
     mask[0, 0, 0] = 13  # one voxel of left adrenal: no surface, but the figure says it is there
     titled = surface_figure(mask, spacing, NAMES, title="organs (mm)")
     assert [t.name for t in titled.data] == ["spleen", "liver"]
-    assert titled.layout.title.text == "organs (mm) · too small for a surface: left adrenal gland"
+    assert titled.layout.title.text == "organs (mm)<br>too small for a surface: left adrenal gland"
 
 
 def _scene_box(fig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,6 +214,20 @@ def test_surfaces_fit_a_phone_shaped_view_with_room_for_the_axis_titles(shape, s
     np.testing.assert_allclose(ratio / ratio[0], (hi - lo) / (hi - lo)[0], rtol=1e-6)  # a mm is a mm on every axis
     assert np.abs(_corners_on_screen(fig)).max() <= 0.7 + 1e-6
     assert all(scene[f"{a}axis"].title.text.endswith("(mm)") for a in "xyz")
+
+
+def test_a_long_surface_title_is_broken_into_lines_a_phone_shows_whole():
+    """Plotly draws a title on one line: the organs too small for a surface, listed after the caller's title,
+    ran past the edge of a 390 px phone (about 44 characters of the title's 13 px font)."""
+    mask = np.zeros((10, 20, 30), np.uint8)
+    mask[2:6, 5:15, 10:20] = 6  # liver
+    mask[0, 0, 0], mask[0, 0, 2], mask[0, 2, 0], mask[9, 19, 29] = 11, 12, 13, 5  # one voxel each: no surface
+    fig = surface_figure(mask, (3.0, 1.0, 0.5), NAMES, title="Predicted organ surfaces (mm), SYNTHETIC weights")
+    lines = fig.layout.title.text.split("<br>")
+    assert max(len(line) for line in lines) <= 44, lines
+    assert " ".join(lines) == ("Predicted organ surfaces (mm), SYNTHETIC weights too small for a surface: esophagus, "
+                               "pancreas, right adrenal gland, left adrenal gland")
+    assert fig.layout.margin.t >= 16 * len(lines)  # the lines stay above the scene
 
 
 def test_surface_step_bounds_the_voxel_count_and_evens_out_voxels():

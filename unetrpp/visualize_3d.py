@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -25,6 +26,8 @@ EYE_DIRECTION = (-0.3, 1.0, 0.3)
 # The camera stands back until the organs' box fills at most FILL of a square view, the rest kept for the tick
 # labels and axis titles around it: the scene fits every screen the server cannot see, from a phone up.
 FIELD_OF_VIEW, VIEW_ASPECT, FILL = math.pi / 4, 1.0, 0.7
+# Plotly does not wrap a title: past about this many characters of its 13 px font, a 390 px phone cut it off.
+TITLE_CHARS = 44
 
 
 @dataclass
@@ -122,8 +125,11 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     meshes = organ_meshes(mask, spacing, class_names, colors, max_voxels)
     drawn = {m.label for m in meshes}
     too_small = [class_names[v] for v in np.unique(mask) if 0 < v < len(class_names) and v not in drawn]
+    notes = [title] if title else []
     if too_small:  # say so rather than leave them out of the legend silently
-        title = (title + " · " if title else "") + "too small for a surface: " + ", ".join(too_small)
+        notes.append("too small for a surface: " + ", ".join(too_small))
+    lines = [line for note in notes for line in textwrap.wrap(note, TITLE_CHARS)]
+    title = "<br>".join(lines) or None
     for m in meshes:
         x, y, z = (m.vertices * signs).T
         i, j, k = m.faces.T
@@ -147,7 +153,7 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     # x runs towards the patient's right in RAS volumes: seen from the front, right is on the left.
     fig.update_layout(
         # the legend below the scene, in rows: beside it, it took half of a phone's width
-        title=dict(text=title, font=dict(size=13)), margin=dict(l=0, r=0, t=30 if title else 0, b=0),
+        title=dict(text=title, font=dict(size=13)), margin=dict(l=0, r=0, t=14 + 16 * len(lines) if lines else 0, b=0),
         legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=0, x=0),
         scene=dict(aspectmode="manual", aspectratio=dict(zip("xyz", ratio.tolist())), **axes,
                    camera=dict(eye=dict(zip("xyz", eye.tolist())), up=dict(x=0, y=0, z=1))),
