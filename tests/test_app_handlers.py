@@ -574,6 +574,21 @@ def test_organs_ticked_off_fade_in_the_legend_and_grey_in_the_3d_plot():
     assert H.surfaces(session) is None
 
 
+def test_surfaces_made_by_synthetic_weights_say_so_on_the_figure():
+    """The 3-D plot saves itself as a PNG (its camera button), away from the page's notice and status line."""
+    from unetrpp.inference import SYNTHETIC_WEIGHTS_WARNING
+
+    mask = np.zeros((12, 16, 16), np.uint8)
+    mask[2:6, 2:8, 2:8] = 1
+    made = {}
+    for warnings in ([SYNTHETIC_WEIGHTS_WARNING], []):
+        session = H.Session(np.zeros(mask.shape, np.float32), (1.0, 1.0, 1.0), "m.nii.gz", "m.nii.gz", mask=mask,
+                            class_names=("background", "spleen"), warnings=warnings)
+        made[bool(warnings)] = H.surfaces(session).layout.title.text or ""
+    assert "SYNTHETIC" in made[True] and "not real anatomy" in made[True].replace("<br>", " ")
+    assert "SYNTHETIC" not in made[False]
+
+
 def test_only_the_organs_ticked_are_drawn_on_the_slices():
     mask = np.zeros((12, 16, 16), np.uint8)
     mask[4:8, 2:8, 2:8], mask[4:8, 9:14, 9:14] = 1, 2  # spleen, right kidney, both in axial slice 6

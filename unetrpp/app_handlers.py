@@ -483,12 +483,15 @@ def surfaces(session: Session, shown: Sequence[str] | None = None):
     per mask; organs not in `shown` (None: all) stay in the plot's legend, greyed, one click from view."""
     import plotly.graph_objects as go
 
+    from .inference import SYNTHETIC_WEIGHTS_WARNING
     from .visualize_3d import surface_figure
 
     if session.mask is None:
         return None
-    if session.surfaces is None:
-        session.surfaces = surface_figure(session.mask, session.spacing, session.class_names,
+    if session.surfaces is None:  # the figure says what made it: its camera button saves it without the page
+        title = "organs found by SYNTHETIC teaching weights (not real anatomy)" if (
+            SYNTHETIC_WEIGHTS_WARNING in session.warnings) else None
+        session.surfaces = surface_figure(session.mask, session.spacing, session.class_names, title=title,
                                           orientation=session.orientation)
     figure = go.Figure(session.surfaces)
     if shown is not None:
