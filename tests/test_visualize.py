@@ -157,7 +157,7 @@ def test_organ_meshes_in_mm_and_colours():
     assert fig.layout.title.text is None  # every organ drawn: nothing to say
     scene = fig.layout.scene  # the axes name the patient's directions, as the surfaces are drawn in RAS
     assert (scene.xaxis.title.text, scene.yaxis.title.text, scene.zaxis.title.text) == (
-        "→ right (mm)", "→ anterior (mm)", "→ superior (mm)")
+        "right (mm)", "anterior (mm)", "superior (mm)")
     mask[0, 0, 0] = 13  # one voxel of left adrenal: no surface, but the figure says it is there
     titled = surface_figure(mask, spacing, NAMES, title="organs (mm)")
     assert [t.name for t in titled.data] == ["spleen", "liver"]

@@ -26,6 +26,9 @@ EYE_DIRECTION = (-0.3, 1.0, 0.3)
 # The camera stands back until the organs' box fills at most FILL of a square view, the rest kept for the tick
 # labels and axis titles around it: the scene fits every screen the server cannot see, from a phone up.
 FIELD_OF_VIEW, VIEW_ASPECT, FILL = math.pi / 4, 1.0, 0.7
+# The patient's direction each axis's numbers grow towards (the surfaces are drawn in RAS). No arrow: drawn
+# flat on the page, "→ right" pointed at the screen's right under an axis that grows to the left, seen from the front.
+AXIS_TITLES = ("right (mm)", "anterior (mm)", "superior (mm)")
 # Plotly does not wrap a title: past about this many characters of its 13 px font, a 390 px phone cut it off.
 TITLE_CHARS = 44
 
@@ -149,7 +152,7 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     ratio = sides / np.prod(sides) ** (1 / 3)  # equal mm on every axis, scaled as plotly's aspectmode "data" does
     eye = np.asarray(EYE_DIRECTION) / np.linalg.norm(EYE_DIRECTION) * camera_distance(ratio / 2)
     axes = {f"{a}axis": dict(title=t, range=[float(lo[n]), float(hi[n])])
-            for n, (a, t) in enumerate(zip("xyz", ("→ right (mm)", "→ anterior (mm)", "→ superior (mm)")))}
+            for n, (a, t) in enumerate(zip("xyz", AXIS_TITLES))}
     # x runs towards the patient's right in RAS volumes: seen from the front, right is on the left.
     fig.update_layout(
         # the legend below the scene, in rows: beside it, it took half of a phone's width
