@@ -218,13 +218,13 @@ def test_surfaces_fit_a_phone_shaped_view_with_room_for_the_axis_titles(shape, s
 
 def test_a_long_surface_title_is_broken_into_lines_a_phone_shows_whole():
     """Plotly draws a title on one line: the organs too small for a surface, listed after the caller's title,
-    ran past the edge of a 390 px phone (about 44 characters of the title's 13 px font)."""
+    ran past the edge of a phone (a 360 px one shows about 40 characters of the title's 13 px font)."""
     mask = np.zeros((10, 20, 30), np.uint8)
     mask[2:6, 5:15, 10:20] = 6  # liver
     mask[0, 0, 0], mask[0, 0, 2], mask[0, 2, 0], mask[9, 19, 29] = 11, 12, 13, 5  # one voxel each: no surface
     fig = surface_figure(mask, (3.0, 1.0, 0.5), NAMES, title="Predicted organ surfaces (mm), SYNTHETIC weights")
     lines = fig.layout.title.text.split("<br>")
-    assert max(len(line) for line in lines) <= 44, lines
+    assert max(len(line) for line in lines) <= 40, lines
     assert " ".join(lines) == ("Predicted organ surfaces (mm), SYNTHETIC weights too small for a surface: esophagus, "
                                "pancreas, right adrenal gland, left adrenal gland")
     assert fig.layout.margin.t >= 16 * len(lines)  # the lines stay above the scene

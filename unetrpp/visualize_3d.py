@@ -29,8 +29,8 @@ FIELD_OF_VIEW, VIEW_ASPECT, FILL = math.pi / 4, 1.0, 0.7
 # The patient's direction each axis's numbers grow towards (the surfaces are drawn in RAS). No arrow: drawn
 # flat on the page, "→ right" pointed at the screen's right under an axis that grows to the left, seen from the front.
 AXIS_TITLES = ("right (mm)", "anterior (mm)", "superior (mm)")
-# Plotly does not wrap a title: past about this many characters of its 13 px font, a 390 px phone cut it off.
-TITLE_CHARS = 44
+# Plotly does not wrap a title: past about this many characters of its 13 px font, a 360 px phone cut it off.
+TITLE_CHARS = 40
 
 
 @dataclass
