@@ -352,7 +352,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                         table = gr.Dataframe(headers=H.STAT_COLUMNS, label="per-organ statistics", interactive=False,
                                              max_height=720, wrap=True, column_widths=["15%", "33%", "18%", "18%", "16%"],
                                              elem_id="stats-table")
-                    with gr.Tab("3D surfaces"):
+                    with gr.Tab("3D surfaces") as surface_tab:
                         surface = gr.Plot(label="organ surfaces (marching cubes, downsampled)", elem_id="surface")
                     with gr.Tab("Attention"):
                         gr.Markdown("Where does the network look? Put the crosshair on a voxel in the Slices tab and "
@@ -429,6 +429,10 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         for view, image in zip(vis.VIEWS, att_images):
             image.select(on_attention_click(view), [*att_in, opacity, organs, contour], [*att_out, *view_out],
                          **model_run)
+        # A plot drawn while its tab is hidden (an organ ticked off on the Slices tab, a scan segmented after the tab
+        # was once open) is laid out at plotly's default width, 700 px: on a phone the organs ran off the screen, on a
+        # desktop they sat in the left part of the box. Shown, it is fitted to its box.
+        surface_tab.select(None, js=FIT_PLOTS, api_visibility="private")
         demo.load(on_load, None, [block, head], api_visibility="private")
         # The `segment` endpoint for gradio_client: NIfTI in; mask file (source grid), statistics and the
         # warnings the page shows as toasts (SYNTHETIC teaching weights among them) out.
@@ -465,6 +469,9 @@ PAGE_JS = """() => {
     watch.observe(document.body, {childList: true, subtree: true});
   }
 }"""
+# Plotly's own resize, after the tab has been drawn, for each plot that is on the page.
+FIT_PLOTS = """() => { setTimeout(() => document.querySelectorAll('.js-plotly-plot').forEach(
+  (plot) => plot.offsetParent !== null && window.Plotly?.Plots.resize(plot)), 50); }"""
 LAUNCH = dict(max_file_size="512mb", show_error=True, footer_links=["api", "settings"], js=PAGE_JS,
               css="#weights-notice {border-left: 4px solid #f59e0b; padding-left: 10px}"
                   # where the keyboard is: gradio's theme draws no focus ring on radios, checkboxes and sliders, and a

@@ -245,6 +245,24 @@ def test_viewer_end_to_end(page, tmp_path):
     page.get_by_role("tab", name="Attention").click()
     text_width, box_width = page.locator("#attention-block input").first.evaluate("e => [e.scrollWidth, e.clientWidth]")
     assert text_width <= box_width, f"block name {text_width} px wide in a {box_width} px box at 390 px"
+    # The 3-D plot was last drawn while its tab was hidden (the example segmented again): shown, it fits its box, not
+    # plotly's default 700 px, which ran off the phone's screen.
+    page.get_by_role("tab", name="3D surfaces").click()
+    page.locator("#surface .js-plotly-plot canvas").first.wait_for(timeout=30_000)
+    page.wait_for_function("() => { const g = document.querySelector('#surface .js-plotly-plot');"
+                           " return Math.abs(g._fullLayout.width - g.getBoundingClientRect().width) <= 1; }",
+                           timeout=5_000)
+    # The scene fits too: plotly frames it by the plot's height, and a camera set for a desktop put the box's sides,
+    # with their axis titles, past the phone's edges. Where plotly's camera puts the box's corners (-1 to 1 across
+    # the plot), with room left for the tick labels and titles outside them:
+    across = page.evaluate("""() => {
+      const scene = document.querySelector('#surface .js-plotly-plot')._fullLayout.scene._scene.glplot;
+      const {projection: P, view: V, model: M} = scene.cameraParams, b = scene.bounds, out = [];
+      const mul = (A, v) => [0, 1, 2, 3].map(r => A[r] * v[0] + A[4 + r] * v[1] + A[8 + r] * v[2] + A[12 + r] * v[3]);
+      for (const i of [0, 1]) for (const j of [0, 1]) for (const k of [0, 1]) {
+        const c = mul(P, mul(V, mul(M, [b[i][0], b[j][1], b[k][2], 1]))); out.push(c[0] / c[3]); }
+      return out; }""")
+    assert max(abs(x) for x in across) <= 0.75, f"the 3-D box reaches {max(map(abs, across)):.2f} of the half-width"
     page.get_by_role("tab", name="Slices").click()
 
 
