@@ -161,7 +161,7 @@ def test_organ_meshes_in_mm_and_colours():
     mask[0, 0, 0] = 13  # one voxel of left adrenal: no surface, but the figure says it is there
     titled = surface_figure(mask, spacing, NAMES, title="organs (mm)")
     assert [t.name for t in titled.data] == ["spleen", "liver"]
-    assert titled.layout.title.text == "organs (mm)<br>too small for a surface: left adrenal gland"
+    assert titled.layout.title.text == "organs (mm)<br>too small for a surface:<br>left adrenal gland"
 
 
 def _scene_box(fig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -225,6 +225,8 @@ def test_a_long_surface_title_is_broken_into_lines_a_phone_shows_whole():
     fig = surface_figure(mask, (3.0, 1.0, 0.5), NAMES, title="Predicted organ surfaces (mm), SYNTHETIC weights")
     lines = fig.layout.title.text.split("<br>")
     assert max(len(line) for line in lines) <= 40, lines
+    names = ("esophagus", "pancreas", "right adrenal gland", "left adrenal gland")
+    assert all(any(name in line for line in lines) for name in names), lines  # no name broken across lines
     assert " ".join(lines) == ("Predicted organ surfaces (mm), SYNTHETIC weights too small for a surface: esophagus, "
                                "pancreas, right adrenal gland, left adrenal gland")
     assert fig.layout.margin.t >= 16 * len(lines)  # the lines stay above the scene

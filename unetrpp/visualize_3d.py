@@ -129,9 +129,9 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     drawn = {m.label for m in meshes}
     too_small = [class_names[v] for v in np.unique(mask) if 0 < v < len(class_names) and v not in drawn]
     notes = [title] if title else []
-    if too_small:  # say so rather than leave them out of the legend silently
-        notes.append("too small for a surface: " + ", ".join(too_small))
-    lines = [line for note in notes for line in textwrap.wrap(note, TITLE_CHARS)]
+    if too_small:  # say so rather than leave them out of the legend silently (no line break inside a name)
+        notes.append("too small for a surface: " + ", ".join(name.replace(" ", "\u00a0") for name in too_small))
+    lines = [line.replace("\u00a0", " ") for note in notes for line in textwrap.wrap(note, TITLE_CHARS)]
     title = "<br>".join(lines) or None
     for m in meshes:
         x, y, z = (m.vertices * signs).T
