@@ -111,6 +111,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     if net is not None:
         spec, notice = f"given model ({net.config.name})", "Model given by the caller (tests)."
     model = H.ModelHolder(spec, notice, model=net)
+    runs = H.ModelRuns()  # stopped, and waited for, when the server shuts down (demo.model_runs.stop())
     # ZeroGPU (SPACES_ZERO_GPU read as spaces reads it) runs each @GPU call in a fork of this process: load
     # the weights here, once, or every request would load them again inside its GPU time.
     if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
@@ -193,13 +194,15 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         whose scan is no longer on the page stops at its next window and changes nothing. On ZeroGPU this runs
         on copies of the arguments: it returns what is new and changes nothing in them (see segment_shown)."""
         def report(fraction, message):
+            runs.check()
             if shown.get("path") != session.path:
                 raise H.Superseded(session.name)
             progress(fraction, desc=message)
 
         try:
-            result, _, _ = H.segment_scan(session.path, model.get(), get_upload_folder(), overlap, tta, model.device,
-                                          progress=report, precision="bf16" if bf16 else "auto")
+            with runs.running():
+                result, _, _ = H.segment_scan(session.path, model.get(), get_upload_folder(), overlap, tta,
+                                              model.device, progress=report, precision="bf16" if bf16 else "auto")
         except H.Superseded:
             return gr.skip(), gr.skip()
         except Exception as exc:  # the session on the page stays (on ZeroGPU `session` is a copy from the start)
@@ -238,8 +241,9 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     @GPU(duration=lambda scan, overlap=0.5, tta=False: H.gpu_seconds(scan, model.get().config, overlap, tta))
     @friendly
     def api_segment(scan: str, overlap: float = 0.5, tta: bool = False):
-        session, mask, _ = H.segment_scan(scan, model.get(), get_upload_folder(), overlap, tta, model.device,
-                                          write_csv=False)
+        with runs.running():
+            session, mask, _ = H.segment_scan(scan, model.get(), get_upload_folder(), overlap, tta, model.device,
+                                              write_csv=False, progress=runs.check)
         return mask, session.statistics, [without_upload_folder(w) for w in session.warnings]
 
     # The slider and the views answer without the queue (see view_only below), where gradio shows no error
@@ -269,7 +273,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
     def attention_maps(session, block, head):
         """The network's part: on ZeroGPU it runs in a worker on a copy of the session, so it returns the maps
         and leaves the session to on_attention."""
-        return H.attention_view(model.get(), session, block, head)
+        with runs.running():
+            return H.attention_view(model.get(), session, block, head)
 
     @friendly
     def on_attention(session, block, head, preset, width, level, shown=None):
@@ -440,6 +445,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         api_in = [gr.File(label="scan", **off), gr.Number(0.5, label="overlap", **off), gr.Checkbox(label="tta", **off)]
         api_out = [gr.File(label="mask", **off), gr.JSON(label="statistics", **off), gr.JSON(label="warnings", **off)]
         gr.Button(**off).click(api_segment, api_in, api_out, api_name="segment", **model_queue)
+    demo.model_runs = runs
     return demo
 
 
@@ -468,6 +474,21 @@ PAGE_JS = """() => {
     const watch = new MutationObserver(() => live() !== false && watch.disconnect());
     watch.observe(document.body, {childList: true, subtree: true});
   }
+  // The 3-D camera for the plot's shape, once per figure and size (a visitor's own turns are kept): the figure
+  // carries one for each width/height ratio in layout.meta.cameras (unetrpp.visualize_3d.VIEW_ASPECTS); the widest
+  // that is not wider than the plot, else the narrowest.
+  const fitCamera = (plot) => {
+    const cameras = plot.layout?.meta?.cameras, size = plot._fullLayout?._size;
+    if (!cameras || !size?.w || !size?.h || (plot.fittedCameras === cameras && plot.fittedSize === size.w / size.h)) return;
+    plot.fittedCameras = cameras; plot.fittedSize = size.w / size.h;
+    const fitting = cameras.filter(([aspect]) => aspect <= size.w / size.h);
+    const pick = (list, better) => list.reduce((best, c) => (better(c[0], best[0]) ? c : best));
+    const eye = (fitting.length ? pick(fitting, (a, b) => a > b) : pick(cameras, (a, b) => a < b))[1];
+    window.Plotly?.relayout(plot, {'scene.camera.eye': eye});
+  };
+  new MutationObserver(() => document.querySelectorAll('#surface .js-plotly-plot').forEach((plot) => {
+    if (!plot.cameraHook && plot.on) { plot.cameraHook = true; plot.on('plotly_afterplot', () => fitCamera(plot)); fitCamera(plot); }
+  })).observe(document.body, {childList: true, subtree: true});
 }"""
 # Plotly's own resize, after the tab has been drawn, for each plot that is on the page.
 FIT_PLOTS = """() => { setTimeout(() => document.querySelectorAll('.js-plotly-plot').forEach(
@@ -513,6 +534,7 @@ if __name__ == "__main__":
                                           "converted weights in weights/, else the SYNTHETIC teaching weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    startup_demo(args.weights or os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)
+    page = startup_demo(args.weights or os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE)
+    page.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)
+    page.model_runs.stop()  # Ctrl-C closed the server: a segmentation still running stops at its next window

@@ -42,6 +42,7 @@ def server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}/", cache
     finally:
         demo.close()
+        assert demo.model_runs.stop(), "a model run did not stop within 30 s"
         mp.undo()
 
 
@@ -135,19 +136,25 @@ def test_eight_concurrent_calls_then_the_cache_empties(client, server, tmp_path)
     assert leftovers() == []
 
 
-def test_python_app_py_serves_on_the_env_port_with_weights(tmp_path):
-    """`python app.py --weights DIR` listens where GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say."""
+def test_python_app_py_serves_on_the_env_port_with_weights_and_stops_cleanly_on_ctrl_c(tmp_path):
+    """`python app.py --weights DIR` listens where GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say; Ctrl-C during a
+    segmentation ends it with status 0: the process aborted ("terminate called without an active exception",
+    SIGABRT) when it ended with a handler thread inside torch."""
     import json
     import os
+    import signal
     import subprocess
     import sys
     import urllib.request
+
+    from gradio_client import Client, handle_file
 
     weights = tmp_path / "my_weights"
     create_model("unetrpp_tiny").save_pretrained(weights)
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_TEMP_DIR": str(tmp_path / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_TEMP_DIR": str(tmp_path / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "UNETRPP_MAX_WINDOWS": "100000"}  # a run that would take minutes: the one Ctrl-C stops
     env.pop("UNETRPP_WEIGHTS", None)
     app_py = Path(__file__).resolve().parents[1] / "app.py"
     proc = subprocess.Popen([sys.executable, str(app_py), "--weights", str(weights)], env=env, cwd=tmp_path,
@@ -162,6 +169,17 @@ def test_python_app_py_serves_on_the_env_port_with_weights(tmp_path):
                 time.sleep(0.5)
         assert config is not None, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no answer"
         assert str(weights) in json.dumps(config)  # the page names the weights it serves
+        job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit(
+            handle_file(str(Path(__file__).parent / "fixtures" / "example_ct.nii.gz")), 0.9, True, api_name="/segment")
+        deadline = time.time() + 60
+        while job.status().code.name != "PROCESSING" and time.time() < deadline and not job.done():
+            time.sleep(0.2)
+        assert job.status().code.name == "PROCESSING", job.status()
+        time.sleep(1)  # inside the network
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+        assert "terminate called" not in proc.stderr.read().decode()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)

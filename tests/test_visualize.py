@@ -180,12 +180,12 @@ def _scene_box(fig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lo, hi, (hi - lo) / np.prod(hi - lo) ** (1 / 3)
 
 
-def _corners_on_screen(fig) -> np.ndarray:
-    """Where plotly's camera puts the 8 corners of the scene's box: (8, 2) as fractions of the half-height of the
-    view (45 degree vertical field of view, looking from the eye at the centre with the layout's up)."""
+def _corners_on_screen(fig, eye=None) -> np.ndarray:
+    """Where plotly's camera (at `eye`, else the layout's) puts the 8 corners of the scene's box: (8, 2) as fractions
+    of the half-height of the view (45 degree vertical field of view, looking at the centre with the layout's up)."""
     scene = fig.layout.scene
     ratio = _scene_box(fig)[2]
-    eye = np.array([scene.camera.eye[a] for a in "xyz"])
+    eye = np.array([(eye or scene.camera.eye)[a] for a in "xyz"])
     forward = -eye / np.linalg.norm(eye)
     right = np.cross(forward, [scene.camera.up[a] for a in "xyz"])
     right /= np.linalg.norm(right)
@@ -200,7 +200,9 @@ def _corners_on_screen(fig) -> np.ndarray:
 def test_surfaces_fit_a_phone_shaped_view_with_room_for_the_axis_titles(shape, spacing):
     """Plotly frames a 3-D scene by the plot's height: with the camera set for a desktop, a 390 px phone (a plot
     about as wide as tall) lost the sides and their axis titles, and a tall scan lost its top and bottom on every
-    screen. The whole box of organs stays within 70 % of a square view, in mm on every axis."""
+    screen. The figure carries a camera for each plot shape, from a desktop's to a phone's, for the page to pick;
+    with each, the whole box of organs stays within 70 % of the view of that shape, in mm on every axis, and the
+    camera does not stand further back than it must (the box reaches 70 % on one side)."""
     mask = np.zeros(shape, np.uint8)
     z, y, x = shape
     mask[1:z - 1, y // 2 - 3:y // 2 + 3, x // 2 - 3:x // 2 + 3] = 8  # aorta, top to bottom
@@ -212,7 +214,13 @@ def test_surfaces_fit_a_phone_shaped_view_with_room_for_the_axis_titles(shape, s
     lo, hi, ratio = _scene_box(fig)
     assert np.all(lo < points.min(0)) and np.all(points.max(0) < hi)  # every surface inside the box
     np.testing.assert_allclose(ratio / ratio[0], (hi - lo) / (hi - lo)[0], rtol=1e-6)  # a mm is a mm on every axis
-    assert np.abs(_corners_on_screen(fig)).max() <= 0.7 + 1e-6
+    cameras = fig.layout.meta["cameras"]
+    assert [aspect for aspect, _ in cameras] == [1.5, 2.0, 1.0, 0.75, 0.5]
+    assert dict(scene.camera.eye.to_plotly_json()) == cameras[0][1]  # without the page: plotly's default 700 x 450
+    for aspect, eye in cameras:
+        across, upwards = np.abs(_corners_on_screen(fig, eye)).T
+        reach = max(across.max() / aspect, upwards.max())
+        assert 0.7 - 1e-6 <= reach <= 0.7 + 1e-6, (aspect, reach)
     assert all(scene[f"{a}axis"].title.text.endswith("(mm)") for a in "xyz")
 
 

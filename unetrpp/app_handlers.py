@@ -8,6 +8,7 @@ app.py shows in the page.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -16,7 +17,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -399,7 +400,41 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
 
 
 class Superseded(Exception):
-    """Raised from a segmentation's progress callback when its scan is no longer the one on the page."""
+    """Raised from a segmentation's progress callback when its scan is no longer the one on the page, or the
+    server is shutting down (`ModelRuns.check`)."""
+
+
+class ModelRuns:
+    """The model runs in progress in the server's handler threads, so that a server shutting down stops them
+    first: a process that ends while such a thread is inside torch aborts ("terminate called without an active
+    exception", exit status 134) instead of exiting."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._count, self._changed = 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around a call into the model."""
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def check(self, *_: object) -> None:
+        """For a progress callback: once the server is shutting down, the run stops at its next report."""
+        if self.stopping.is_set():
+            raise Superseded("the server is shutting down")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Ask the runs to stop at their next report and wait for them, at most `timeout` s; whether all ended."""
+        self.stopping.set()
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
 
 
 def warnings_text(session: Session) -> str:

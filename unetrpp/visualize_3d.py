@@ -23,9 +23,12 @@ logger = logging.getLogger(__name__)
 EYE_DIRECTION = (-0.3, 1.0, 0.3)
 # Plotly draws a 3-D scene with a 45 degree vertical field of view and lets the width follow the plot's shape, so a
 # camera set for a desktop's wide plot cuts the sides off on a phone, where the plot is about as tall as it is wide.
-# The camera stands back until the organs' box fills at most FILL of a square view, the rest kept for the tick
-# labels and axis titles around it: the scene fits every screen the server cannot see, from a phone up.
-FIELD_OF_VIEW, VIEW_ASPECT, FILL = math.pi / 4, 1.0, 0.7
+# The camera stands back until the organs' box fills at most FILL of the view, the rest kept for the tick labels and
+# axis titles around it. The server cannot see the screen: the figure carries the camera for each of VIEW_ASPECTS
+# (plot width over height) in `layout.meta["cameras"]`, which the viewer's page picks from (app.PAGE_JS), and
+# stands where the first fits (plotly's default 700 x 450 plot, a notebook's).
+FIELD_OF_VIEW, FILL = math.pi / 4, 0.7
+VIEW_ASPECTS = (1.5, 2.0, 1.0, 0.75, 0.5)
 # The patient's direction each axis's numbers grow towards (the surfaces are drawn in RAS). No arrow: drawn
 # flat on the page, "→ right" pointed at the screen's right under an axis that grows to the left, seen from the front.
 AXIS_TITLES = ("right (mm)", "anterior (mm)", "superior (mm)")
@@ -62,7 +65,7 @@ def surface_step(shape: Sequence[int], spacing: Sequence[float], max_voxels: int
     return tuple(steps)
 
 
-def camera_distance(half: Sequence[float], direction: Sequence[float] = EYE_DIRECTION, aspect: float = VIEW_ASPECT,
+def camera_distance(half: Sequence[float], direction: Sequence[float] = EYE_DIRECTION, aspect: float = 1.0,
                     fill: float = FILL) -> float:
     """How far along `direction` the camera must stand, in plotly's scene units (the box spans +-`half` (x, y, z)
     around the origin, which the camera looks at), for the whole box to show within `fill` of a view `aspect`
@@ -150,7 +153,9 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
         lo, hi = -np.ones(3), np.ones(3)
     sides = hi - lo
     ratio = sides / np.prod(sides) ** (1 / 3)  # equal mm on every axis, scaled as plotly's aspectmode "data" does
-    eye = np.asarray(EYE_DIRECTION) / np.linalg.norm(EYE_DIRECTION) * camera_distance(ratio / 2)
+    direction = np.asarray(EYE_DIRECTION) / np.linalg.norm(EYE_DIRECTION)
+    cameras = [[aspect, dict(zip("xyz", (direction * camera_distance(ratio / 2, aspect=aspect)).tolist()))]
+               for aspect in VIEW_ASPECTS]
     axes = {f"{a}axis": dict(title=t, range=[float(lo[n]), float(hi[n])])
             for n, (a, t) in enumerate(zip("xyz", AXIS_TITLES))}
     # x runs towards the patient's right in RAS volumes: seen from the front, right is on the left.
@@ -159,6 +164,7 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
         title=dict(text=title, font=dict(size=13)), margin=dict(l=0, r=0, t=14 + 16 * len(lines) if lines else 0, b=0),
         legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=0, x=0),
         scene=dict(aspectmode="manual", aspectratio=dict(zip("xyz", ratio.tolist())), **axes,
-                   camera=dict(eye=dict(zip("xyz", eye.tolist())), up=dict(x=0, y=0, z=1))),
+                   camera=dict(eye=cameras[0][1], up=dict(x=0, y=0, z=1))),
+        meta=dict(cameras=cameras),
     )
     return fig
