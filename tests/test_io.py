@@ -182,6 +182,15 @@ def _infinite_pixdim(d: Path) -> Path:
     return path
 
 
+def _datatype(d: Path, name: str, code: int, bitpix: int) -> Path:
+    # A type nibabel does not read (binary, float128: "data code 1 not supported") or one we do not (complex, RGB)
+    return _patched_header(d, name, 70, np.array([code, bitpix], "<i2"))  # datatype, bitpix
+
+
+def _nan_intercept(d: Path) -> Path:
+    return _patched_header(d, "nan_inter.nii", 112, np.array([1.0, np.nan], "<f4"))  # scl_slope, scl_inter
+
+
 BAD_CASES = {
     "png": (_png, "PNG"),
     "text": (_text, "text file"),
@@ -203,6 +212,13 @@ BAD_CASES = {
     "vox_offset_zero": (_vox_offset_zero, "vox_offset"),
     "bad_quaternion": (_bad_quaternion, "quaternion"),
     "infinite_pixdim": (_infinite_pixdim, "voxel spacing is not finite"),
+    "binary": (lambda d: _datatype(d, "binary.nii", 1, 1), "binary (NIfTI datatype 1) is not supported; re-export"),
+    "float128": (lambda d: _datatype(d, "f128.nii", 1536, 128), "float128 (NIfTI datatype 1536) is not supported; "
+                                                                 "re-export the image with one integer or float"),
+    "complex64": (lambda d: _datatype(d, "complex.nii", 32, 64), "complex64 (NIfTI datatype 32) is not supported; "
+                                                                 "re-export"),
+    "rgb24": (lambda d: _datatype(d, "rgb.nii", 128, 24), "RGB (NIfTI datatype 128) is not supported; re-export"),
+    "nan_scl_inter": (_nan_intercept, "scl_inter is nan (scl_slope 1), so the voxel values are unknown; set scl_inter"),
 }
 
 
@@ -427,7 +443,9 @@ def test_header_grid_refuses_what_load_refuses(tmp_path):
     raw[70:72] = np.array([12345], "<i2").tobytes()  # datatype: no such code
     odd.write_bytes(bytes(raw))
     for path, words in ((flat, "zero voxel spacing"), (odd, "cannot read the NIfTI header"),
-                        (_vox_offset_zero(tmp_path), "vox_offset"), (_bad_quaternion(tmp_path), "quaternion")):
+                        (_vox_offset_zero(tmp_path), "vox_offset"), (_bad_quaternion(tmp_path), "quaternion"),
+                        (_datatype(tmp_path, "binary.nii", 1, 1), "voxel type binary"),
+                        (_nan_intercept(tmp_path), "scl_inter is nan")):
         for read in (io.load, io.header_grid):
             with pytest.raises(ValueError, match=words):
                 read(path)

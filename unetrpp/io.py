@@ -53,6 +53,7 @@ _NIFTI1_MAGICS = (b"n+1\0",)
 _NIFTI2_MAGICS = (b"n+2\0",)
 _PAIR_MAGICS = (b"ni1\0", b"ni2\0")
 _HINT = "give a 3-D NIfTI image (.nii or .nii.gz)"
+_VOXEL_TYPE_FIX = "re-export the image with one integer or float value per voxel (e.g. int16 or float32)"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -210,7 +211,7 @@ def check_image(img: nib.Nifti1Image, name: str = "image") -> tuple[int, int, in
                          "(unetrpp.io.MAX_VOXELS); crop or downsample the image first")
     dtype = img.header.get_data_dtype()
     if dtype.kind not in "iuf" or dtype.fields is not None:
-        raise ValueError(f"{name}: voxel type {dtype} is not supported; give a scalar integer or float image")
+        raise ValueError(f"{name}: voxel type {dtype} is not supported; {_VOXEL_TYPE_FIX}")
     affine = img.affine
     if affine is None:  # only an image made in memory: a file always yields one
         raise ValueError(f"{name}: the image has no affine (made with affine=None), so where its voxels lie is "
@@ -323,12 +324,26 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"{path}: the qform quaternion (quatern_b, c, d = {', '.join(f'{v:g}' for v in bcd)}) has a "
                          f"length above 1 and there is no sform, so how the image lies in the body is unknown; fix "
                          "the qform in the header (or set an sform), or re-export the image")
+    # Said here in what would work: nibabel stops at a binary or float128 header with "data code 1 not supported"
+    # and at a NaN intercept with "Valid slope but invalid intercept", neither of which names the fix.
+    code = int(raw["datatype"])
+    codes = nib.nifti1.data_type_codes
+    if code in codes.value_set() and codes.label[code] not in ("none", "all") \
+            and np.dtype(codes.type[code]).kind not in "iuf":
+        raise ValueError(f"{path}: voxel type {codes.label[code]} (NIfTI datatype {code}) is not supported; "
+                         f"{_VOXEL_TYPE_FIX}")
+    slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+    if slope != 0 and math.isfinite(slope) and not math.isfinite(inter):  # slope 0/NaN: unscaled, inter unused
+        raise ValueError(f"{path}: the header's scaling intercept scl_inter is {inter:g} (scl_slope {slope:g}), so "
+                         "the voxel values are unknown; set scl_inter to the real offset (0 for none), or re-export "
+                         "the image")
     # This very file: nib.load lowercases a mixed-case extension (scan.Nii -> scan.nii), then finds no such file.
     klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
     try:
         img = klass.from_file_map(klass.make_file_map({"image": str(path), "header": str(path)}), mmap=False)
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, HeaderDataError) as exc:
-        raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); {_HINT}") from None
+        raise ValueError(f"{path}: cannot read the NIfTI header ({str(exc).splitlines()[0]}); re-export the image "
+                         "as a 3-D NIfTI (.nii or .nii.gz)") from None
     # An uncompressed file shorter than its header's voxels: said now, before an array of the header's size
     # is allocated (a 1 KB upload whose header claims 700 x 512 x 512 voxels held 700 MB for nothing).
     if not path.name.lower().endswith(".gz") and check_image(img, str(path)):  # its shape is sane
