@@ -252,6 +252,17 @@ def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_pa
         H.check_workload(small, tiny_model.config, tta=True, limit=7)
 
 
+def test_a_scan_refused_for_its_size_in_a_header_in_meters_names_the_unit(tmp_path, tiny_model):
+    """A CT in mm whose header says meters spans kilometres: cropping or lowering the overlap would not help."""
+    img = nib.Nifti1Image(np.zeros((32, 32, 8), np.int16), np.diag([2.5, 2.5, 4.0, 1.0]))
+    img.header.set_xyzt_units("meter")
+    nib.save(img, tmp_path / "meters.nii.gz")
+    with pytest.raises(ValueError, match=r"above this viewer's limit .* the header gives distances in meters "
+                                         r"\(xyzt_units\), converted to millimetres: if its voxel size is in mm, set "
+                                         "xyzt_units to mm"):
+        H.check_workload(tmp_path / "meters.nii.gz", tiny_model.config)
+
+
 def test_the_space_asks_zerogpu_for_what_each_call_needs(zerogpu_app, fixtures, scan, tiny_model):
     """app.py under `forked_gpu` (ZeroGPU's semantics: each GPU function runs in a worker on pickled
     copies of its arguments and results): every model call is wrapped with a duration, the

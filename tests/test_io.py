@@ -379,6 +379,25 @@ def test_spatial_units_other_than_millimetres_are_converted(unit, scale, tmp_pat
     assert any(f"distances in {unit}s; converted to millimetres" in w for w in volume.warnings)
 
 
+@pytest.mark.parametrize("unit, words", [("micron", "spans only"), ("meter", "MAX_TARGET_VOXELS")])
+def test_a_size_refused_for_a_header_in_another_unit_names_the_unit(unit, words, tmp_path):
+    """A CT in mm whose header says microns (xyzt_units) spans a fraction of a millimetre, one in meters kilometres:
+    the one-line refusal says the unit is the likely cause (the warning that says so was lost when it raised)."""
+    from unetrpp.preprocess import Preprocessing, prepare
+
+    img = nib.Nifti1Image(_phantom(), AFFINE)
+    img.header.set_xyzt_units(unit)
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(ValueError) as info:
+        prepare(io.load(path), Preprocessing())
+    message = str(info.value)
+    assert words in message and f"distances in {unit}s (xyzt_units)" in message, message
+    assert "set xyzt_units to mm" in message and "\n" not in message
+    assert io.unit_note(path) == io.unit_note(io.load(path)) and unit in io.unit_note(path)
+    assert io.unit_note(write_nifti(tmp_path / "mm.nii.gz", _phantom())) == ""  # a header in mm: nothing to add
+
+
 @pytest.mark.parametrize("encoding", ["int16", "int32", "float32", "float64", "scaled_int16", "nifti2", "plain_nii"])
 def test_on_disk_encoding_does_not_change_the_values(encoding, tmp_path):
     hu = _phantom()

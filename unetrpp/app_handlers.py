@@ -342,7 +342,7 @@ def check_workload(path: str | os.PathLike, config: Any, overlap: float = 0.5, t
         ["lower the overlap"] if overlap > 0.25 else []) + ["crop the scan", "run `python -m unetrpp predict`"]
     raise ValueError(f"{Path(path).name} spans {extent} mm (z, y, x): {passes:,} window passes on a "
                      f"{' x '.join(map(str, grid))} grid, above this viewer's limit of {limit:,} (UNETRPP_MAX_WINDOWS); "
-                     + ", ".join(fixes[:-1]) + " or " + fixes[-1])
+                     + ", ".join(fixes[:-1]) + " or " + fixes[-1] + io.unit_note(path))
 
 
 def gpu_seconds(path: str | os.PathLike | None, config: Any, overlap: float = 0.5, tta: bool = False) -> int:

@@ -425,6 +425,22 @@ def _affine_mm(img: nib.Nifti1Image) -> tuple[np.ndarray, str | None]:
     return img.affine, None
 
 
+def unit_note(source: Volume | str | os.PathLike) -> str:
+    """For an error about a scan's size in mm: "" or, when the header of `source` (a `Volume` or a NIfTI path) gives
+    distances in another unit, a clause naming it and the fix. A CT whose header says microns (xyzt_units) spans a
+    fraction of a millimetre; the warning that says so is lost when the size check raises."""
+    if isinstance(source, Volume):
+        img = source.source
+    else:
+        with _nibabel_notes():  # `load` reports them
+            img = _open(Path(source))
+    unit = _affine_mm(img)[1] if img is not None else None
+    if unit is None:
+        return ""
+    return (f"; the header gives distances in {unit}s (xyzt_units), converted to millimetres: if its voxel size is "
+            "in mm, set xyzt_units to mm (nibabel: img.header.set_xyzt_units('mm'))")
+
+
 def header_grid(path: str | os.PathLike,
                 orientation: str = "RAS") -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The (Z, Y, X) shape and spacing (mm) that `load(path, orientation)` gives, from the header alone."""

@@ -172,12 +172,13 @@ def prepare(volume: io.Volume, preprocessing: Preprocessing, device: str | torch
     if min(shape) < 2:
         extent = " x ".join(f"{n * s:.3g}" for n, s in zip(volume.shape, volume.spacing))
         raise ValueError(f"the scan spans only {extent} mm (z, y, x): at the weights' spacing {tuple(target)} mm "
-                         f"that is {shape} voxels, a single slice; check the voxel spacing in the header (pixdim)")
+                         f"that is {shape} voxels, a single slice; check the voxel spacing in the header (pixdim)"
+                         + io.unit_note(volume))
     if math.prod(shape) > MAX_TARGET_VOXELS:
         raise ValueError(f"at the weights' spacing {tuple(target)} mm the {volume.shape} scan with spacing "
                          f"{tuple(round(v, 3) for v in volume.spacing)} mm becomes {shape} = {math.prod(shape):,} voxels, "
                          f"above the limit of {MAX_TARGET_VOXELS:,} (unetrpp.preprocess.MAX_TARGET_VOXELS); "
-                         "check the voxel spacing in the header, or crop the scan")
+                         "check the voxel spacing in the header, or crop the scan" + io.unit_note(volume))
     coarse = _coarse_axis(volume.spacing, target)
     image = _cubic_on_gpu(volume.array, shape, coarse, torch.device(device))
     if image is None:
