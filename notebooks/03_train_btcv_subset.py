@@ -153,6 +153,7 @@ run_dir = work / time.strftime("run-%Y%m%d-%H%M%S")  # a new folder each time: t
 options = TrainOptions(data=str(data_dir), out=str(run_dir), name="unetrpp_tiny", max_steps=MAX_STEPS,
                        warmup_steps=WARMUP_STEPS, val_cases=1 if FAST else 2, val_every=MAX_STEPS if FAST else 400,
                        log_every=4 if FAST else 20, checkpoint_every=MAX_STEPS)
+result = None  # until this run finishes: an interrupted one must not leave the previous run to be evaluated below
 result = train(options, on_step=live_plot)
 print("finished at step", result.step, "| model folder:", result.model_dir)
 
@@ -175,6 +176,10 @@ print("finished at step", result.step, "| model folder:", result.model_dir)
 # together with the number of organs it covers, printed below the table.
 
 # %%
+if result is None:  # the training cell above was interrupted (Ctrl-C, Kernel > Interrupt) or failed
+    raise RuntimeError(f"the training run {run_dir} did not finish, so it has no model to evaluate; "
+                       "run the training cell again")
+print("evaluating the model of", result.run_dir)
 model = load_pretrained(result.model_dir)
 if synthetic:
     test_cases = read_datalist(write_phantom_dataset(work / f"heldout-{PHANTOM_SIZE}", HELD_OUT, seed=2000, size=PHANTOM_SIZE))["training"]

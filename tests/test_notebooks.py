@@ -198,6 +198,33 @@ def test_notebook_03_writes_its_phantoms_under_a_progress_bar(tmp_path, capsys):
     assert "2 cases in" in out.out and len(namespace["lists"]["training"]) == 2
 
 
+def test_notebook_03_does_not_evaluate_the_previous_run_after_an_interrupted_one(tmp_path):
+    """Ctrl-C in the training cell (train() saves a checkpoint, then raises KeyboardInterrupt) left `result`, the
+    previous run's, and section 3 evaluated that model without a word. Runs both cells with train() stubbed."""
+    import time
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    cells = jupytext.read(NOTEBOOKS[2].with_suffix(".py")).cells
+    training = next(c.source for c in cells if "def live_plot" in c.source)
+    evaluation = next(c.source for c in cells if "load_pretrained(result.model_dir)" in c.source)
+
+    def interrupted(options, on_step):
+        raise KeyboardInterrupt
+
+    previous = SimpleNamespace(run_dir=tmp_path / "run-earlier", model_dir=tmp_path / "run-earlier" / "model", step=8)
+    namespace = {"FAST": True, "MAX_STEPS": 8, "WARMUP_STEPS": 2, "synthetic": True, "work": tmp_path,
+                 "data_dir": tmp_path, "TrainOptions": SimpleNamespace, "train": interrupted, "time": time, "plt": plt,
+                 "display": lambda *args, **kwargs: None, "result": previous,
+                 "load_pretrained": lambda path: pytest.fail(f"section 3 evaluated {path}, not this run")}
+    with pytest.raises(KeyboardInterrupt):
+        exec(compile(training, "03_train_btcv_subset.py", "exec"), namespace)
+    with pytest.raises(RuntimeError, match=r"the training run .*run-\d{8}-\d{6} did not finish, so it has no model to "
+                                           "evaluate; run the training cell again"):
+        exec(compile(evaluation, "03_train_btcv_subset.py", "exec"), namespace)
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("01", "03")], ids=lambda p: p.stem)
 def test_notebooks_that_show_scans_say_not_a_medical_device(path):
     """01 shows attention on a real CT, 03 segments scans (real BTCV cases when given): they say what the
