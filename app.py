@@ -45,6 +45,10 @@ try:
     QUEUE_SIZE = H.env_int("UNETRPP_QUEUE_SIZE", 24)  # requests waiting
 except ValueError as exc:
     sys.exit(f"error: {exc}")
+# Uploads read at once. Reading a 512 x 512 x 300 CT peaks near 600 MB (gzip, float32, reorientation): at gradio's
+# default of 8 at once, eight visitors uploading together took about 5 GB of a 16 GB Space. A third upload waits
+# for a read to end (seconds); views, sliders and clicks go around the queue and never wait for it.
+LOAD_CONCURRENCY = 2
 WIDTH_HU, LEVEL_HU = "window W (HU)", "level L (HU)"  # the W/L boxes' labels for a CT
 START = "Upload a scan or pick an example: it shows at once, then is segmented."
 # How long the server keeps a page's scan after the last upload or segmentation wrote it: as long as gradio keeps
@@ -397,7 +401,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                      show_progress="hidden", api_visibility="private")
         # A scan uploaded while another is segmented: that run gives way (on_segment), and this one's run
         # waits for it to end ("always_last"; the default, "once", would drop it).
-        scan.change(on_file, [scan, shown_scan], [session, status, preset, width, level], api_visibility="private").success(
+        scan.change(on_file, [scan, shown_scan], [session, status, preset, width, level], api_visibility="private",
+                    concurrency_id="load", concurrency_limit=LOAD_CONCURRENCY).success(
             **redraw).success(**clear).success(after_upload, [session, scan, overlap, tta, bf16, shown_scan],
                                                [session, status], trigger_mode="always_last", **model_run).success(
             **redraw)

@@ -828,6 +828,23 @@ def test_drawing_what_the_page_holds_never_waits_in_the_queue_of_segmentations(t
         {"segment_shown", "after_upload", "on_attention"} <= {fn.name for fn in demo.fns.values() if fn.queue}
 
 
+def test_uploads_are_read_a_few_at_a_time_not_eight(tiny_model):
+    """Reading a 512 x 512 x 300 CT peaks near 600 MB; at the queue's default of 8 at once, eight visitors uploading
+    together took about 5 GB of a 16 GB Space. The upload's read has a group of its own, of LOAD_CONCURRENCY, which
+    the server's queue enforces; the views still go around the queue."""
+    import app
+
+    demo = app.build_demo(net=tiny_model).queue(**app.QUEUE)
+    for fn in demo.fns.values():  # what the server does with each event it is sent
+        if fn.queue:
+            demo._queue.create_event_queue_for_fn(fn)
+    groups = demo._queue.event_queue_per_concurrency_id
+    assert [fn.name for fn in demo.fns.values() if fn.concurrency_id == "load"] == ["on_file"]
+    assert groups["load"].concurrency_limit == app.LOAD_CONCURRENCY < app.QUEUE["default_concurrency_limit"]
+    assert groups["model"].concurrency_limit == app.MODEL_CONCURRENCY
+    assert not any(fn.queue for fn in demo.fns.values() if fn.name == "redraw_views")  # slider let go, W/L, organs
+
+
 def test_an_unexpected_error_shows_no_server_folders():
     """The page names the visitor's file, never the server's upload cache it sits in, in every message."""
     import app
