@@ -206,7 +206,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         try:
             with runs.running():
                 result, _, _ = H.segment_scan(session.path, model.get(), get_upload_folder(), overlap, tta,
-                                              model.device, progress=report, precision="bf16" if bf16 else "auto")
+                                              model.device, progress=report, precision="bf16" if bf16 else "auto",
+                                              held=session)
         except H.Superseded:
             return gr.skip(), gr.skip()
         except Exception as exc:  # the session on the page stays (on ZeroGPU `session` is a copy from the start)

@@ -9,6 +9,7 @@ app.py shows in the page.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import json
 import logging
@@ -164,6 +165,9 @@ class Session:
     surfaces: Any = None  # the plotly figure of every organ's surface, built once for this mask
     ct: bool | None = None  # whether the values look like CT in HU (None: find out); else no "HU" is shown
     labels: Any = field(default=None, repr=False, compare=False)  # (mask, its labels), see present_labels
+    # The io.Volume as read from `path`, less its voxels (array None: they are `volume`): segment_scan segments
+    # the scan held here instead of reading the file again.
+    read: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.volume = compact(self.volume)
@@ -226,7 +230,8 @@ def load_scan(path: str | os.PathLike | None) -> Session:
         raise ValueError(f"{p.name}: not a readable NIfTI image ({type(exc).__name__}: {reason}); "
                          "upload a .nii or .nii.gz CT volume") from exc
     # io.load has already refused non-3-D images and replaced NaN/Inf (with a warning in volume.warnings).
-    return Session(np.asarray(volume.array, dtype=np.float32), tuple(volume.spacing), p.name, str(p))
+    return Session(np.asarray(volume.array, dtype=np.float32), tuple(volume.spacing), p.name, str(p),
+                   read=dataclasses.replace(volume, array=None))
 
 
 def describe(session: Session) -> str:
@@ -362,17 +367,26 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
                  tta: bool = False, device: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
                  write_csv: bool = True, precision: str = "auto",
-                 max_windows: int | None = None) -> tuple[Session, str, str | None]:
+                 max_windows: int | None = None, held: Session | None = None) -> tuple[Session, str, str | None]:
     """Segment the NIfTI at `path`: the session with its mask, and the paths of the mask (.nii.gz,
     on the upload's exact grid) and statistics CSV (None unless `write_csv`) written in a fresh
     folder under `out_dir`. Nothing else is written: the caller hands both files out (or deletes them).
     `precision` as for `unetrpp.segment` ("auto", "fp32" or "bf16"). A scan that takes more than
-    `max_windows` window passes (default `MAX_WINDOWS`) is refused before the model runs."""
+    `max_windows` window passes (default `MAX_WINDOWS`) is refused before the model runs. `held`: a session
+    of this file (from `load_scan` or an earlier run), whose scan is segmented as it is held, not read again."""
     from .inference import segment
 
     p = _check_nifti_path(path)
     check_workload(p, model.config, overlap, tta, max_windows)
-    result = segment(str(p), model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress,
+    image: str | io.Volume = str(p)
+    if (held is not None and held.read is not None and held.path == str(p)
+            and held.orientation == model.config.preprocessing.orientation.upper()):
+        # What reading the file again gives (see compact: the held voxels are its float32 values exactly, in a
+        # copy the run may change), without decompressing the file again: 1-2 s for a 512 x 512 x 300 CT, GPU time
+        # on ZeroGPU, where this runs in the GPU worker.
+        image = dataclasses.replace(held.read, array=np.array(held.volume, dtype=np.float32),
+                                    warnings=list(held.read.warnings))
+    result = segment(image, model=model, device=device, overlap=float(overlap), tta=bool(tta), progress=progress,
                      precision=precision)
     folder = Path(out_dir) / f"unetrpp-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True, exist_ok=False)
@@ -389,7 +403,8 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
                       mask=np.asarray(result.mask, dtype=np.uint8), class_names=tuple(result.class_names),
                       statistics=list(result.statistics), files=[str(f) for f in (mask_path, csv_path) if f.exists()],
                       warnings=list(result.warnings), orientation=result.volume.orientation,
-                      ct=getattr(result, "in_hu", None))  # found by segment(): not again (about 0.1 s each)
+                      ct=getattr(result, "in_hu", None),  # found by segment(): not again (about 0.1 s each)
+                      read=dataclasses.replace(result.volume, array=None))
     session.position = centre_of_mask(session.mask)
     windows = getattr(result, "windows", "?")
     session.summary = (f"{len(organ_choices(session))} organs found, {windows} window{'' if windows == 1 else 's'} in "
