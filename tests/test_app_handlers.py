@@ -933,6 +933,8 @@ def test_uploads_are_read_a_few_at_a_time_not_eight(tiny_model):
     assert groups["load"].concurrency_limit == app.LOAD_CONCURRENCY < app.QUEUE["default_concurrency_limit"]
     assert groups["model"].concurrency_limit == app.MODEL_CONCURRENCY
     assert not any(fn.queue for fn in demo.fns.values() if fn.name == "redraw_views")  # slider let go, W/L, organs
+    readme = " ".join((Path(app.__file__).parent / "README.md").read_text().split())
+    assert f"uploads are read {['one', 'two', 'three'][app.LOAD_CONCURRENCY - 1]} at a time" in readme
 
 
 def test_an_unexpected_error_shows_no_server_folders():
