@@ -154,6 +154,11 @@ def file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if st.st_ino else None
 
 
+def output_keys(target: Path) -> set:
+    """What tells a written output apart from every other: its resolved path and, once it exists, `file_id`."""
+    return {target.resolve(), *filter(None, [file_id(target)])}
+
+
 def make_output_folder(output: Path) -> bool:
     """Create the output folder if needed; True when it was created here (ValueError when it cannot be)."""
     if output.is_dir():
@@ -204,9 +209,9 @@ def ranks_meet(local: object, world: int) -> Iterator[list]:
     status 2) used to stop the others in the middle of theirs, losing the scans they had still to segment. So ranks
     meet here, over a CPU (gloo) group (`join_group`), and none exits before rank 0 has written what the
     block writes. Ranks started by hand without torchrun (RANK and WORLD_SIZE set, no MASTER_ADDR: e.g. one per
-    machine) have nobody to meet: `[local]`.
+    machine) have nobody to meet: their caller gives `world` 1, and gets `[local]`.
     """
-    if world == 1 or "MASTER_ADDR" not in os.environ:
+    if world == 1:
         yield [local]
         return
     import torch.distributed as dist
@@ -400,7 +405,7 @@ def segment_files(args: argparse.Namespace) -> int:
             if index in repeated:
                 raise ValueError(f"output {target} would overwrite another result, the mask of "
                                  f"{files[repeated[index]]}; choose another output folder or rename the input")
-            if target.resolve() in seen or file_id(target) in seen:  # its own mask, or another spelling of it
+            if output_keys(target) & seen:  # its own mask, or another spelling of it
                 raise ValueError(f"output {target} would overwrite another result; "
                                  "choose another output folder or rename the input")
             if reason := clobbers(target, inputs):
@@ -411,7 +416,7 @@ def segment_files(args: argparse.Namespace) -> int:
                     rows.append((index, str(source), statistics))
                     in_hu.append(ct)
                 kept.append(index)
-                seen.update(key for key in (target.resolve(), file_id(target)) if key is not None)
+                seen |= output_keys(target)
                 continue
             # A voxel size that is wrong in the header can make a run last hours: say so before it starts.
             prep = model.config.preprocessing
@@ -431,7 +436,7 @@ def segment_files(args: argparse.Namespace) -> int:
                                  sw_batch_size=batch, compile=args.compile,
                                  progress=progress)
             result.save(target)
-            seen.update(key for key in (target.resolve(), file_id(target)) if key is not None)
+            seen |= output_keys(target)
         except (ValueError, TypeError, OSError) as exc:
             if debug:
                 raise
