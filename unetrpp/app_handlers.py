@@ -135,6 +135,8 @@ def compact(volume: np.ndarray) -> np.ndarray:
     """The scan as a session holds it, for as long as the page keeps it: int16 when every value is a whole
     number in int16's range, as in a CT in HU as scanners store it (the same values in half the memory of
     float32: 150 MB instead of 300 for 512 x 512 x 300 voxels, per visitor), else float32."""
+    if volume.dtype == np.int16:  # held already (the session a segmentation started from)
+        return volume
     volume = np.asarray(volume, dtype=np.float32)
     limits = np.iinfo(np.int16)
     if volume.size and limits.min <= volume.min() and volume.max() <= limits.max:
@@ -399,7 +401,9 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     for extra in folder.iterdir():  # e.g. a label-name sidecar: only what the page offers may be written
         if extra not in (mask_path, csv_path):
             extra.unlink()
-    session = Session(np.asarray(result.volume.array, dtype=np.float32), tuple(result.volume.spacing), p.name, str(p),
+    # the scan held is the one segmented: kept as it is, not compacted again from the run's float32 copy
+    scan = held.volume if isinstance(image, io.Volume) else np.asarray(result.volume.array, dtype=np.float32)
+    session = Session(scan, tuple(result.volume.spacing), p.name, str(p),
                       mask=np.asarray(result.mask, dtype=np.uint8), class_names=tuple(result.class_names),
                       statistics=list(result.statistics), files=[str(f) for f in (mask_path, csv_path) if f.exists()],
                       warnings=list(result.warnings), orientation=result.volume.orientation,
