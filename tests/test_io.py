@@ -274,7 +274,7 @@ def test_a_scaled_int16_ct_is_read_without_a_float64_copy_of_it(tmp_path, monkey
     """Scanners store CT as int16 with scl_slope/scl_inter. nibabel scales such voxels in float64 under numpy 2:
     read in one go, that was 8 bytes a voxel beside the float32 result (12 bytes a voxel at the peak, 900 MB for
     a 512 x 512 x 300 CT on a shared viewer). A slab at a time: the same values, bit for bit, in 6 bytes a voxel."""
-    monkeypatch.setattr(io, "_SCALE_VOXELS", 2**14, raising=False)  # many slabs in a small file
+    monkeypatch.setattr(io.reading, "_SCALE_VOXELS", 2**14)  # many slabs in a small file; where _read_scaled reads it
     stored = np.random.default_rng(0).integers(-1024, 3000, size=(64, 64, 200)).astype(np.int16)
     path = write_scaled(tmp_path / "ct.nii.gz", stored, slope, inter, np.diag([0.8, 0.8, 1.5, 1.0]))  # RAS
     io.load(path)  # imports and caches out of the count
@@ -582,7 +582,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.nib, "save", full_disk)
+    monkeypatch.setattr(io.writing.nib, "save", full_disk)
     with pytest.raises(ValueError, match="No space left") as info:
         io.save_mask(mask, volume, tmp_path / "mask.nii.gz", label_names=("a",))
     assert "\n" not in str(info.value)
@@ -600,7 +600,7 @@ def test_a_file_windows_will_not_replace_is_named_with_the_fix(tmp_path, monkeyp
     def held_open(src, dst):  # what os.replace raises on Windows (WinError 32) for a file open elsewhere
         raise PermissionError(13, "The process cannot access the file because it is being used by another process")
 
-    monkeypatch.setattr(io.os, "replace", held_open)
+    monkeypatch.setattr(io.writing.os, "replace", held_open)
     with pytest.raises(ValueError, match="stats.csv .*being used by another process.*; close it in the program "
                                          "that has it open") as info:
         write_statistics(table, "label,name,voxels,volume_ml,mean_hu\n1,spleen,8,0.1,40.0\n")
@@ -670,12 +670,12 @@ def test_a_save_killed_part_way_leaves_no_finished_mask(tmp_path, killed_in):
     # the real writer writes the whole temporary file, then the process dies before it is moved into place
     code = (f"import os, signal, nibabel as nib, numpy as np\nfrom unetrpp import io\n"
             f"volume = io.load({str(scan)!r})\n"
-            f"real_save, real_text = nib.save, io.Path.write_text\n"
+            f"real_save, real_text = nib.save, io.writing.Path.write_text\n"
             f"def killed(write):\n"
             f"    def wrapper(*a, **k):\n        write(*a, **k)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
             f"    return wrapper\n"
             f"if {killed_in == 'mask'}:\n    nib.save = killed(real_save)\n"
-            f"else:\n    io.Path.write_text = killed(real_text)\n"
+            f"else:\n    io.writing.Path.write_text = killed(real_text)\n"
             f"io.save_mask((volume.array > 100).astype(np.uint8), volume, {str(mask)!r}, ('background', 'bone'))\n")
     path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
