@@ -344,6 +344,50 @@ def test_ranks_agree_on_the_logged_loss_and_on_stopping(tmp_path):
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[1.5, True, False]] * 2
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_a_and_interrupt_and_resume_b(rank: int, ports: tuple[int, int], data: str, out: str) -> None:
+    """One of two gloo ranks: run a uninterrupted; run b stopped by Ctrl-C on rank 0 after step 3, then resumed."""
+    torch.set_num_threads(1)
+    every = dict(max_steps=6, log_every=2, val_every=3)
+
+    def join(port: int) -> None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_RANK=str(rank))
+
+    def ctrl_c_at_3(record):  # called on rank 0 alone: the ranks agree to stop after the step
+        if record["step"] == 3 and "val_mean_dice" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    join(ports[0])
+    train(options(data, Path(out, "a"), **every))
+    join(ports[1])
+    with pytest.raises(KeyboardInterrupt):
+        train(options(data, Path(out, "b"), **every), on_step=ctrl_c_at_3)
+    train(options(data, Path(out, "b"), resume=True, **every))  # in the process group the interrupted run joined
+
+
+def test_a_run_interrupted_under_ddp_resumes_as_if_uninterrupted(phantoms, tmp_path):
+    """Logged every 2 steps, stopped after step 3: the checkpoint kept rank 0's step-3 loss for every rank, so
+    the resumed run's step-4 record averaged rank 0's step-3 loss in twice, not each rank's own."""
+    torch.multiprocessing.spawn(_train_a_and_interrupt_and_resume_b, nprocs=2,
+                                args=((_free_port(), _free_port()), str(phantoms), str(tmp_path)))
+    assert torch.load(tmp_path / "b/rng_rank1.pt", weights_only=True)["step"] == 6
+    losses = {run: [(h["step"], h["loss"]) for h in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+                    if "loss" in h] for run in "ab"}
+    assert [s for s, _ in losses["b"]] == [2, 4, 6]
+    assert [loss for _, loss in losses["b"]] == pytest.approx([loss for _, loss in losses["a"]], rel=1e-6)
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in "ab")
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_cuda_ranks_of_a_torch_without_nccl_join_over_gloo(monkeypatch):
     """Windows builds of torch have no NCCL: torchrun training on a PC with two GPUs failed on every rank with
     "Distributed package doesn't have NCCL built in". Simulated: CUDA present, NCCL absent."""

@@ -353,7 +353,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         if ctx.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
-                         "running": running,  # losses since the last logged step: a resume logs the same mean
+                         "running": running,  # mean losses over the ranks since the last logged step
                          "options": dataclasses.asdict(saved), "config": config.to_dict()}, ckpt_path)
         save_rng(ctx, run_dir, step)
 
@@ -402,14 +402,15 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     sched.step()
                     step += 1
                     whole_step = True
-                    running.append(float(loss.detach()))
+                    # The mean over the ranks now, not at the log step: the checkpoint then holds every rank's
+                    # losses since the last log, and a resumed run logs the mean an uninterrupted one does.
+                    running.append(ctx.mean(float(loss.detach())))
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{running[-1]:.3f}")
                     if step % options.log_every == 0 or step == options.max_steps:
-                        loss_mean = ctx.mean(float(np.mean(running)))  # over the ranks' batches too
                         if ctx.is_main:
-                            record({"step": step, "loss": loss_mean, "lr": sched.get_last_lr()[0],
+                            record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
                                     "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
                         running = []
                     if (step % options.val_every == 0 or step == options.max_steps) and val_data:
