@@ -310,15 +310,16 @@ def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # rank 0 alone writes
     assert sum("val_mean_dice" in x for x in lines) == 1
-    # validation shared out, one case per rank, and the same Dice as one process scoring both cases
-    # (up to a voxel flipped by another summation order; a case lost or counted twice is off by 50 %)
+    # validation shared out, one case per rank, and the Dice one process gives the saved model on both cases
+    # (a case lost or counted twice is off by 50 %; rank 1 scoring with its own batch-norm statistics, by a
+    # few voxels)
     assert "rank 0 validated 1 case(s)" in done.stderr and "rank 1 validated 1 case(s)" in done.stderr
     run_options = TrainOptions(**json.loads((tmp_path / "ddp/options.json").read_text()))
     final = load_pretrained(tmp_path / "ddp/model")
     single = validate(final, prepare_cases(training_split(run_options)[1], final.config), torch.device("cpu"),
                       final.config.class_names)
     recorded = next(x for x in lines if "val_dice" in x)["val_dice"]
-    assert recorded == pytest.approx(single, rel=0.05, abs=1e-4)
+    assert recorded == pytest.approx(single, rel=1e-9, abs=1e-12)
     assert "rank 1 of 2" in done.stderr and (tmp_path / "ddp/model/model.safetensors").is_file()
     for rank in (0, 1):  # each rank's own random state, for a resume that continues exactly
         assert torch.load(tmp_path / f"ddp/rng_rank{rank}.pt", weights_only=True)["step"] == 3

@@ -102,8 +102,14 @@ def validate(model: UNETRPP, cases: list[PreparedCase], device: torch.device, cl
     """Sliding-window Dice per organ on the prepared validation cases (blended as inference blends
     them, `inference.sliding_window_probabilities`, at a cheaper overlap than inference's 0.5),
     averaged over cases. Under DDP (`ctx`) every rank scores its share, cases[rank::world_size], on
-    the unwrapped model, and the sums are added up across ranks: all ranks get the same result."""
+    the unwrapped model with rank 0's buffers (the model rank 0 saves), and the sums are added up
+    across ranks: all ranks get the same result."""
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    if world > 1:
+        # Each rank's last training step moved its batch-norm running statistics by its own batch; DDP
+        # gives every rank rank 0's buffers again at the next forward, so this changes no training step.
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     was_training, was_ds = model.training, model.deep_supervision
     model.eval()
     model.deep_supervision = False
