@@ -1,7 +1,7 @@
 """Training loop in the nnU-Net style of the original: class-balanced patches, Dice + CE with deep
 supervision weighted 4/7, 2/7, 1/7 (as the original), AdamW (default, suited to short CPU runs) or
-SGD with Nesterov momentum 0.99 (the original's optimiser) with a polynomial schedule, AMP on CUDA,
-gradient clipping, sliding-window validation, resumable checkpoints, DDP under torchrun."""
+SGD with Nesterov momentum 0.99 (the original's optimiser) with a polynomial schedule, AMP on CUDA
+(float16, or bfloat16), gradient clipping, sliding-window validation, resumable checkpoints, DDP under torchrun."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from monai.losses import DiceCELoss
 
 from .config import PRESETS, UNETRPPConfig, get_config
 from .data.btcv import Case, check_cases, check_label_names, is_synthetic, read_datalist, split_cases
+from .devices import true_float32
 from .evaluate import dice
 from .fast import reuse_freed_memory
 from .inference import sliding_window_probabilities
@@ -40,6 +41,7 @@ CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("options.json", "metrics.jsonl", "training_curve.png", CHECKPOINT, "model")  # and rng_rank<N>.pt
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 1e-2}  # peak learning rate by optimiser
 DEFAULT_MAX_STEPS = 1000
+PRECISIONS = ("auto", "fp32", "bf16")  # as inference's, see TrainOptions.precision
 
 
 @dataclass
@@ -65,6 +67,10 @@ class TrainOptions:
     flip_prob: float = 0.0
     seed: int = 0
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
+    # "auto": float16 autocast with loss scaling on CUDA, float32 on the CPU; "fp32": float32 (no TF32 on
+    # CUDA); "bf16": bfloat16 autocast on CUDA (no loss scaling needed), see _check_precision for the CPU.
+    # None: "auto" for a new run, the run's own when resuming (given, it may change: a run moved to the CPU).
+    precision: str | None = None
     resume: bool = False
     progress: bool = True  # tqdm bar on rank 0
 
@@ -172,10 +178,22 @@ def _check_options(o: TrainOptions) -> None:
         raise ValueError(f"weight_decay={o.weight_decay}: must be 0 or positive, e.g. 1e-4")
     if not (isinstance(o.warmup_steps, int) and o.warmup_steps >= 0):
         raise ValueError(f"warmup_steps={o.warmup_steps!r}: must be 0 or a positive integer, e.g. 20")
+    if o.precision is not None and o.precision not in PRECISIONS:
+        raise ValueError(f"precision={o.precision!r}: must be one of {', '.join(PRECISIONS)}")
     if not 0.0 <= o.flip_prob <= 1.0:
         raise ValueError(f"flip_prob={o.flip_prob}: must be a probability in [0, 1]")
     if not o.val_cases >= 0 or (o.val_cases >= 1 and o.val_cases != int(o.val_cases)):
         raise ValueError(f"val_cases={o.val_cases}: a count (>= 1) or a fraction in [0, 1) of the cases")
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    """bfloat16 training on the CPU is refused: oneDNN's bfloat16 3-D convolution (torch 2.13, a CPU with
+    AVX512-BF16) gives NaN weight gradients now and then on grids as small as this network's deepest
+    (2 x 2 x 2 or 2 x 4 x 4 voxels), and one NaN gradient makes every weight NaN for the rest of the run."""
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision='bf16' on {device}: bfloat16 training runs on CUDA only (on the CPU, torch's "
+                         "bfloat16 3-D convolutions give NaN gradients on small grids); train on the CPU with "
+                         "precision 'auto' or 'fp32'")
 
 
 def _check_one_channel(config: UNETRPPConfig) -> None:
@@ -196,7 +214,7 @@ def _check_batch_norm(config: UNETRPPConfig, batch_size: int) -> None:
 
 
 # Options a resumed run takes as given (the data may have moved); all others come from its checkpoint.
-_CHANGEABLE_ON_RESUME = ("max_steps", "device", "resume", "progress", "data", "out")
+_CHANGEABLE_ON_RESUME = ("max_steps", "device", "precision", "resume", "progress", "data", "out")
 
 
 def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
@@ -213,7 +231,8 @@ def _resumed_options(given: TrainOptions, saved: dict) -> TrainOptions:
                     ", ".join(ignored))
     # max_steps not given (None) is the run's own: a 2400-step run resumed with a bare --resume once ran to
     # the default 1000 instead, on a learning-rate schedule for 1000 steps from then on
-    changed = {k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME if not (k == "max_steps" and given.max_steps is None)}
+    changed = {k: getattr(given, k) for k in _CHANGEABLE_ON_RESUME
+               if not (k in ("max_steps", "precision") and getattr(given, k) is None)}
     return TrainOptions(**{**saved, **changed})
 
 
@@ -257,7 +276,9 @@ def _holds_run_options(path: Path) -> bool:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and set(saved) == {f.name for f in dataclasses.fields(TrainOptions)}
+    # A subset: a run written before an option was added (precision) has no entry for it.
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    return isinstance(saved, dict) and {"data", "out", "name"} <= set(saved) <= fields
 
 
 def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -288,6 +309,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
         _check_new_run_folder(run_dir, ctx)
     if options.max_steps is None:
         options = dataclasses.replace(options, max_steps=DEFAULT_MAX_STEPS)
+    if options.precision is None:  # a new run, or one from before the option
+        options = dataclasses.replace(options, precision="auto")
     check_folder_can_be_written(run_dir)  # before the data is prepared, not after
     if start_step >= options.max_steps and ctx.is_main:
         log.warning("the run is already at step %d, not below max_steps=%d: nothing to train (raise --max-steps to "
@@ -297,6 +320,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     saved = options
     if state is not None and start_step >= options.max_steps:
         saved = dataclasses.replace(options, max_steps=int(state["options"]["max_steps"]))
+    _check_precision(options.precision, ctx.device)
     config = build_config(options.name, options.config_overrides)
     check_label_names(options.data, config.class_names)  # the data's classes are the network's outputs
     _check_one_channel(config)
@@ -329,12 +353,14 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     options.max_steps, options.warmup_steps)
 
     model, opt, sched = _build(options, config, ctx.device, options.max_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda")
+    cuda = ctx.device.type == "cuda"
+    amp_dtype = {"auto": torch.float16 if cuda else None, "fp32": None, "bf16": torch.bfloat16}[options.precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bfloat16 has float32's range
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if state["scaler"] and scaler.is_enabled():  # a CPU run saved none; a run moved to CPU needs none
+        if state["scaler"] and scaler.is_enabled():  # a float16 run saved one; one moved to CPU needs none
             scaler.load_state_dict(state["scaler"])
         load_rng(ctx, run_dir, start_step, options.seed)
     net = ctx.wrap(model)
@@ -383,7 +409,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     net.train()
     whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
-    with reuse_freed_memory(), stop_between_steps(ctx) as stop, above_the_bar:
+    exact = true_float32() if cuda and options.precision == "fp32" else contextlib.nullcontext()
+    with reuse_freed_memory(), stop_between_steps(ctx) as stop, above_the_bar, exact:
         try:
             while step < options.max_steps:
                 epoch, offset = divmod(step, per_epoch)
@@ -397,7 +424,7 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     whole_step = False
                     image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
                     label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
-                    with torch.autocast(ctx.device.type, enabled=ctx.device.type == "cuda"):
+                    with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
                         loss = deep_supervision_loss(net(image), label, loss_fn)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()

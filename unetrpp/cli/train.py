@@ -24,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimiser steps in all (default 1000; with --resume, the run's own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps, "
-                             "--device, --data and --out may change); without it an existing run folder is refused, never overwritten")
+                             "--device, --precision, --data and --out may change); without it an existing run folder is refused, never overwritten")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="auto (default; with --resume, the run's own): float16 autocast with loss scaling on CUDA, "
+                             "float32 on CPU; fp32: float32 everywhere (no TF32 on CUDA); bf16: bfloat16 autocast, CUDA only")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step, per rank under torchrun (default 2)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 for adamw, "
                                                                 "1e-2 for sgd)")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr if args.lr is not None else DEFAULT_LR[args.optimizer], weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, val_cases=args.val_cases, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, samples_per_case=args.samples_per_case,
-        flip_prob=args.flip_prob, seed=args.seed, device=args.device, resume=args.resume,
+        flip_prob=args.flip_prob, seed=args.seed, device=args.device, precision=args.precision, resume=args.resume,
         progress=not args.no_progress,
     )
     result = train(options)
