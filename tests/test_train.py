@@ -404,6 +404,7 @@ def _train_a_and_interrupt_and_resume_b(rank: int, ports: tuple[int, int], data:
     join(ports[1])
     with pytest.raises(KeyboardInterrupt):
         train(options(data, Path(out, "b"), **every), on_step=ctrl_c_at_3)
+    torch.distributed.barrier()  # rank 0 has written the checkpoint (a relaunch under torchrun comes later still)
     train(options(data, Path(out, "b"), resume=True, **every))  # in the process group the interrupted run joined
 
 
