@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="unetrpp_tiny", help="model preset (default unetrpp_tiny)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, training_curve.png, model/")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="optimiser steps in all (default 1000; with --resume, the run's own)")
+                        help="optimiser steps in all (default 1000; with --resume, the run's own); under torchrun "
+                             "each step takes --batch-size patches on every rank")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN_DIR/checkpoint.pt with the run's own options (only --max-steps, "
                              "--device, --precision, --data and --out may change); without it an existing run folder is refused, never overwritten")
@@ -43,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-every", type=int, default=200, help="steps between validations (default 200)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
-    parser.add_argument("--samples-per-case", type=int, default=8, help="patches per case per epoch (default 8)")
+    parser.add_argument("--samples-per-case", type=int, default=8, help="patches per case per epoch (default 8); an epoch's patches are shared out "
+                        "among the torchrun ranks, so it takes cases x this / (ranks x --batch-size) steps, rounded down")
     parser.add_argument("--flip-prob", type=float, default=0.0, help="mirroring probability per axis (default 0: it swaps left and right organs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: split, patches, augmentation (default 0)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="override preprocessing spacing (mm)")
