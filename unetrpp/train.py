@@ -424,7 +424,8 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     whole_step = False
                     image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
                     label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
-                    with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+                    with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float16,
+                                        enabled=amp_dtype is not None):
                         loss = deep_supervision_loss(net(image), label, loss_fn)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
