@@ -167,25 +167,33 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
 
     def on_file(path, shown):
         """Load an upload; a file that cannot be shown leaves an empty page and says why on the status line.
-        `shown` (this page's, changed in place) records the scan on the page, so a run for another gives way."""
+        What reading it found (a header repaired, NaN voxels, a shear) shows at once, in a toast and in the box
+        under the status line, where it stays while the scan is segmented and after (the run's progress bar
+        takes the status line). `shown` (this page's, changed in place) records the scan on the page, so a run
+        for another gives way."""
         shown["path"] = None
         keep = (gr.skip(),) * 3  # preset, W, L as the user left them
+        no_notes = gr.Markdown("", visible=False)  # the previous scan's
         if not path:
-            return None, START, *keep
+            return None, START, no_notes, *keep
         try:
             session = H.load_scan(path)
         except Exception as exc:
-            return None, failure("Could not load the file", exc, "on_file"), *keep
+            return None, failure("Could not load the file", exc, "on_file"), no_notes, *keep
         shown["path"] = session.path
+        for warning in H.scan_warnings(session):
+            gr.Warning(without_upload_folder(warning))
+        notes = H.scan_warnings_text(session)
+        notes = gr.Markdown(without_upload_folder(notes), visible=True) if notes else no_notes
         loaded = f"Loaded **{session.name}**: {H.describe(session)}."
         if (window := H.window_for(session)) is None:  # CT: the window as the user left it, in HU, unless it
             if shown.pop("fitted", False):  # was fitted to a scan that was not CT: then the abdomen preset
-                return session, loaded, "abdomen", *(gr.Number(v, label=t) for v, t in zip(
+                return session, loaded, notes, "abdomen", *(gr.Number(v, label=t) for v, t in zip(
                     vis.WINDOW_PRESETS["abdomen"], (WIDTH_HU, LEVEL_HU)))
-            return session, loaded, gr.skip(), gr.Number(label=WIDTH_HU), gr.Number(label=LEVEL_HU)
+            return session, loaded, notes, gr.skip(), gr.Number(label=WIDTH_HU), gr.Number(label=LEVEL_HU)
         # Not CT (an MRI): HU presets would show it white; a window fitted to its values, in its own units.
         shown["fitted"] = True
-        return (session, loaded + " Its values are not CT in HU: shown with a window fitted to them.", "custom",
+        return (session, loaded + " Its values are not CT in HU: shown with a window fitted to them.", notes, "custom",
                 gr.Number(window[0], label="window W"), gr.Number(window[1], label="level L"))
 
     def segment_seconds(session, overlap, tta, bf16=False, shown=None, progress=None):
@@ -212,7 +220,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
             return gr.skip(), gr.skip()
         except Exception as exc:  # the session on the page stays (on ZeroGPU `session` is a copy from the start)
             return gr.skip(), failure("Could not segment the scan", exc, "on_segment")
-        for warning in result.warnings:
+        for warning in H.run_warnings(result):  # the scan's own were said when it was loaded
             gr.Warning(without_upload_folder(warning))
         return result, f"Segmented **{result.name}**: {result.summary}." + without_upload_folder(H.warnings_text(result))
 
@@ -325,6 +333,7 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                                 cache_examples=False)
                 run_btn = gr.Button("Segment (again)", variant="primary", elem_id="segment-btn")
                 status = gr.Markdown(START, elem_id="status", container=True, min_height=60)
+                scan_notes = gr.Markdown("", elem_id="scan-warnings", container=True, visible=False)  # see on_file
                 with gr.Accordion("Settings", open=False):
                     overlap = gr.Slider(0.0, 0.75, value=0.5, step=0.05, label="sliding-window overlap",
                                         info="0.5 as the original; 0.25 is about 3x faster, 0.75 about 4x slower")
@@ -402,8 +411,8 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
                      show_progress="hidden", api_visibility="private")
         # A scan uploaded while another is segmented: that run gives way (on_segment), and this one's run
         # waits for it to end ("always_last"; the default, "once", would drop it).
-        scan.change(on_file, [scan, shown_scan], [session, status, preset, width, level], api_visibility="private",
-                    concurrency_id="load", concurrency_limit=LOAD_CONCURRENCY).success(
+        scan.change(on_file, [scan, shown_scan], [session, status, scan_notes, preset, width, level],
+                    api_visibility="private", concurrency_id="load", concurrency_limit=LOAD_CONCURRENCY).success(
             **redraw).success(**clear).success(after_upload, [session, scan, overlap, tta, bf16, shown_scan],
                                                [session, status], trigger_mode="always_last", **model_run).success(
             **redraw)

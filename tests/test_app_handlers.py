@@ -624,6 +624,35 @@ def test_the_status_line_keeps_a_runs_warnings_except_the_synthetic_one():
     assert session.centre() == session.position == [2, 2, 3]
 
 
+def test_what_reading_a_scan_found_is_said_when_it_shows_not_when_its_segmentation_ends(scan, tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """A scan with NaN voxels (or a shear, a repaired header) was shown at once, but why it looks odd was said only
+    once its segmentation ended, minutes later for a large CT on a CPU Space. The upload says it (a toast, and a box
+    that the run's progress bar on the status line does not cover); the run's end does not say it again; the next
+    scan's upload empties the box."""
+    import app
+
+    toasts = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, *a, **k: toasts.append(message))
+    handler = {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}
+    odd = np.asarray(nib.load(scan).dataobj, dtype=np.float32)
+    odd[0, 0, :3] = np.nan
+    nib.save(nib.Nifti1Image(odd, nib.load(scan).affine), tmp_path / "nan_ct.nii.gz")
+    shown = {"path": None}
+    session, status, notes, *_ = handler["on_file"](str(tmp_path / "nan_ct.nii.gz"), shown)
+    assert status.startswith("Loaded **nan_ct.nii.gz**") and notes.visible, (status, notes)
+    assert notes.value.startswith("**Warning**: ") and "nan_ct.nii.gz: replaced 3 non-finite voxels" in notes.value
+    assert len(toasts) == 1 and "non-finite" in toasts[0]
+    result, status = handler["segment_shown"](session, 0.5, False, False, shown, progress=lambda *a, **k: None)
+    assert status.startswith("Segmented") and "non-finite" not in status, status
+    assert any("non-finite" in w for w in result.warnings)  # still the run's, for the API and the log
+    assert H.scan_warnings(result) == H.scan_warnings(session) and len(toasts) == 1, toasts
+    _, status, notes, *_ = handler["on_file"](str(scan), shown)
+    assert status.startswith("Loaded **small_ct.nii.gz**") and not notes.visible and not notes.value
+    _, status, notes, *_ = handler["on_file"](str(tmp_path / "missing.nii.gz"), shown)
+    assert status.startswith("**Could not load the file**") and not notes.visible
+
+
 def test_organs_ticked_off_fade_in_the_legend_and_grey_in_the_3d_plot():
     mask = np.zeros((12, 16, 16), np.uint8)
     mask[2:6, 2:8, 2:8], mask[6:10, 8:14, 8:14] = 1, 2  # spleen, right kidney

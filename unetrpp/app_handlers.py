@@ -457,12 +457,29 @@ class ModelRuns:
             return self._changed.wait_for(lambda: self._count == 0, timeout)
 
 
+def scan_warnings(session: Session | None) -> list[str]:
+    """What reading the scan's file found or changed (nibabel's header repairs, NaN voxels, a shear, units other
+    than mm): the viewer says it as soon as the scan shows, not minutes later when the segmentation ends."""
+    return list(session.read.warnings) if session is not None and session.read is not None else []
+
+
+def scan_warnings_text(session: Session | None) -> str:
+    """`scan_warnings` as markdown for the box under the status line ("" when there are none)."""
+    return "\n\n".join(f"**Warning**: {w}" for w in scan_warnings(session))
+
+
+def run_warnings(session: Session) -> list[str]:
+    """The segmentation's own warnings (e.g. "does not look like CT"): the scan's, said since it was loaded, left out."""
+    said = set(scan_warnings(session))
+    return [w for w in session.warnings if w not in said]
+
+
 def warnings_text(session: Session) -> str:
     """The run's warnings for the status line, where they stay (toasts fade); the SYNTHETIC-weights one is
-    left out, as the summary says it."""
+    left out, as the summary says it, and so are the scan's, which stay in their own box from the upload on."""
     from .inference import SYNTHETIC_WEIGHTS_WARNING
 
-    kept = [w for w in session.warnings if w != SYNTHETIC_WEIGHTS_WARNING]
+    kept = [w for w in run_warnings(session) if w != SYNTHETIC_WEIGHTS_WARNING]
     return "".join(f"\n\n**Warning**: {w}" for w in kept)
 
 
