@@ -499,6 +499,14 @@ def test_statistics_rows_skip_empty_and_round():
     assert rows == [[6, "liver", 1.23, 10, 55.5]] or rows == [[6, "liver", 1.23, 10, 55.6]]
 
 
+def test_a_few_voxels_of_a_fine_ct_do_not_read_zero_ml():
+    """Six voxels of 0.59 x 0.71 x 1.68 mm (0.0042 mL) showed as "0" mL beside "6" voxels in the table."""
+    rows = H.statistics_rows([{"label": 4, "name": "gallbladder", "voxels": 6, "volume_ml": 0.0042456, "mean_hu": 30.5},
+                              {"label": 5, "name": "esophagus", "voxels": 29, "volume_ml": 0.02062, "mean_hu": 62.1},
+                              {"label": 7, "name": "stomach", "voxels": 207776, "volume_ml": 147.6713, "mean_hu": 50.9}])
+    assert [row[2] for row in rows] == [0.0042, 0.021, 147.67]
+
+
 def test_a_scan_with_no_organ_found_names_its_mean_as_one_with_organs_would(scan, tmp_path):
     """No organ found: the table and the CSV still say the mean's unit as for a scan with organs, "mean
     intensity" / mean_intensity for the MRI, not mean_hu (the CSV said mean_hu whatever the scan)."""

@@ -512,13 +512,16 @@ def statistics_columns(session: Session) -> list[str]:
 
 
 def statistics_rows(statistics: Sequence[dict]) -> list[list]:
-    """Rows for the per-organ table, in STAT_COLUMNS order; organs that were not found are left out."""
+    """Rows for the per-organ table, in STAT_COLUMNS order; organs that were not found are left out. Volumes
+    have two decimals, or two significant digits under 1 mL: six voxels of a fine CT (0.004 mL) read "0" mL."""
     rows = []
     for s in statistics:
         if int(s.get("voxels", 0)) <= 0:
             continue
         mean = s.get("mean_hu", s.get("mean_intensity"))
-        rows.append([int(s["label"]), s["name"], round(float(s["volume_ml"]), 2), int(s["voxels"]),
+        volume = float(s["volume_ml"])
+        volume = round(volume, 2) if volume >= 1 else float(f"{volume:.2g}")
+        rows.append([int(s["label"]), s["name"], volume, int(s["voxels"]),
                      None if mean is None or not np.isfinite(mean) else round(float(mean), 1)])
     return rows
 
