@@ -336,3 +336,33 @@ def test_a_scan_that_is_not_ct_gets_a_fitted_window_and_no_hu(page, url):
     # the status line comes with the run's end, the table and the position line with the redraw after it
     expect(page.locator("#stats-table").get_by_text("mean HU").first).to_be_visible()
     expect(page.locator("#position")).to_have_text(re.compile(r"· -?[\d.]+ HU"))
+
+
+def test_what_reading_a_scan_found_shows_while_it_is_segmented(page, tmp_path):
+    """A scan with NaN voxels: the page said so only when its segmentation ended. The warning shows once the scan
+    does, beside the run's progress bar, stays after the run (which does not repeat it), and goes with the next scan."""
+    from playwright.sync_api import expect
+
+    torch.manual_seed(0)
+    slow = create_model("unetrpp_tiny")
+    slow.register_forward_pre_hook(lambda module, args: time.sleep(0.4))  # 12 windows: about 5 s a scan
+    example = nib.load(EXAMPLE_CT)
+    values = np.asarray(example.dataobj, dtype=np.float32)
+    values[0, 0, :3] = np.nan
+    odd = tmp_path / "nan_scan.nii.gz"
+    nib.save(nib.Nifti1Image(values, example.affine), odd)
+    with serve(slow, tmp_path / "cache") as address:
+        page.set_viewport_size({"width": 1600, "height": 1200})
+        page.goto(address)
+        page.get_by_text("Not a medical device").first.wait_for()
+        page.locator("#scan-upload input[type=file]").set_input_files(str(odd))
+        page.locator("#scan-warnings").get_by_text("replaced 3 non-finite voxels").wait_for(timeout=60_000)
+        assert "Segmented" not in page.locator("#status").inner_text()  # its run has 5 s to go
+        page.screenshot(path=str(ARTIFACTS / "10_scan_warning_while_segmenting.png"), full_page=True)
+        page.locator("#status").get_by_text("Segmented nan_scan.nii.gz").wait_for(timeout=60_000)
+        assert "non-finite" not in page.locator("#status").inner_text()
+        expect(page.locator("#scan-warnings")).to_contain_text("nan_scan.nii.gz: replaced 3 non-finite voxels")
+        page.locator("#scan-upload button[aria-label='Clear']").first.click()
+        page.locator("#scan-upload input[type=file]").set_input_files(str(EXAMPLE_CT))
+        page.locator("#status").get_by_text("Segmented example_ct_sm.nii.gz").wait_for(timeout=60_000)
+        expect(page.locator("#scan-warnings")).to_be_hidden()
