@@ -749,8 +749,13 @@ def test_after_segmentation_the_crosshair_lands_on_the_organs():
     assert H.centre_of_mask(mask) == [5, 10, 15]  # nothing found: the middle of the volume
     mask[1:4, 2:7, 20:29] = 3  # one organ off to a corner: the middle of its bounding box
     assert H.centre_of_mask(mask) == [2, 4, 24]
-    mask[7, 15, 5] = 6  # a second organ: the box around both
-    assert H.centre_of_mask(mask) == [4, 8, 16]
+    mask[7, 15, 5] = 6  # a second organ: the middle of the box around both, [4, 8, 16], is background,
+    assert H.centre_of_mask(mask) == [3, 6, 20]  # so the organ voxel nearest it (the line under the views named it)
+    ring = np.zeros((5, 40, 40), np.uint8)  # organs around a centre left empty, as around the spine
+    yy, xx = np.mgrid[:40, :40]
+    ring[:, (yy - 20) ** 2 + (xx - 20) ** 2 >= 100] = 1
+    position = H.centre_of_mask(ring)
+    assert ring[tuple(position)] == 1 and position[0] == 2 and abs(np.hypot(position[1] - 20, position[2] - 20) - 10) < 1
 
 
 def test_a_bad_number_in_the_viewers_environment_variables_is_one_line(monkeypatch):

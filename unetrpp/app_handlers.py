@@ -484,11 +484,24 @@ def warnings_text(session: Session) -> str:
 
 
 def centre_of_mask(mask: np.ndarray) -> list[int]:
-    """A crosshair that lands on the organs: the centre of the foreground's bounding box (else the volume)."""
-    nz = np.argwhere(mask > 0)
-    if len(nz) == 0:
+    """A crosshair that lands on an organ: the centre of the foreground's bounding box, or the organ voxel nearest
+    it when that centre is background (organs around the spine leave it there, and the line under the views
+    said "background" on every first look); the middle of the volume when no organ was found."""
+    found = mask > 0
+    # The box from the foreground's projections on the axes: np.argwhere over a 300 x 512 x 512 mask with 12 M
+    # organ voxels took 3.5 s of each segmentation, this takes 0.05 s.
+    spans = [np.flatnonzero(found.any(axis=tuple(a for a in range(found.ndim) if a != axis)))
+             for axis in range(found.ndim)]
+    if not spans[0].size:
         return [n // 2 for n in mask.shape]
-    return [int(v) for v in (nz.min(0) + nz.max(0)) // 2]
+    centre = np.array([(span[0] + span[-1]) // 2 for span in spans])
+    radius = 0
+    while True:  # cubes around the centre, doubled until one holds an organ voxel no farther than its half-side:
+        low = np.maximum(centre - radius, 0)  # every voxel outside the cube is farther than that
+        near = np.argwhere(found[tuple(slice(a, c + radius + 1) for a, c in zip(low, centre))]) + low
+        if len(near) and (squared := ((near - centre) ** 2).sum(axis=1)).min() <= radius ** 2:
+            return [int(v) for v in near[np.argmin(squared)]]
+        radius = max(1, 2 * radius)
 
 
 STAT_COLUMNS = ["label", "organ", "volume (mL)", "voxels", "mean HU"]
