@@ -168,8 +168,9 @@ def test_slider_and_click_move_the_crosshair(scan):
 def test_segment_scan_writes_aligned_mask_and_csv(scan, tiny_model, tmp_path):
     calls = []
     session, mask_path, csv_path = H.segment_scan(scan, tiny_model, tmp_path / "cache", overlap=0.25,
-                                                  progress=lambda f, m: calls.append(f))
-    assert calls and max(calls) <= 1.0
+                                                  progress=lambda f, m: calls.append((f, m)))
+    assert calls and max(f for f, _ in calls) <= 1.0
+    assert calls[-1] == (1.0, "writing the mask and statistics")  # not "done" while the files are still written
     written = nib.load(mask_path)
     source = nib.load(scan)
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
