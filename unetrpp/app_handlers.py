@@ -471,7 +471,7 @@ def scan_warnings_text(session: Session | None) -> str:
 
 
 def run_warnings(session: Session) -> list[str]:
-    """The segmentation's own warnings (e.g. "does not look like CT"): the scan's, said since it was loaded, left out."""
+    """The segmentation's own warnings (e.g. "does not look like CT"), less the scan's, said since it was loaded."""
     said = set(scan_warnings(session))
     return [w for w in session.warnings if w not in said]
 
