@@ -283,3 +283,37 @@ def test_results_are_utf8_whatever_the_locale(non_utf8_locale, tmp_path):
         "write_results(result, 'scores.csv')\n"
         "write_results(result, 'scores.csv')\n")  # a rerun replaces its own results
     assert "Müller Łódź,spleen,0.900000,1.5000" in (tmp_path / "scores.csv").read_text(encoding="utf-8")
+
+
+FLARE22 = ("background", "liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava",
+           "right adrenal gland", "left adrenal gland", "gallbladder", "esophagus", "stomach", "duodenum", "left kidney")
+
+
+@pytest.mark.parametrize("labels, refused", [
+    ({str(i): name for i, name in enumerate(FLARE22)}, True),  # MSD's id -> name, FLARE22's numbering
+    ({name: i for i, name in enumerate(FLARE22)}, True),  # nnU-Net v2's name -> id
+    ({"0": "background", "1": "spleen", "2": "rkid", "3": "lkid", "4": "gall", "5": "eso", "6": "liver", "7": "sto",
+      "8": "aorta", "9": "IVC", "10": "veins", "11": "pancreas", "12": "rad", "13": "lad"}, False),  # BTCV's own
+    ({"0": "background", "1": "spleen"}, False),  # MSD Task09: the ids it names agree
+])
+def test_cli_refuses_truth_whose_dataset_numbers_the_organs_otherwise(labels, refused, tmp_path, capsys):
+    """FLARE22's labels fit in 0..13 like BTCV's, but its class 1 is the liver and 3 the spleen: scored as BTCV,
+    the liver's Dice was reported as the spleen's without a word. The dataset.json beside labelsTr says so."""
+    truth, pred = _half_overlap(tmp_path, 6)
+    data = tmp_path / "FLARE"
+    (data / "labelsTr").mkdir(parents=True)
+    io.save_array(truth, (2.0, 1.0, 1.0), data / "labelsTr/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(pred, (2.0, 1.0, 1.0), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    (data / "dataset.json").write_text(json.dumps({"name": "test", "labels": labels}))
+    for organs in ("all", "synapse8"):
+        code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(data / "labelsTr"), "--organs", organs])
+        captured = capsys.readouterr()
+        if not refused:
+            assert code == 0 and "liver" in captured.out
+            continue
+        assert code == 2 and captured.err.count("\n") == 1, captured.err
+        assert f"{data / 'dataset.json'}: its \"labels\" number" in captured.err
+        assert "class 1 is 'liver', not 'spleen'" in captured.err and "renumber the truth masks" in captured.err
+    # a truth folder of another name does not take a dataset.json above it as its own
+    (data / "labelsTr").rename(data / "refs")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(data / "refs")]) == 0

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import io
-from .data.btcv import nifti_files_by_case, same_class
+from .data.btcv import dataset_label_names, nifti_files_by_case, same_class
 from .labels import BTCV_LABELS
 from .postprocess import write_text
 
@@ -125,6 +125,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
         labels.pop(0, None)  # background
     elif names:  # e.g. synapse8 on masks of a liver/spleen model: its class 1 would be scored as the spleen
         _check_mask_classes(names, labels, preds[next(iter(truths))])
+    _check_truth_classes(Path(truth_dir), labels)
     per_case = {}
     highest = max(max(labels), max(BTCV_LABELS))  # a subset of the organs still allows every BTCV label
     for case_id, truth_path in truths.items():
@@ -159,6 +160,25 @@ def _check_mask_classes(names: tuple[str, ...], labels: dict[int, str], path: Pa
         raise ValueError(f"{path}: its label table does not hold the organs to score ({'; '.join(wrong[:3])}{more}); "
                          "--organs synapse8 scores masks with the BTCV labels: use --organs all to score the classes "
                          "these masks name")
+
+
+def _check_truth_classes(truth_dir: Path, labels: dict[int, str]) -> None:
+    """One-line ValueError when the truth's dataset names another class under an id scored: FLARE22's 13 ids
+    fit in BTCV's 0..13, but its 1 is the liver, so every Dice would be reported under another organ's name.
+    Reads "labels" of dataset_0.json / dataset.json in `truth_dir` or, when it is a labelsTr / labelsTs folder
+    (MSD's and nnU-Net's layout), in the dataset folder above it; ids it does not name are not checked."""
+    folders = [truth_dir, truth_dir.parent] if truth_dir.name.lower().startswith("labels") else [truth_dir]
+    found = next(filter(None, map(dataset_label_names, folders)), None)
+    if found is None:
+        return
+    path, names = found
+    wrong = [f"class {i} is {names[i]!r}, not {name!r}" for i, name in labels.items()
+             if i < len(names) and not same_class(names[i], name)]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ValueError(f"{path}: its \"labels\" number the truth's classes otherwise than the organs scored "
+                         f"({'; '.join(wrong[:3])}{more}); renumber the truth masks to the scored ids first "
+                         "(unetrpp.labels.BTCV_LABELS lists the BTCV ones), or correct \"labels\" if only they are wrong")
 
 
 def _some(case_ids: Iterable[str], limit: int = 10) -> str:

@@ -143,7 +143,7 @@ def check_label_names(data: str | os.PathLike, class_names: Sequence[str]) -> No
     for the organ they abbreviate, so BTCV's dataset.json passes with the BTCV names. The one-line
     ValueError names the difference and the `--set` options that train on the dataset's classes.
     """
-    found = _dataset_label_names(Path(data))
+    found = dataset_label_names(Path(data))
     if found is None:
         return
     path, names = found
@@ -161,8 +161,9 @@ def check_label_names(data: str | os.PathLike, class_names: Sequence[str]) -> No
                      "if they are wrong)")
 
 
-def _dataset_label_names(root: Path) -> tuple[Path, list[str]] | None:
-    """The split file that has "labels" and its class names by id, or None."""
+def dataset_label_names(root: Path) -> tuple[Path, list[str]] | None:
+    """The split file of the dataset folder `root` (dataset_0.json, else dataset.json) that has "labels",
+    and its class names by id (background first), or None."""
     for name in SPLIT_FILES:
         if (root / name).is_file() and "labels" in (meta := _read_split_file(root / name)):
             return root / name, _names_by_id(root / name, meta["labels"])
