@@ -3,7 +3,7 @@
 Conventions: an organ empty in both prediction and truth scores Dice 1 and HD95 0 (as the original
 evaluation); empty in only one scores Dice 0 and HD95 nan (left out of the HD95 mean). HD95 follows
 medpy's `hd95`: the 95th percentile of both directed surface distances pooled, but in millimetres
-(the original papers report it in voxels, without the spacing).
+(the original papers report it in voxels, without the spacing: `hd95_unit="voxels"` gives that).
 """
 
 from __future__ import annotations
@@ -94,17 +94,24 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+HD95_UNITS = ("mm", "voxels")
+
+
 def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
-                     labels: dict[int, str] | None = None) -> dict:
+                     labels: dict[int, str] | None = None, hd95_unit: str = "mm") -> dict:
     """Match masks by their case number (img0003 <-> label0003 <-> 0003; nnU-Net's img0003_0000 <-> img0003)
     and score them.
 
     `labels` {id: name} to score; None: those the predictions' label table names (masks written by
     `unetrpp`, e.g. the ACDC classes), else the 13 BTCV organs.
-    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}}, and a
+    `hd95_unit` "mm" uses the truth's voxel spacing; "voxels" counts voxel steps, as the original evaluation
+    (medpy without the spacing) whose HD95 the paper reports.
+    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}, "hd95_unit"}, and a
     "note" saying SYNTHETIC when the masks were made by weights trained on phantoms (their label tables say so).
     Every truth case needs a prediction; the truth's spacing is used.
     """
+    if hd95_unit not in HD95_UNITS:
+        raise ValueError(f"hd95_unit={hd95_unit!r}: must be one of {', '.join(HD95_UNITS)}")
     preds, truths = _nifti_files(Path(pred_dir)), _nifti_files(Path(truth_dir))
     # nnU-Net's layout (the original's) names an image CASE_0000 (channel 0) and its label CASE; a mask
     # predicted from that image keeps the image's name
@@ -142,9 +149,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                 raise ValueError(f"case {case_id}: the {what} {volume.path} holds labels "
                                  f"{maps[what].min()}..{maps[what].max()}, outside 0..{highest} of the organs scored; "
                                  "map it to the BTCV labels first (unetrpp.labels.BTCV_LABELS lists them)")
-        per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], truth.spacing, labels)
+        spacing = truth.spacing if hd95_unit == "mm" else (1.0, 1.0, 1.0)
+        per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
-    result = {"cases": per_case, "mean": mean_metrics(per_case)}
+    result = {"cases": per_case, "mean": mean_metrics(per_case), "hd95_unit": hd95_unit}
     if any(table and table.get("synthetic") for table in tables.values()):  # the scores travel without the masks
         result["note"] = "scores of masks " + io.SYNTHETIC_NOTE
     return result
@@ -192,9 +200,9 @@ def _file_shape(volume: io.Volume) -> tuple[int, ...]:
     return tuple(volume.source.shape) if volume.source is not None else tuple(volume.shape[::-1])
 
 
-def format_table(summary: dict[str, dict[str, float]]) -> str:
-    """A fixed-width text table of organ, Dice, HD95 (mm)."""
-    lines = [f"{'organ':<26}{'Dice':>8}{'HD95 mm':>10}"]
+def format_table(summary: dict[str, dict[str, float]], hd95_unit: str = "mm") -> str:
+    """A fixed-width text table of organ, Dice, HD95 (in `hd95_unit`)."""
+    lines = [f"{'organ':<26}{'Dice':>8}{'HD95 ' + ('mm' if hd95_unit == 'mm' else 'vox'):>10}"]
     for name, m in summary.items():
         lines.append(f"{name:<26}{m['dice']:>8.4f}{m['hd95']:>10.2f}")
     return "\n".join(lines)
@@ -220,7 +228,8 @@ def _is_results_file(path: Path) -> bool:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".csv":
-            return text.split("\n", 1)[0] in ("case,organ,dice,hd95_mm", "case,organ,dice,hd95_mm,note")
+            return text.split("\n", 1)[0] in {f"case,organ,dice,hd95_{unit}{note}" for unit in HD95_UNITS
+                                              for note in ("", ",note")}
         return {"cases", "mean"} <= set(json.loads(text))
     except (OSError, UnicodeDecodeError, ValueError, TypeError):
         return False
@@ -234,11 +243,11 @@ def _nan_to_none(value):
 
 def write_results(result: dict, path: str | os.PathLike) -> Path:
     """JSON (everything; an undefined HD95 as null) or CSV (one row per case and organ, plus the means;
-    an undefined HD95 as nan), by the file suffix; written whole or not at all."""
+    an undefined HD95 as nan; the column hd95_mm or hd95_voxels), by the file suffix; written whole or not at all."""
     path = check_results_path(path)
     if path.suffix.lower() == ".csv":
         note = [result["note"]] if "note" in result else []  # on every row, as in the statistics tables
-        rows = [["case", "organ", "dice", "hd95_mm", *(["note"] if note else [])]]
+        rows = [["case", "organ", "dice", f"hd95_{result.get('hd95_unit', 'mm')}", *(["note"] if note else [])]]
         rows += [[case, name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}", *note]
                  for case, organs in result["cases"].items() for name, m in organs.items()]
         rows += [["mean", name, f"{m['dice']:.6f}", f"{m['hd95']:.4f}", *note] for name, m in result["mean"].items()]

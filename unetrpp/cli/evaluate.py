@@ -1,4 +1,4 @@
-"""`python -m unetrpp evaluate`: per-organ Dice and HD95 (mm) of predicted masks against ground truth."""
+"""`python -m unetrpp evaluate`: per-organ Dice and HD95 (mm, or voxels) of predicted masks against ground truth."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="all (default): every class the predictions' label table names (masks written by unetrpp "
                              "predict), else the 13 BTCV organs; synapse8: the 8 BTCV organs of the Synapse "
                              "protocol the paper reports (spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas)")
+    parser.add_argument("--hd95-unit", choices=("mm", "voxels"), default="mm",
+                        help="mm (default): from the truth's voxel spacing; voxels: voxel steps, as the original "
+                             "evaluation (medpy without spacing), the unit of the HD95 the paper reports")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,9 +25,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_results_path(args.out)  # before the scoring, not after it
     labels = {k: BTCV_LABELS[k] for k in SYNAPSE_EVAL_LABELS} if args.organs == "synapse8" else None
-    result = evaluate_folders(args.pred, args.truth, labels)
-    print(f"{len(result['cases'])} case(s); HD95 in mm (nan: organ empty in only one of prediction / truth)")
-    print(format_table(result["mean"]))
+    result = evaluate_folders(args.pred, args.truth, labels, hd95_unit=args.hd95_unit)
+    print(f"{len(result['cases'])} case(s); HD95 in {args.hd95_unit} (nan: organ empty in only one of prediction / truth)")
+    print(format_table(result["mean"], args.hd95_unit))
     if "note" in result:
         print(f"note: {result['note']}")
     if args.out:
