@@ -106,7 +106,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
     `unetrpp`, e.g. the ACDC classes), else the 13 BTCV organs.
     `hd95_unit` "mm" uses the truth's voxel spacing; "voxels" counts voxel steps, as the original evaluation
     (medpy without the spacing) whose HD95 the paper reports.
-    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}, "hd95_unit"}, and a
+    Returns {"cases": {case: {organ: {"dice", "hd95"}}}, "mean": {organ: {...}, "mean": {...}}, "hd95_unit",
+    "absent_in_truth": [organs no truth mask holds, whose Dice is 1 or 0 by convention alone]}, and a
     "note" saying SYNTHETIC when the masks were made by weights trained on phantoms (their label tables say so).
     Every truth case needs a prediction; the truth's spacing is used.
     """
@@ -134,6 +135,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
         _check_mask_classes(names, labels, preds[next(iter(truths))])
     _check_truth_classes(Path(truth_dir), labels)
     per_case = {}
+    in_truth: set[int] = set()  # the scored labels some truth mask holds
     highest = max(max(labels), max(BTCV_LABELS))  # a subset of the organs still allows every BTCV label
     for case_id, truth_path in truths.items():
         truth = io.load(truth_path, dtype=None)
@@ -149,10 +151,13 @@ def evaluate_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike,
                 raise ValueError(f"case {case_id}: the {what} {volume.path} holds labels "
                                  f"{maps[what].min()}..{maps[what].max()}, outside 0..{highest} of the organs scored; "
                                  "map it to the BTCV labels first (unetrpp.labels.BTCV_LABELS lists them)")
+        held = np.bincount(maps["truth"].ravel(), minlength=highest + 1)  # linear, where np.unique sorts
+        in_truth.update(label for label in labels if held[label])
         spacing = truth.spacing if hd95_unit == "mm" else (1.0, 1.0, 1.0)
         per_case[case_id] = evaluate_case(maps["prediction"], maps["truth"], spacing, labels)
         log.info("case %s: mean Dice %.3f", case_id, np.mean([m["dice"] for m in per_case[case_id].values()]))
-    result = {"cases": per_case, "mean": mean_metrics(per_case), "hd95_unit": hd95_unit}
+    result = {"cases": per_case, "mean": mean_metrics(per_case), "hd95_unit": hd95_unit,
+              "absent_in_truth": [name for label, name in labels.items() if label not in in_truth]}
     if any(table and table.get("synthetic") for table in tables.values()):  # the scores travel without the masks
         result["note"] = "scores of masks " + io.SYNTHETIC_NOTE
     return result

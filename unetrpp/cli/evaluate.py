@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(args.pred, args.truth, labels, hd95_unit=args.hd95_unit)
     print(f"{len(result['cases'])} case(s); HD95 in {args.hd95_unit} (nan: organ empty in only one of prediction / truth)")
     print(format_table(result["mean"], args.hd95_unit))
+    if absent := result["absent_in_truth"]:  # a table of 13 organs with the esophagus out of view reads 1.0 there
+        print(f"note: no truth mask holds {', '.join(absent)}: scored by the empty-organ convention alone (Dice 1 "
+              "where the prediction is empty too, else 0), which says nothing of the masks but moves the mean")
     if "note" in result:
         print(f"note: {result['note']}")
     if args.out:
