@@ -22,3 +22,13 @@ def test_gpu_check_smoke_run_prints_every_section():
     same = {label: float(v) for label, v in re.findall(r"^  (fp32|precision='bf16') +same label as the CPU on +([\d.]+)%",
                                                         out, re.M)}
     assert same["fp32"] == 100.0 and same["precision='bf16'"] > 99.0, out  # the CPU against itself
+
+
+def test_resample_back_benchmark_times_both_paths_and_they_agree():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "resample_back.py"), "--shape", "12", "40", "44",
+                           "--repeats", "1", "--threads", "1"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    times = re.findall(r"^(scipy, class by class|probabilities_to_mask) +([\d.]+) s$", done.stdout, re.M)
+    assert [name for name, _ in times] == ["scipy, class by class", "probabilities_to_mask"], done.stdout
+    same = re.search(r"same label: ([\d.]+) % of voxels", done.stdout)
+    assert same and float(same.group(1)) > 99.9, done.stdout
