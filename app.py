@@ -548,8 +548,13 @@ if __name__ == "__main__":
     parser.add_argument("--weights", help="weights folder, name under weights/, or Hugging Face repo id (default: "
                                           "converted weights in weights/, else the SYNTHETIC teaching weights)")
     args = parser.parse_args()
+    host, port = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     page = startup_demo(args.weights or os.environ.get("UNETRPP_WEIGHTS")).queue(**QUEUE)
-    page.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH)
+    try:
+        page.launch(server_name=host, server_port=port, **LAUNCH)
+    except OSError:  # gradio's own message is a traceback, then a line naming its launch() parameters
+        parser.exit(1, f"error: cannot serve on {host}:{port}: the port is taken (another viewer still running?) or "
+                       f"the address is not this machine's; stop what uses it, or choose another port, e.g. "
+                       f"GRADIO_SERVER_PORT={port % 65535 + 1} python app.py\n")
     page.model_runs.stop()  # Ctrl-C closed the server: a segmentation still running stops at its next window

@@ -183,3 +183,23 @@ def test_python_app_py_serves_on_the_env_port_with_weights_and_stops_cleanly_on_
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_python_app_py_on_a_taken_port_says_so_in_one_line(tmp_path):
+    """A second `python app.py` while the first still serves (the usual case) ended in gradio's traceback."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+               "GRADIO_ANALYTICS_ENABLED": "False"}
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "app.py")], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot serve on 127.0.0.1:{port}: the port is taken") and "GRADIO_SERVER_PORT=" in last
