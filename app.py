@@ -181,9 +181,13 @@ def build_demo(weights: str | None = None, delete_cache: tuple[int, int] = (600,
         except Exception as exc:
             return None, failure("Could not load the file", exc, "on_file"), no_notes, *keep
         shown["path"] = session.path
-        for warning in H.scan_warnings(session):
+        try:  # loaded at start-up, normally long before a scan arrives
+            config = model.get().config
+        except Exception:  # weights that fail to load: the segmentation that follows says why
+            config = None
+        for warning in H.scan_warnings(session, config):
             gr.Warning(without_upload_folder(warning))
-        notes = H.scan_warnings_text(session)
+        notes = H.scan_warnings_text(session, config)
         notes = gr.Markdown(without_upload_folder(notes), visible=True) if notes else no_notes
         loaded = f"Loaded **{session.name}**: {H.describe(session)}."
         if (window := H.window_for(session)) is None:  # CT: the window as the user left it, in HU, unless it

@@ -627,10 +627,10 @@ def test_attention_outputs_and_click_recentre(scan, tiny_model):
 def test_the_status_line_keeps_a_runs_warnings_except_the_synthetic_one():
     from unetrpp.inference import SYNTHETIC_WEIGHTS_WARNING
 
-    mri = "intensities (1st-99th percentile 8..792) do not look like CT in Hounsfield units"
+    small = "the scan spans only 4 x 5 x 6 mm (z, y, x), under half of one network window"
     session = H.Session(np.zeros((4, 5, 6), np.float32), (1.0, 1.0, 1.0), "scan.nii.gz", "scan.nii.gz",
-                        warnings=[SYNTHETIC_WEIGHTS_WARNING, mri])
-    assert H.warnings_text(session) == f"\n\n**Warning**: {mri}"  # the summary already names SYNTHETIC weights
+                        warnings=[SYNTHETIC_WEIGHTS_WARNING, small])
+    assert H.warnings_text(session) == f"\n\n**Warning**: {small}"  # the summary already names SYNTHETIC weights
     assert session.centre() == session.position == [2, 2, 3]
 
 
@@ -1120,3 +1120,23 @@ def test_a_scan_in_whole_numbers_is_held_as_int16_and_shows_exactly_what_float32
     for values in (np.full((4, 5, 6), 0.5, np.float32), np.full((4, 5, 6), 40000.0, np.float32)):
         kept = H.Session(values, (1.0, 1.0, 1.0), "s.nii.gz", "s.nii.gz")
         assert kept.volume.dtype == np.float32 and np.array_equal(kept.volume, values)
+
+
+def test_a_scan_that_is_not_ct_is_said_to_be_so_when_it_shows_not_when_its_run_ends(tiny_model, tmp_path, monkeypatch):
+    """An MRI given to CT weights: the status line said "not CT" for half a second (the run's progress bar then
+    took it) and that these weights expect CT only when the run ended; now the box under the status line says
+    both as the scan shows, and the run's end does not say it again."""
+    import app
+
+    toasts = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, *a, **k: toasts.append(message))
+    handler = {f.name: f.fn for f in app.build_demo(net=tiny_model).fns.values()}
+    mri = np.random.default_rng(0).uniform(0, 800, (24, 40, 40)).astype(np.float32)  # no air, no fat: not CT
+    nib.save(nib.Nifti1Image(mri, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "mri.nii.gz")
+    shown = {"path": None}
+    session, status, notes, *_ = handler["on_file"](str(tmp_path / "mri.nii.gz"), shown)
+    assert notes.visible and H.NOT_CT_NOTE in notes.value and toasts == [H.NOT_CT_NOTE], (notes, toasts)
+    result, status = handler["segment_shown"](session, 0.5, False, False, shown, progress=lambda *a, **k: None)
+    assert any("do not look like CT" in w for w in result.warnings)  # still the run's, for the API and the log
+    assert status.startswith("Segmented") and "CT" not in H.warnings_text(result), status
+    assert len(toasts) == 1, toasts

@@ -38,6 +38,12 @@ UNTRAINED_NOTICE = ("**UNTRAINED MODEL: random weights.** No weights were found 
                     "released synapse weights into `weights/`.")
 
 
+# Said when a scan is loaded for CT weights (see scan_warnings); the run's own words (inference.ct_warning)
+# then stay unsaid, as they come minutes later and say the same.
+NOT_CT_NOTE = ("its values are not CT in Hounsfield units (an MRI?), so it is shown with a window fitted to them; "
+               "these weights expect CT, so their masks on it may be meaningless")
+
+
 # ---- weights --------------------------------------------------------------------------------------
 def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "weights") -> tuple[str | None, str]:
     """Which weights the viewer loads, and the notice to show: (spec or None for random init, markdown).
@@ -459,21 +465,30 @@ class ModelRuns:
             return self._changed.wait_for(lambda: self._count == 0, timeout)
 
 
-def scan_warnings(session: Session | None) -> list[str]:
+def scan_warnings(session: Session | None, config: Any = None) -> list[str]:
     """What reading the scan's file found or changed (nibabel's header repairs, NaN voxels, a shear, units other
-    than mm): the viewer says it as soon as the scan shows, not minutes later when the segmentation ends."""
-    return list(session.read.warnings) if session is not None and session.read is not None else []
+    than mm) and, given the weights' `config`, that CT weights were given a scan whose values are not CT (an
+    MRI): the viewer says it as soon as the scan shows, not minutes later when the segmentation ends."""
+    if session is None:
+        return []
+    said = list(session.read.warnings) if session.read is not None else []
+    if config is not None and not session.ct and config.preprocessing.normalization == "ct":
+        said.append(NOT_CT_NOTE)
+    return said
 
 
-def scan_warnings_text(session: Session | None) -> str:
+def scan_warnings_text(session: Session | None, config: Any = None) -> str:
     """`scan_warnings` as markdown for the box under the status line ("" when there are none)."""
-    return "\n\n".join(f"**Warning**: {w}" for w in scan_warnings(session))
+    return "\n\n".join(f"**Warning**: {w}" for w in scan_warnings(session, config))
 
 
 def run_warnings(session: Session) -> list[str]:
-    """The segmentation's own warnings (e.g. "does not look like CT"), less the scan's, said since it was loaded."""
+    """The segmentation's own warnings (e.g. a scan too small for the network), less the scan's, said since it
+    was loaded, and less "does not look like CT" for a scan found not to be CT when loaded (`NOT_CT_NOTE`)."""
+    from .inference import NOT_CT
+
     said = set(scan_warnings(session))
-    return [w for w in session.warnings if w not in said]
+    return [w for w in session.warnings if w not in said and not (NOT_CT in w and not session.ct)]
 
 
 def warnings_text(session: Session) -> str:

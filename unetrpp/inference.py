@@ -121,13 +121,16 @@ def intensity_range(array: np.ndarray) -> tuple[float, float]:
     return float(p1), float(p99)
 
 
+NOT_CT = "do not look like CT in Hounsfield units"  # in `ct_warning`'s message, which the viewer recognises
+
+
 def ct_warning(array: np.ndarray) -> str | None:
     """A warning when intensities do not look like CT in HU: nothing as low as fat (-100 HU; a scan that
     reaches out of the body also has air near -1000), or a range far beyond bone. MRI in any scaling,
     or CT stored without its rescale intercept, fails the first test; a crop inside the body passes."""
     p1, p99 = intensity_range(array)
     if p1 > -50 or p99 > 4000:
-        return (f"intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) do not look like CT in Hounsfield units "
+        return (f"intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) {NOT_CT} "
                 "(fat near -100 HU, air near -1000 HU); these weights expect CT, so the mask may be meaningless")
     return None
 
