@@ -511,6 +511,81 @@ def test_blended_windows_land_where_they_were_cut(shape):
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
 
 
+class _WindowMean(torch.nn.Module):
+    """Two-class logits (0, mean of the whole window): one prediction per window, so a voxel covered by
+    two windows shows how the blend weighs them."""
+
+    def __init__(self, patch):
+        super().__init__()
+        self.config = types.SimpleNamespace(patch_size=patch, out_channels=2)
+        self.scale = torch.nn.Parameter(torch.tensor([0.0, 1.0]).view(1, 2, 1, 1, 1))
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3, 4), keepdim=True).expand(-1, -1, *self.config.patch_size) * self.scale
+
+
+def test_overlapping_windows_are_weighted_by_a_gaussian_around_their_centres():
+    """Two windows along x (starts 0 and 8, centres at 7.5 and 15.5): next to one window's centre its own
+    prediction wins (the other's Gaussian weight there is 1e-3 of it), rather than the two being averaged."""
+    from unetrpp.inference import sliding_window_probabilities
+
+    image = np.broadcast_to((np.arange(24, dtype=np.float32) - 12) / 2, (8, 16, 24)).copy()  # a ramp along x
+    with torch.inference_mode():
+        probs = sliding_window_probabilities(_WindowMean((8, 16, 16)), image, torch.device("cpu"))[1, 4, 8]  # (X,)
+    own = torch.sigmoid(torch.tensor([image[..., :16].mean(), image[..., 8:].mean()]))  # each window's p(class 1)
+    gap = float(own[1] - own[0])
+    assert gap > 0.5
+    torch.testing.assert_close(probs[:8], own[0].expand(8))  # one window only
+    torch.testing.assert_close(probs[16:], own[1].expand(8))
+    assert abs(float(probs[8] - own[0])) < 0.01 * gap  # overlap, beside the first window's centre
+    assert abs(float(probs[15] - own[1])) < 0.01 * gap  # overlap, beside the second's
+    assert torch.all(probs[8:16].diff() > 0)  # handing over from one window to the other
+
+
+def test_mask_is_the_argmax_of_the_resampled_maps_ties_going_to_the_lower_class():
+    """Classes with equal probabilities (a bfloat16 network's logits tie often) go to the lower class, as
+    np.argmax and the GPU path (`argmax_restored_torch`) decide: CPU and GPU masks agree."""
+    from unetrpp.inference import argmax_restored_torch, probabilities_to_mask
+    from unetrpp.preprocess import Prepared, restore
+
+    probs = torch.from_numpy(np.random.default_rng(9).dirichlet(np.ones(4), size=(4, 5, 6))).float().permute(3, 0, 1, 2)
+    probs[2, :2] = probs[1, :2] = probs[:, :2].max(0).values  # classes 1 and 2 tie for first in two slices
+    prepared = Prepared(np.zeros((4, 5, 6), np.float32), (7, 9, 11), (1.0, 1.0, 1.0), (1.75, 1.8, 1.83))
+    expected = np.argmax(np.stack([restore(p.numpy(), prepared) for p in probs]), axis=0)
+    mask = probabilities_to_mask(probs, prepared)
+    assert mask.dtype == np.uint8 and {1, 2} <= set(np.unique(mask))
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(argmax_restored_torch(probs, prepared).numpy(), expected)
+
+
+class _Positional(torch.nn.Module):
+    """Logits c x (value + R) with R a fixed pattern on the window: not mirror-symmetric, so each
+    mirroring of test-time augmentation predicts differently, and un-flipped gives c x (value + flipped R)."""
+
+    def __init__(self, patch):
+        super().__init__()
+        self.config = types.SimpleNamespace(patch_size=patch, out_channels=3)
+        self.scale = torch.nn.Parameter(torch.arange(3.0).view(1, 3, 1, 1, 1))
+        self.pattern = torch.randn(patch, generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x):
+        return (x + self.pattern) * self.scale
+
+
+def test_tta_averages_the_eight_mirrorings_over_z_y_x_each_flipped_back():
+    from unetrpp.inference import sliding_window_probabilities
+
+    patch = (4, 6, 8)  # one window: the blend returns that window's probabilities
+    image = np.random.default_rng(6).normal(size=patch).astype(np.float32)
+    model = _Positional(patch)
+    with torch.inference_mode():
+        probs = sliding_window_probabilities(model, image, torch.device("cpu"), tta=True)
+    value, scale = torch.from_numpy(image), torch.arange(3.0).view(3, 1, 1, 1)
+    mirrorings = [axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n)]
+    expected = sum(torch.softmax((value + model.pattern.flip(axes)) * scale, dim=0) for axes in mirrorings) / 8
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_scan_that_would_explode_at_the_weights_spacing_is_refused_before_resampling(tmp_path, model):
     """A small header with absurd spacing (50 mm voxels) would become billions of voxels at 1 mm."""
     affine = np.diag([50.0, 50.0, 50.0, 1.0])
