@@ -457,6 +457,31 @@ def test_resampling_maps_voxels_as_nnunet_does():
     np.testing.assert_allclose(resample(image, (9, 17, 9), order=3, coarse_axis=0), expected, rtol=1e-4, atol=1e-2)
 
 
+def test_prepare_resamples_the_scan_cubic_then_clips_and_normalises_as_nnunet_does():
+    """nnU-Net v1 resizes the image (order 3) and only then clips and normalises: clipping first would
+    interpolate between already clipped values, and linear resampling would smooth what training saw."""
+    from skimage.transform import resize
+
+    array = np.random.default_rng(7).normal(size=(6, 8, 10)).astype(np.float32) * 300
+    volume = io.Volume(array, (1.5, 1.5, 1.5), np.eye(4))
+    ct = Preprocessing(spacing=(1.0, 1.0, 1.0), clip=(-200.0, 250.0), mean=20.0, std=50.0)
+    expected = (np.clip(resize(array, (9, 12, 15), order=3, mode="edge", anti_aliasing=False), -200, 250) - 20) / 50
+    np.testing.assert_allclose(prepare(volume, ct).image, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_a_scan_of_thick_slices_is_resampled_nearest_along_z_and_smoothly_in_plane():
+    """5 mm slices to 1 mm: nnU-Net's "separate z" copies slices along the thick axis (no blending of
+    tissue 5 mm apart) and interpolates within each slice only."""
+    rng = np.random.default_rng(8)
+    array = rng.normal(size=(3, 6, 6)).astype(np.float32)
+    volume = io.Volume(array, (5.0, 1.0, 1.0), np.eye(4))
+    image = prepare(volume, Preprocessing(spacing=(1.0, 0.5, 0.5), normalization="none")).image  # (15, 12, 12)
+    assert image.shape == (15, 12, 12)
+    in_plane = [resample(s[None], (1, 12, 12), order=3)[0] for s in array]  # each source slice, upsampled
+    for z, plane in enumerate(image):
+        np.testing.assert_allclose(plane, in_plane[z * 3 // 15], rtol=1e-5, atol=1e-5)
+
+
 def test_training_labels_are_resampled_as_nnunet_resizes_segmentations():
     from skimage.transform import resize
 
