@@ -9,7 +9,7 @@ import pytest
 
 from unetrpp import io
 from unetrpp.cli import main
-from unetrpp.evaluate import dice, evaluate_case, evaluate_folders, hd95
+from unetrpp.evaluate import dice, evaluate_case, evaluate_folders, hd95, mean_metrics
 from unetrpp.labels import BTCV_CLASS_NAMES
 
 
@@ -62,6 +62,18 @@ def test_empty_conventions():
     assert m["spleen"]["dice"] == 0.0 and math.isnan(m["spleen"]["hd95"])
     assert m["right kidney"]["dice"] == 0.0 and math.isnan(m["right kidney"]["hd95"])
     assert m["liver"] == {"dice": 1.0, "hd95": 0.0}  # empty in both
+
+
+def test_an_undefined_hd95_is_left_out_of_the_means_and_dice_is_not():
+    """One case that misses the spleen (HD95 nan) must not turn the spleen's mean HD95, or the overall
+    one, into nan: it is left out there, while its Dice of 0 counts."""
+    per_case = {"0001": {"spleen": {"dice": 0.0, "hd95": math.nan}, "liver": {"dice": 0.9, "hd95": 2.0}},
+                "0002": {"spleen": {"dice": 0.8, "hd95": 4.0}, "liver": {"dice": 0.7, "hd95": math.nan}}}
+    rows = mean_metrics(per_case)
+    assert rows["spleen"] == {"dice": pytest.approx(0.4), "hd95": 4.0}
+    assert rows["liver"] == {"dice": pytest.approx(0.8), "hd95": 2.0}
+    assert rows["mean"] == {"dice": pytest.approx(0.6), "hd95": 3.0}
+    assert math.isnan(mean_metrics({"0001": {"spleen": {"dice": 0.0, "hd95": math.nan}}})["spleen"]["hd95"])
 
 
 def _half_overlap(folder, label: int) -> tuple[np.ndarray, np.ndarray]:

@@ -304,6 +304,18 @@ def test_largest_component_keeps_one_blob_per_label():
     assert cleaned[5, 8, 8] == 0 and cleaned[5, 0, 9] == 0
 
 
+def test_largest_component_counts_voxels_touching_at_a_corner_as_connected():
+    """26-connectivity: an organ's thin part that meets the rest only diagonally (at an edge or a corner)
+    belongs to it, and is kept; a blob one voxel away is not."""
+    mask = np.zeros((6, 8, 8), np.uint8)
+    mask[0:2, 0:2, 0:2] = 1
+    mask[2, 2, 2] = mask[3, 3, 3] = 1  # a chain meeting the block at corners only
+    mask[4, 4, 3] = 1  # then at an edge
+    mask[5, 7, 7] = 1  # apart
+    cleaned = largest_component(mask)
+    assert (cleaned == 1).sum() == 8 + 3 and cleaned[5, 7, 7] == 0
+
+
 def test_segment_applies_largest_component(tmp_path, model):
     path = write_nifti(tmp_path / "a.nii.gz", phantom_ras(), ISO)
     plain = segment(path, model=model)
