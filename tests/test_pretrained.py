@@ -480,3 +480,16 @@ def test_a_repo_id_whose_owner_is_a_folder_here_says_it_was_read_as_a_path(tmp_p
     with pytest.raises(ValueError, match=r"--out weights/unetrpp_synapse`, or give one of the local weights") as info:
         load_pretrained("weights/unetrpp_synapse")
     assert "read as a path" not in str(info.value)
+
+
+def test_a_synapse_checkpoint_whose_e_and_f_differ_is_refused(tmp_path):
+    """The synapse network has one projection for keys and values: loading a file whose E and F differ would
+    keep F for both without a word."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in create_model("unetrpp_synapse", deep_supervision=True).state_dict().items()}
+    sd = {k: torch.zeros(()).expand(shape) for k, shape in shapes.items()}  # a few bytes on disk
+    key = "unetr_pp_encoder.stages.1.0.epa_block.F.weight"
+    sd[key] = torch.ones(()).expand(shapes[key])
+    path = save_released_style(sd, tmp_path / "model_final_checkpoint.model")
+    with pytest.raises(ValueError, match=r"stages\.1\.0\.epa_block\.E\.weight differs from its F twin, but unetrpp_synapse"):
+        load_original_checkpoint(path, "unetrpp_synapse")
