@@ -330,6 +330,18 @@ def test_deep_supervision_weights_and_poly_schedule():
     assert poly_lr(100, 100, 0) == 0.0
 
 
+def test_deep_supervision_labels_are_subsampled_not_interpolated():
+    """The coarser outputs are scored against the label map subsampled (nearest): interpolating label ids
+    would put organ 2 between organs 1 and 3, and fractions where the one-hot encoding expects classes."""
+    label = torch.from_numpy(np.random.default_rng(0).integers(0, 14, size=(1, 1, 8, 8, 8)))
+    outputs = [torch.zeros(1, 14, *(8 // f,) * 3) for f in (1, 2, 4)]
+    targets = []
+    deep_supervision_loss(outputs, label, lambda out, target: targets.append(target) or out.sum())
+    assert torch.equal(targets[0], label)
+    for target, f in zip(targets[1:], (2, 4)):
+        torch.testing.assert_close(target, label[..., ::f, ::f, ::f].to(target.dtype), rtol=0, atol=0)
+
+
 def test_torchrun_two_gloo_processes(phantoms, tmp_path):
     path = [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
