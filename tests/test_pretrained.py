@@ -192,6 +192,19 @@ def test_load_pretrained_sources_and_errors(tmp_path, tiny, monkeypatch):
         load_pretrained("my weights/v1")
 
 
+def test_weights_saved_with_deep_supervision_load_for_inference_with_one_output(tmp_path):
+    """A researcher's fine-tuned network saved with its deep-supervision heads (save_pretrained, not
+    save_for_inference) loads as load_pretrained promises: one tensor of full-resolution logits, not a list."""
+    torch.manual_seed(0)
+    model = create_model("unetrpp_tiny", deep_supervision=True, patch_size=(16, 32, 32))
+    model.save_pretrained(tmp_path / "ds")
+    loaded = load_pretrained(tmp_path / "ds")
+    assert loaded.deep_supervision is False and not loaded.training
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x)[0])
+
+
 def test_a_training_run_folder_or_its_checkpoint_points_to_the_runs_weights(tmp_path, tiny):
     """`--weights runs/tiny` (the train --out folder) or runs/tiny/checkpoint.pt was answered with "no
     config.json ... make one with `python -m unetrpp convert`" and "holds dict without a 'state_dict'":
