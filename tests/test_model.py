@@ -131,6 +131,8 @@ def test_attention_capture_leaves_outputs_unchanged(name):
     heads, d, n, p = 4, 16 // 4, 16 * 16 * 16, 32
     assert first["channel"].shape == (1, heads, d, d) and first["spatial"].shape == (1, heads, n, p)
     assert first["grid"] == (16, 16, 16) and first["E"].shape == (p, n)
+    epa = model.unetr_pp_encoder.stages[0][0].epa_block  # "E" is the keys' projection, not the values' F
+    assert torch.equal(first["E"], epa.EF.t() if name.endswith("single_ef") else epa.E.weight)
     torch.testing.assert_close(first["spatial"].sum(-1), torch.ones(1, heads, n))
     assert len(maps) == sum(get_config("unetrpp_tiny").depths) + 3  # every EPA block, decoder included
     with torch.no_grad():
