@@ -1,17 +1,6 @@
 """Reading NIfTI files (nibabel): checked loading into a `Volume`, and the way back to the file's grid.
-
-A `Volume` holds a voxel array in the package's axis order (Z, Y, X) after reorientation to a
-named orientation, its spacing (z, y, x) in mm, and what is needed to write a result back onto
-the exact grid, affine and header codes of the file it came from (see `writing.save_mask`).
-
-Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, any integer or float
-data type, scaling slope/intercept applied, a 4-D image holding one volume (squeezed; results are
-written 3-D on its grid). Everything else is refused with a one-line `ValueError` before any voxel
-is read (see `check_image`). Non-finite voxels (NaN/Inf) are replaced by the minimum finite value,
-and header fields nibabel repairs on reading are listed, each as a warning in `Volume.warnings`, as is
-a sheared grid (voxel axes not perpendicular, e.g. uncorrected gantry tilt).
-Files are only ever opened for reading.
-"""
+A `Volume` holds the voxels (Z, Y, X) in a named orientation, the spacing (z, y, x) in mm, and what writing a
+result back onto the file's exact grid, affine and header codes needs (see `writing.save_mask`)."""
 
 from __future__ import annotations
 
@@ -81,7 +70,7 @@ def _nibabel_notes() -> Iterator[list[str]]:
 
 @dataclasses.dataclass
 class Volume:
-    """A 3-D image in (Z, Y, X) order; see the module docstring."""
+    """A 3-D image in (Z, Y, X) order, as `load` and `from_image` give it."""
 
     array: np.ndarray  # (Z, Y, X)
     spacing: tuple[float, float, float]  # mm along (z, y, x)
@@ -351,7 +340,12 @@ def _open(path: Path) -> nib.Nifti1Image:
 def load(path: str | os.PathLike, orientation: str = "RAS", dtype: np.dtype | None = np.float32) -> Volume:
     """Read a NIfTI file into a `Volume` (array (Z, Y, X)) in `orientation`, slope/intercept applied.
 
-    Every refusal is a one-line ValueError (FileNotFoundError when missing); see the module docstring.
+    Accepted: single-file NIfTI-1 or NIfTI-2 (`.nii`, `.nii.gz`), any orientation, any integer or float
+    data type, a 4-D image holding one volume (squeezed; results are written 3-D on its grid). Everything
+    else is refused with a one-line ValueError (FileNotFoundError when missing) before any voxel is read
+    (see `check_image`). Non-finite voxels (NaN/Inf) are replaced by the minimum finite value; that, header
+    fields nibabel repairs on reading and a sheared grid (voxel axes not perpendicular, e.g. uncorrected
+    gantry tilt) are each a warning in `Volume.warnings`. Files are only ever opened for reading.
     """
     path = Path(path)
     with _nibabel_notes() as notes:
