@@ -50,7 +50,8 @@ except ValueError as exc:
 # for a read to end (seconds); views, sliders and clicks go around the queue and never wait for it.
 LOAD_CONCURRENCY = 2
 WIDTH_HU, LEVEL_HU = "window W (HU)", "level L (HU)"  # the W/L boxes' labels for a CT
-START = "Upload a scan or pick an example: it shows at once, then is segmented."
+START = ("Upload a scan (.nii or .nii.gz; a DICOM series converts with dcm2niix) or pick an example: it shows at once, "
+         "then is segmented.")
 # How long the server keeps a page's scan after the last upload or segmentation wrote it: as long as gradio keeps
 # the files (delete_cache), or "Segment (again)" and the downloads would fail on a page still holding its scan;
 # also what bounds the memory a busy Space holds (about 230 MB per visitor with a 512 x 512 x 300 CT: its HU as
