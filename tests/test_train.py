@@ -504,3 +504,174 @@ def test_shipped_teaching_weights_reach_the_acceptance_dice_on_unseen_phantoms(t
     summary = mean_metrics(per_case)
     assert summary["mean"]["dice"] >= 0.80, summary
     assert min(v["dice"] for k, v in summary.items() if k != "mean") > 0.5, summary
+
+
+def _poisoned_dataset(poisoned, batch_size: int = 2):
+    """A PatchDataset whose patches are all NaN at the (1-based) steps where `poisoned(step)` holds, as a scan
+    with NaN voxels gives: the loss, every gradient and batch norm's running statistics turn NaN."""
+    from unetrpp.train_data import PatchDataset
+
+    served = [0]
+
+    class Poisoned(PatchDataset):
+        def __getitem__(self, index):
+            image, label = super().__getitem__(index)
+            served[0] += 1
+            step = (served[0] - 1) // batch_size + 1  # counted from the start of this train() call
+            return (torch.full_like(image, float("nan")) if poisoned(step) else image), label
+
+    return Poisoned
+
+
+def _all_finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_a_step_with_a_nan_loss_is_skipped_and_training_goes_on(phantoms, tmp_path, monkeypatch, caplog):
+    """One NaN batch at step 3 (fp32, no loss scaling) made every weight NaN for the rest of the run, and the
+    NaN weights were saved in the checkpoint and model/."""
+    monkeypatch.setattr("unetrpp.train.PatchDataset", _poisoned_dataset(lambda step: step == 3))
+    result = train(options(phantoms, tmp_path / "run", max_steps=5, val_every=5, precision="fp32"))
+    assert result.step == 5
+    losses = [h for h in result.history if "loss" in h]
+    assert [h["skipped"] for h in losses] == [0, 0, 1, 0, 0]
+    assert np.isnan(losses[2]["loss"]) and np.isfinite([h["loss"] for h in losses if not h["skipped"]]).all()
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        "step 3 skipped: loss nan, gradient norm nan, not finite; the weights were not updated (1 in a row, the run "
+        "stops at 20)"]
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert _all_finite(state["model"].values())  # batch norm's running statistics too: put back
+    assert int(state["optimizer"]["state"][0]["step"]) == 4  # one step of five not taken; the schedule went on
+    assert state["scheduler"]["last_epoch"] == 5
+    assert _all_finite(load_pretrained(result.model_dir).state_dict().values())
+    assert np.isfinite(result.history[-1]["val_mean_dice"])
+
+
+def test_a_run_that_diverges_stops_and_keeps_its_last_checkpoint(phantoms, tmp_path, monkeypatch, capsys):
+    """Every step NaN from the resume on: the run stops after MAX_SKIPPED_IN_A_ROW with a one-line error and
+    exit status 2, the checkpoint (due again at step 4, a skipped step) and model/ byte for byte as they were."""
+    from unetrpp.cli import main
+
+    run = tmp_path / "run"
+    train(options(phantoms, run, max_steps=2, checkpoint_every=2))
+    kept = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()
+            and p.name not in ("metrics.jsonl", "options.json", "training_curve.png")}
+    assert Path("checkpoint.pt") in kept and Path("model/model.safetensors") in kept
+    monkeypatch.setattr("unetrpp.train.MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr("unetrpp.train.PatchDataset", _poisoned_dataset(lambda step: True))
+    status = main(["train", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "30",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2
+    said = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert said == (f"error: step 5: 3 steps in a row had a non-finite loss or gradient norm and were skipped (last: "
+                    f"loss nan, gradient norm nan), so the run has diverged and stops without saving anything "
+                    f"non-finite ({run / 'checkpoint.pt'} of step 2 is kept as it was); start a new run (another "
+                    f"--out) with a lower --lr than 0.003")
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+def _blow_up_the_weights_at(monkeypatch, optimizer_step: int) -> None:
+    """After the optimiser's `optimizer_step`-th update, one weight is infinite: what a finite gradient times a
+    learning rate far too high gives."""
+    import unetrpp.train
+
+    build = unetrpp.train._build
+
+    def blowing_up(*args, **kwargs):
+        model, opt, sched = build(*args, **kwargs)
+        taken = []
+
+        def after(optimizer, args, kwargs):
+            taken.append(1)
+            if len(taken) == optimizer_step:
+                with torch.no_grad():
+                    next(model.parameters())[0].fill_(float("inf"))  # the stem's
+
+        opt.register_step_post_hook(after)
+        return model, opt, sched
+
+    monkeypatch.setattr(unetrpp.train, "_build", blowing_up)
+
+
+@pytest.mark.parametrize("blown_at", [3, 4])  # the step before a checkpoint's, or a checkpoint's own
+def test_non_finite_weights_are_never_saved(phantoms, tmp_path, monkeypatch, blown_at):
+    """Weights gone infinite at step 3 make step 4 skipped; at step 4 they would be checkpointed: either way the
+    run stops at step 4, and the checkpoint of step 2 is left as it was."""
+    from unetrpp.train_utils import TrainingDiverged
+
+    _blow_up_the_weights_at(monkeypatch, blown_at)
+    kept = {}
+
+    def keep_the_checkpoint(record):
+        if record["step"] == 3:  # after the checkpoint of step 2
+            kept.update({name: (tmp_path / "run" / name).read_bytes() for name in ("checkpoint.pt", "rng_rank0.pt")})
+
+    first = r"unetr_pp_encoder\.downsample_layers\.0\.0\.conv\.weight"  # the stem's, which blew up
+    with pytest.raises(TrainingDiverged, match=rf"^step 4: the weights are no longer finite \({first}\), so the run "
+                                               r"has diverged .*checkpoint\.pt of step 2 is kept as it was"):
+        train(options(phantoms, tmp_path / "run", max_steps=30, checkpoint_every=2), on_step=keep_the_checkpoint)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in kept} == kept and len(kept) == 2
+    assert not (tmp_path / "run/model").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_on_resume(phantoms, tmp_path):
+    """One written before runs stopped diverging: each resumed step would be skipped."""
+    from unetrpp.train_utils import TrainingDiverged
+
+    train(options(phantoms, tmp_path / "run", max_steps=1))
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    first = "unetr_pp_encoder.downsample_layers.0.0.conv.weight"
+    state["model"][first][0] = float("nan")
+    torch.save(state, tmp_path / "run/checkpoint.pt")
+    with pytest.raises(TrainingDiverged, match=rf"checkpoint\.pt: its weights are not finite \({first}\), from a run "
+                                               r"that diverged; restore an earlier copy"):
+        train(options(phantoms, tmp_path / "run", max_steps=2, resume=True))
+
+
+def _nan_on_rank_1(rank: int, ports: tuple[int, int], data: str, out: str) -> None:
+    """One of two gloo ranks; rank 1 alone sees NaN patches: at step 2 only in run "once", from step 3 on in
+    run "always". Writes what happened on this rank to OUT/<run>_rank<N>.json."""
+    import unetrpp.train
+    from unetrpp.train_utils import TrainingDiverged
+
+    torch.set_num_threads(1)
+    unetrpp.train.MAX_SKIPPED_IN_A_ROW = 3
+    runs = (("once", ports[0], lambda step: step == 2, dict(max_steps=4, val_every=4)),
+            ("always", ports[1], lambda step: step >= 3, dict(max_steps=30, checkpoint_every=2)))
+    for run, port, poisoned, every in runs:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_RANK=str(rank))
+        unetrpp.train.PatchDataset = _poisoned_dataset(poisoned if rank == 1 else lambda step: False)
+        try:
+            said = {"step": train(options(data, Path(out, run), **every)).step}
+        except TrainingDiverged as exc:
+            said = {"error": str(exc)}
+            torch.distributed.destroy_process_group()  # as the process's exit would under torchrun
+        Path(out, f"{run}_rank{rank}.json").write_text(json.dumps(said))
+
+
+def test_under_ddp_a_nan_on_one_rank_is_skipped_or_stops_on_every_rank(phantoms, tmp_path):
+    """Each rank has its own loss: rank 1's NaN batch must not leave rank 0 stepping alone (DDP's gradient
+    all-reduce gives both a NaN norm here, but a NaN loss with finite gradients would not), and a run that
+    diverges stops on every rank at the same step, not with one rank waiting for the other forever."""
+    import time
+
+    procs = torch.multiprocessing.spawn(_nan_on_rank_1, args=((_free_port(), _free_port()), str(phantoms),
+                                                              str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 300
+    while not procs.join(timeout=5):
+        if time.time() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish: one waits for the other")
+    said = {(run, rank): json.loads((tmp_path / f"{run}_rank{rank}.json").read_text())
+            for run in ("once", "always") for rank in (0, 1)}
+    assert said[("once", 0)] == said[("once", 1)] == {"step": 4}
+    records = [json.loads(x) for x in (tmp_path / "once/metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "loss" in r] == [0, 1, 0, 0]
+    assert _all_finite(load_pretrained(tmp_path / "once/model").state_dict().values())
+    assert said[("always", 0)] == said[("always", 1)]
+    assert said[("always", 0)]["error"].startswith("step 5: 3 steps in a row had a non-finite loss or gradient norm")
+    assert torch.load(tmp_path / "always/checkpoint.pt", weights_only=True)["step"] == 2
+    assert [torch.load(tmp_path / f"always/rng_rank{r}.pt", weights_only=True)["step"] for r in (0, 1)] == [2, 2]

@@ -1,7 +1,8 @@
 """Training loop in the nnU-Net style of the original: class-balanced patches, Dice + CE with deep
 supervision weighted 4/7, 2/7, 1/7 (as the original), AdamW (default, suited to short CPU runs) or
 SGD with Nesterov momentum 0.99 (the original's optimiser) with a polynomial schedule, AMP on CUDA
-(float16, or bfloat16), gradient clipping, sliding-window validation, resumable checkpoints, DDP under torchrun."""
+(float16, or bfloat16), gradient clipping, steps with a non-finite loss or gradient skipped, sliding-window validation,
+resumable checkpoints (never of non-finite weights), DDP under torchrun."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from .io import check_folder_can_be_written
 from .model import UNETRPP
 from .pretrained import save_for_inference
 from .train_data import PatchDataset, PreparedCase, build_transforms, prepare_cases
-from .train_utils import (DistributedContext, load_rng, load_run_file, plot_curves, read_history, save_atomic,
-                          save_rng, stop_between_steps)
+from .train_utils import (DistributedContext, TrainingDiverged, first_non_finite, load_rng, load_run_file, plot_curves,
+                          read_history, save_atomic, save_rng, stop_between_steps)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ RUN_FILES = ("options.json", "metrics.jsonl", "training_curve.png", CHECKPOINT, 
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 1e-2}  # peak learning rate by optimiser
 DEFAULT_MAX_STEPS = 1000
 PRECISIONS = ("auto", "fp32", "bf16")  # as inference's, see TrainOptions.precision
+# Skipped steps in a row (non-finite loss or gradient) after which a run has diverged and stops. float16 loss
+# scaling skips a few steps in a row while it finds its scale (each halves it); 20 would mean a scale 2**20 lower.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 @dataclass
@@ -290,6 +294,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     `unetrpp.pretrained.load_pretrained` and inference read). `on_step(record)` is called on rank 0
     with each logged record ({"step", "loss", "lr", ...}; validation records carry "val_dice" and
     "val_mean_dice"). Ctrl-C finishes the step, saves a checkpoint, then raises KeyboardInterrupt.
+    A step with a non-finite loss or gradient norm changes nothing but the schedule (records count them in
+    "skipped"); MAX_SKIPPED_IN_A_ROW of them, or non-finite weights, raise TrainingDiverged, leaving the
+    last checkpoint and model/ as they were.
     """
     _check_options(options)
     ctx = DistributedContext.from_env(options.device)
@@ -303,6 +310,9 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                 "the run there stopped before its first checkpoint: run the same command without --resume to "
                 "start it again" if started else "run once without --resume first"))
         state = load_run_file(ckpt_path, "training checkpoint")
+        if bad := first_non_finite(state["model"]):  # every step would be skipped, or the resume would stop at once
+            raise TrainingDiverged(f"{ckpt_path}: its weights are not finite ({bad}), from a run that diverged; restore "
+                                   "an earlier copy of it, or start a new run (another --out) with a lower --lr")
         options = _resumed_options(options, dict(state["options"]))
         start_step = int(state["step"])
     else:
@@ -381,13 +391,41 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
 
     def checkpoint(step: int) -> None:
         """Every rank saves its random state; rank 0 the rest (random state last, so a checkpoint
-        never points to a random state of another step)."""
+        never points to a random state of another step). Non-finite weights stop the run instead: the
+        last checkpoint stays as it was (every rank checks, so all stop together)."""
+        nonlocal last_checkpoint
+        bad = first_non_finite(model.state_dict())
+        if ctx.any(bad is not None):
+            raise _diverged(step, f"the weights are no longer finite ({bad or 'on another rank'})", options,
+                            last_checkpoint, ckpt_path)
         if ctx.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "elapsed_s": time.time() - t0,
                          "running": running,  # mean losses over the ranks since the last logged step
+                         "skipped": {"since_log": skipped_since_log, "in_a_row": skipped_in_a_row},
                          "options": dataclasses.asdict(saved), "config": config.to_dict()}, ckpt_path)
         save_rng(ctx, run_dir, step)
+        last_checkpoint = step
+
+    def skip(step: int, loss_value: float, norm_value: float) -> None:
+        """Count a skipped step, say so, and stop the run when it has diverged."""
+        nonlocal skipped_since_log, skipped_in_a_row
+        skipped_since_log, skipped_in_a_row = skipped_since_log + 1, skipped_in_a_row + 1
+        if ctx.is_main:  # float16 loss scaling overflows now and then while it finds its scale: no warning
+            level = logging.INFO if scaler.is_enabled() and math.isfinite(loss_value) else logging.WARNING
+            log.log(level, "step %d skipped: loss %g, gradient norm %g, not finite; the weights were not updated "
+                    "(%d in a row, the run stops at %d)", step, loss_value, norm_value, skipped_in_a_row,
+                    MAX_SKIPPED_IN_A_ROW)
+        # A skipped step leaves the weights as they were: non-finite ones came from the step before (a finite
+        # gradient times a learning rate far too high), and every later step would be skipped too.
+        bad = first_non_finite(dict(model.named_parameters()))
+        if ctx.any(bad is not None):
+            raise _diverged(step, f"the weights are no longer finite ({bad or 'on another rank'})", options,
+                            last_checkpoint, ckpt_path)
+        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise _diverged(step, f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm and "
+                            f"were skipped (last: loss {loss_value:g}, gradient norm {norm_value:g})", options,
+                            last_checkpoint, ckpt_path)
 
     def record(entry: dict) -> None:
         history.append(entry)
@@ -406,6 +444,12 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
     # elapsed_s counts training time over all sessions of a resumed run
     step, t0 = start_step, time.time() - (float(state.get("elapsed_s", 0.0)) if state else 0.0)
     running = list(state.get("running", [])) if state else []
+    counts = dict(state.get("skipped", {})) if state else {}  # none in a checkpoint from before skipping
+    skipped_since_log, skipped_in_a_row = int(counts.get("since_log", 0)), int(counts.get("in_a_row", 0))
+    last_checkpoint = start_step if state else None
+    checkpoint_due = False
+    # Batch norm's running statistics before the step: a skipped step puts them back (a NaN batch made them NaN).
+    buffers = [b.detach().clone() for b in model.buffers()]
     net.train()
     whole_step = True  # False while a step is half done: no checkpoint may be taken then
     # Every step frees and allocates the same large activations again: keep that memory in between.
@@ -424,29 +468,46 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                     whole_step = False
                     image = torch.stack([i[0] for i in items]).to(ctx.device)  # (B, 1, *patch)
                     label = torch.stack([i[1] for i in items]).to(ctx.device)  # (B, 1, *patch)
+                    for kept, buffer in zip(buffers, model.buffers()):
+                        kept.copy_(buffer)
                     with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float16,
                                         enabled=amp_dtype is not None):
                         loss = deep_supervision_loss(net(image), label, loss_fn)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-                    scaler.step(opt)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+                    # One non-finite gradient would make every weight NaN. The mean over the ranks is NaN if one
+                    # rank's loss is; DDP all-reduces the gradients, so the ranks see one norm, but they agree
+                    # anyway (one rank stepping alone would set the ranks' weights apart for good): all skip or none.
+                    loss_value, norm_value = ctx.mean(float(loss.detach())), float(norm)
+                    took = not ctx.any(not (math.isfinite(loss_value) and math.isfinite(norm_value)))
+                    if took:
+                        scaler.step(opt)
+                    else:
+                        for kept, buffer in zip(buffers, model.buffers()):
+                            buffer.copy_(kept)
                     scaler.update()
-                    sched.step()
+                    sched.step()  # also after a skipped step, as under loss scaling: the schedule is by step
                     step += 1
                     whole_step = True
-                    # The mean over the ranks now, not at the log step: the checkpoint then holds every rank's
-                    # losses since the last log, and a resumed run logs the mean an uninterrupted one does.
-                    running.append(ctx.mean(float(loss.detach())))
+                    if took:
+                        # The mean over the ranks now, not at the log step: the checkpoint then holds every rank's
+                        # losses since the last log, and a resumed run logs the mean an uninterrupted one does.
+                        running.append(loss_value)
+                        skipped_in_a_row = 0
+                    else:
+                        skip(step, loss_value, norm_value)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{running[-1]:.3f}")
+                        bar.set_postfix(loss=f"{running[-1]:.3f}" if took else "skipped")
                     if step % options.log_every == 0 or step == options.max_steps:
-                        if ctx.is_main:
-                            record({"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
+                        if ctx.is_main:  # the loss is NaN when every step since the last record was skipped
+                            record({"step": step, "loss": float(np.mean(running)) if running else math.nan,
+                                    "skipped": skipped_since_log, "lr": sched.get_last_lr()[0],
                                     "elapsed_s": round(time.time() - t0, 1), "epoch": epoch})
                         running = []
+                        skipped_since_log = 0
                     if (step % options.val_every == 0 or step == options.max_steps) and val_data:
                         scores = validate(model, val_data, ctx.device, config.class_names, ctx=ctx)  # all ranks
                         if ctx.is_main:
@@ -455,8 +516,11 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                             if step < options.max_steps:  # the last step's plot and checkpoint come below
                                 plot_curves(history, run_dir / "training_curve.png", curve_title)
                         ctx.barrier()
-                    if step % options.checkpoint_every == 0 and step < options.max_steps:
+                    checkpoint_due |= step % options.checkpoint_every == 0
+                    # Not at a skipped step, which may begin a divergence: at the next step taken.
+                    if checkpoint_due and took and step < options.max_steps:
                         checkpoint(step)
+                        checkpoint_due = False
                     if ctx.any(stop["asked"]):  # under torchrun all ranks stop after the same step
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -480,6 +544,18 @@ def train(options: TrainOptions, on_step: Callable[[dict], None] | None = None) 
                                                                                   len(train_data), val_names))
     ctx.close()
     return TrainResult(run_dir, model_dir, step, history)
+
+
+def _diverged(step: int, what: str, options: TrainOptions, last_checkpoint: int | None,
+              ckpt_path: Path) -> TrainingDiverged:
+    """The one-line error that stops a diverged run: where, what was kept, and what would work instead."""
+    kept = (f"{ckpt_path} of step {last_checkpoint} is kept as it was" if last_checkpoint is not None
+            else "there is no checkpoint yet")
+    # bfloat16 keeps 8 bits of mantissa; float16 with loss scaling or float32 may train where it does not
+    precision = ", or another --precision than bf16 (auto on CUDA)" if options.precision == "bf16" else ""
+    return TrainingDiverged(f"step {step}: {what}, so the run has diverged and stops without saving anything "
+                            f"non-finite ({kept}); start a new run (another --out) with a lower --lr than "
+                            f"{options.lr:g}{precision}")
 
 
 def training_split(options: TrainOptions) -> tuple[list[Case], list[Case]]:

@@ -1,5 +1,5 @@
 """Training plumbing: the torchrun / DDP context, checkpoint and random-state files, stopping between
-steps on Ctrl-C, the metrics log and the curve plot."""
+steps on Ctrl-C, the non-finite check that stops a diverged run, the metrics log and the curve plot."""
 
 from __future__ import annotations
 
@@ -97,6 +97,21 @@ class DistributedContext:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite: the run stopped without saving anything non-finite."""
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None. One transfer from
+    the device for all of them (a state_dict has hundreds), not one per tensor."""
+    names = [name for name, t in tensors.items() if t.is_floating_point()]
+    if not names:
+        return None
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).cpu()
+    bad = (~finite).nonzero()
+    return names[int(bad[0])] if len(bad) else None
 
 
 def save_atomic(obj: dict, path: Path) -> None:
