@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unetrpp import UNETRPP, create_model, load_original_checkpoint
-from unetrpp.pretrained import identify_variant, load_pretrained
+from unetrpp.pretrained import identify_variant, load_pretrained, save_for_inference
 
 from golden import as_numpy1_pickle, save_released_style
 
@@ -105,6 +105,21 @@ def test_numpy_scalars_in_plot_stuff_are_allowed(tmp_path):
     assert loaded.config.name == "unetrpp_tumor" and loaded.deep_supervision is False
     assert torch.equal(loaded.state_dict()["unetr_pp_encoder.stages.0.0.epa_block.EF"],
                        model.state_dict()["unetr_pp_encoder.stages.0.0.epa_block.EF"])
+
+
+@pytest.mark.parametrize("ddp", ["", "module."])
+def test_weights_of_a_torch_compiled_model_load(tmp_path, ddp):
+    """A network fine-tuned under torch.compile saves keys starting "_orig_mod." (under DDP too: "module._orig_mod.");
+    loading them failed with "missing key unetr_pp_encoder...", as DDP's "module." once did."""
+    model = create_model("unetrpp_tumor", deep_supervision=True)
+    compiled = torch.compile(model)  # compiles at its first call, never made here: the keys are what matters
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    loaded = load_original_checkpoint(save_released_style(compiled.state_dict(), tmp_path / "tuned.model", prefix=ddp))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    folder = save_for_inference(compiled, tmp_path / "weights")  # what `train` writes, from the compiled model
+    head = "out1.conv.conv.weight"
+    assert torch.equal(load_pretrained(folder).state_dict()[head], model.state_dict()[head])
 
 
 def test_save_and_load_pretrained_round_trip_is_bit_exact(tmp_path, tiny):

@@ -108,9 +108,18 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"{path}: holds {type(ckpt).__name__} without a 'state_dict'; {expected}")
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP's, torch.compile's; nested either way round
+
+
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys without the "module." that a model saved from inside DataParallel/DDP gives them."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    """The keys without the prefixes a model saved from inside DataParallel/DDP ("module.") or from
+    torch.compile ("_orig_mod.") gives them, both if it was wrapped in both."""
+    def bare(key: str) -> str:
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+
+    return {bare(k): v for k, v in state_dict.items()}
 
 
 def _expected_shapes(cfg: UNETRPPConfig) -> dict[str, tuple[int, ...]]:
@@ -311,7 +320,8 @@ def save_for_inference(model: UNETRPP, folder: str | os.PathLike, config: UNETRP
     `card`: the text of the folder's README.md (markdown under the Hub's metadata) instead of `model_card`'s."""
     config = (config or model.config).replace(deep_supervision=False)
     clean = UNETRPP(config)
-    clean.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out2.", "out3."))})
+    state = _strip_prefix(model.state_dict())  # a torch.compile'd model's keys start with "_orig_mod."
+    clean.load_state_dict({k: v for k, v in state.items() if not k.startswith(("out2.", "out3."))})
     folder = Path(folder)
     clean.save_pretrained(folder)
     usual_permissions(folder / "model.safetensors")  # safetensors writes 0600
