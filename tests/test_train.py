@@ -274,6 +274,8 @@ def test_an_unusable_run_folder_is_refused_before_the_data_is_prepared(phantoms,
 
 
 @pytest.mark.parametrize("change, words", [({"grad_clip": -1.0}, "grad_clip=-1.0: must be a positive"),
+                                           ({"lr": 1e39}, "lr=1e[+]?39: must be a positive number"),  # beyond float32
+                                           ({"lr": 0.0}, "lr=0.0: must be a positive number"),
                                            ({"flip_prob": 2.0}, "flip_prob=2.0"),
                                            ({"batch_size": 1}, "too few for batch norm"),
                                            ({"batch_size": 64}, "an epoch holds only 8 training patches"),

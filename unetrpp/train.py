@@ -173,8 +173,8 @@ def _check_options(o: TrainOptions) -> None:
             continue
         if not (isinstance(getattr(o, name), int) and getattr(o, name) > 0):
             raise ValueError(f"{name}={getattr(o, name)!r}: must be a positive integer")
-    if not o.lr > 0:
-        raise ValueError(f"lr={o.lr}: must be positive, e.g. {DEFAULT_LR['adamw']} for AdamW or "
+    if not 0 < o.lr < 1e30:  # also not inf or beyond float32 (torch then fails with a traceback at the first step)
+        raise ValueError(f"lr={o.lr}: must be a positive number, e.g. {DEFAULT_LR['adamw']} for AdamW or "
                          f"{DEFAULT_LR['sgd']} for SGD")
     if not o.grad_clip > 0:  # a negative norm would reverse every gradient, zero would erase them
         raise ValueError(f"grad_clip={o.grad_clip}: must be a positive gradient norm, e.g. 12")
