@@ -291,12 +291,15 @@ def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared, progr
     for c in range(classes):
         p = interpolate(probabilities[c].float().cpu().numpy())
         if best is not None:
-            better = p > best  # ties to the lower class
-            mask[better] = c
+            # Classes come in increasing order, so c is above every label set so far: where class c is better,
+            # max(label, c) is c. Branch-free: `mask[better] = c` took 0.3 s a class for 512 x 512 x 250 voxels.
+            better = np.greater(p, best).view(np.uint8)  # 1 where better; ties to the lower class
+            better *= np.uint8(c)
+            np.maximum(mask, better, out=mask)
             np.maximum(best, p, out=best)
             del better
         else:
-            best, mask = p.copy(), np.zeros(p.shape, dtype=np.uint8)
+            best, mask = p, np.zeros(p.shape, dtype=np.uint8)  # p is a new array of its own
         del p  # before the next class's map is made: one map the scan's size at a time (300 MB for 512 x 512 x 300)
         if progress is not None:
             progress(_WINDOWS_END + 0.09 * (c + 1) / classes, f"resampling back: class {c + 1}/{classes}")
