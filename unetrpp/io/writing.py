@@ -181,7 +181,9 @@ def save_mask(mask_zyx: np.ndarray, volume: Volume, path: str | os.PathLike,
     check_replaceable(path, written_by_save_mask, "a mask", " (the scan itself?)")
     if label_names is not None:
         check_replaceable(sidecar_path(path), written_by_save_mask, "a label side-car")
-    data = np.ascontiguousarray(to_source_grid(mask_zyx, volume)).astype(np.uint8)
+    # NIfTI stores voxels with i fastest: a (Z, Y, X) array is already that order, so the copy (flips) is sequential
+    # and nibabel writes it as it is; a C-ordered (i, j, k) copy was a transpose, 0.6 s of 0.85 s at 512 x 512 x 250.
+    data = np.asfortranarray(to_source_grid(mask_zyx, volume), dtype=np.uint8)
     if volume.source is not None:
         header = volume.source.header.copy()
         header.set_data_dtype(np.uint8)
