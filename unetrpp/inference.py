@@ -5,9 +5,10 @@ optional mirror test-time augmentation, probabilities resampled back, argmax, st
 Memory: the sliding window stitches into one (C, Z', Y', X') float32 probability buffer on the
 target grid plus a one-channel weight map, kept on the GPU only when it fits comfortably
 in free GPU memory, otherwise on the CPU. Mapping back to the original grid then goes one class at
-a time with a running maximum (on a GPU, four classes at a time), so the peak on the CPU is about
-(C + 3) x N' + 5 x N float32 values, where N' and N are the voxel counts of the target and the
-original grid. No second full-size probability volume is ever made.
+a time, a few slices at a time, with a running maximum (on a GPU, four classes at a time), so the peak
+on the CPU is about (C + 3) x N' float32 values and 5 bytes per voxel of the original grid (the best
+value so far and its class) beside the scan, where N' and N are the voxel counts of the target and the
+original grid. No full-size probability map is ever made on the CPU.
 
 On CUDA the normalised image is copied to the GPU once, so windows are cut there (no per-window
 host-to-device copy), several windows go through each forward pass, and when the buffers stayed on
@@ -35,7 +36,7 @@ from .config import Preprocessing
 from .devices import CompiledNetwork, auto_sw_batch_size, compile_network, resolve_device, true_float32
 from .fast import optimize_for_inference, reuse_freed_memory
 from .postprocess import organ_statistics, statistics_csv_text, write_statistics
-from .preprocess import ImageLike, Prepared, load_volume, prepare, restore_in_two_steps, restore_torch
+from .preprocess import ImageLike, Prepared, load_volume, prepare, restore_steps, restore_torch
 
 if TYPE_CHECKING:
     from .model import UNETRPP
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 _WINDOWS_START, _WINDOWS_END = 0.1, 0.9  # share of the progress bar spent on windows
+_RESTORE_VOXELS = 2**21  # voxels of the scan's grid resampled back at a time (8 MB of float32)
 
 
 @dataclasses.dataclass
@@ -276,34 +278,42 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, devi
 def probabilities_to_mask(probabilities: torch.Tensor, prepared: Prepared, progress: Progress | None = None) -> np.ndarray:
     """Argmax on the original grid: each class map (Z', Y', X') resampled back (linear) in turn.
 
-    Returns uint8 (Z, Y, X); equal to argmax over all resampled maps, without holding them all.
-    Along an anisotropic axis resampling is nearest neighbour, a repetition of slices that commutes
-    with the argmax: the argmax is taken on the target grid's slices and repeated once, not every map.
+    Returns uint8 (Z, Y, X); equal to argmax over all resampled maps, without holding any: each class
+    map is resampled a few slices at a time (`preprocess.restore_steps`), and the running argmax taken
+    on them while they are in cache. Along an anisotropic axis resampling is nearest neighbour, a
+    repetition of slices that commutes with the argmax: the argmax is taken on the target grid's
+    slices and repeated once, not every map.
     Probabilities on a GPU are resampled there (the same maths in torch), a few classes at a time.
     On the CPU `progress` hears of each class (from 0.9 to 0.99): for a 512 x 512 x 300 CT on two
     cores this step takes several seconds, which a bar standing still at 90 % made look hung.
     """
     if probabilities.device.type == "cuda":
         return argmax_restored_torch(probabilities, prepared).cpu().numpy()
-    interpolate, repeat = restore_in_two_steps(prepared)
+    axis, across, in_plane, repeat = restore_steps(prepared)
+    plane = [n for a, n in enumerate(prepared.original_shape) if a != axis]
+    step = max(1, _RESTORE_VOXELS // math.prod(plane))  # slices resampled at a time, their argmax taken in cache
     best = mask = None
     classes = probabilities.shape[0]
     for c in range(classes):
-        p = interpolate(probabilities[c].float().cpu().numpy())
-        if best is not None:
+        slices = across(probabilities[c].float().cpu())  # (S, H', W'): small, on the network's grid in-plane
+        if best is None:
+            # the best value so far and its class: 5 bytes a voxel, the only arrays of the scan's size
+            best, mask = np.empty((len(slices), *plane), np.float32), np.zeros((len(slices), *plane), np.uint8)
+        for start in range(0, len(slices), step):
+            p = in_plane(slices[start:start + step]).numpy()  # (k, H, W)
+            b, m = best[start:start + len(p)], mask[start:start + len(p)]
+            if c == 0:
+                b[...] = p
+                continue
             # Classes come in increasing order, so c is above every label set so far: where class c is better,
             # max(label, c) is c. Branch-free: `mask[better] = c` took 0.3 s a class for 512 x 512 x 250 voxels.
-            better = np.greater(p, best).view(np.uint8)  # 1 where better; ties to the lower class
+            better = np.greater(p, b).view(np.uint8)  # 1 where better; ties to the lower class
             better *= np.uint8(c)
-            np.maximum(mask, better, out=mask)
-            np.maximum(best, p, out=best)
-            del better
-        else:
-            best, mask = p, np.zeros(p.shape, dtype=np.uint8)  # p is a new array of its own
-        del p  # before the next class's map is made: one map the scan's size at a time (300 MB for 512 x 512 x 300)
+            np.maximum(m, better, out=m)
+            np.maximum(b, p, out=b)
         if progress is not None:
             progress(_WINDOWS_END + 0.09 * (c + 1) / classes, f"resampling back: class {c + 1}/{classes}")
-    return repeat(mask)
+    return repeat(np.ascontiguousarray(np.moveaxis(mask, 0, axis)))
 
 
 def argmax_restored_torch(probabilities: torch.Tensor, prepared: Prepared, classes_per_step: int = 4) -> torch.Tensor:
