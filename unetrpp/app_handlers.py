@@ -596,7 +596,7 @@ def surfaces(session: Session, shown: Sequence[str] | None = None):
         title = "organs found by SYNTHETIC teaching weights (not real anatomy)" if (
             SYNTHETIC_WEIGHTS_WARNING in session.warnings) else None
         session.surfaces = surface_figure(session.mask, session.spacing, session.class_names, title=title,
-                                          orientation=session.orientation)
+                                          orientation=session.orientation, labels_present=present_labels(session))
     figure = go.Figure(session.surfaces)
     if shown is not None:
         figure.for_each_trace(lambda trace: trace.update(visible=True if trace.name in shown else "legendonly"))

@@ -8,7 +8,7 @@ import logging
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -118,11 +118,13 @@ def organ_meshes(mask: np.ndarray, spacing: Sequence[float], class_names: Sequen
 
 def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequence[str],
                    colors: Mapping[int, Sequence[int]] | None = None, max_voxels: int = 300_000,
-                   title: str | None = None, orientation: str = "RAS"):
+                   title: str | None = None, orientation: str = "RAS", labels_present: Iterable[int] | None = None):
     """A plotly Figure with one Mesh3d per organ of `mask` (Z, Y, X); axes in mm, equal aspect.
 
     `orientation` names where the mask's (x, y, z) axes point ("RAS", "LPS", ...): the surfaces are
-    drawn in RAS directions whatever it is, so the patient's right is always +x.
+    drawn in RAS directions whatever it is, so the patient's right is always +x. `labels_present`: the
+    labels in `mask`, when the caller knows them (the viewer does), to name the organs too small for a
+    surface without a pass over the whole mask (0.17 s for 512 x 512 x 250 voxels).
     """
     import plotly.graph_objects as go
 
@@ -130,7 +132,8 @@ def surface_figure(mask: np.ndarray, spacing: Sequence[float], class_names: Sequ
     fig = go.Figure()
     meshes = organ_meshes(mask, spacing, class_names, colors, max_voxels)
     drawn = {m.label for m in meshes}
-    too_small = [class_names[v] for v in np.unique(mask) if 0 < v < len(class_names) and v not in drawn]
+    present = sorted(labels_present) if labels_present is not None else np.unique(mask).tolist()
+    too_small = [class_names[v] for v in present if 0 < v < len(class_names) and v not in drawn]
     notes = [title] if title else []
     if too_small:  # say so rather than leave them out of the legend silently (no line break inside a name)
         notes.append("too small for a surface: " + ", ".join(name.replace(" ", "\u00a0") for name in too_small))
