@@ -32,3 +32,18 @@ def test_resample_back_benchmark_times_both_paths_and_they_agree():
     assert [name for name, _ in times] == ["scipy, class by class", "probabilities_to_mask"], done.stdout
     same = re.search(r"same label: ([\d.]+) % of voxels", done.stdout)
     assert same and float(same.group(1)) > 99.9, done.stdout
+
+
+def test_fullct_benchmark_times_every_stage_of_a_small_synthetic_ct():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fullct.py"), "--shape", "24", "64", "64",
+                           "--spacing", "6", "3", "3", "--phantom", "small", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("SYNTHETIC CT 24 x 64 x 64 (z, y, x) at 6.0 x 3.0 x 3.0 mm"), done.stdout
+    rows = re.findall(r"^ *(.+?) +([\d.]+) +(?:[\d.]+ GB|-)", done.stdout, re.M)
+    names = [name for name, _ in rows]
+    for stage in ("upload: read, reorient, int16 copy, CT check", "segment() in all", "windows and stitching (the network)",
+                  "resampling back, argmax", "statistics", "writing the mask (.nii.gz)", "3-D surfaces", "all of it"):
+        assert stage in names, done.stdout
+    seconds = dict(rows)
+    assert float(seconds["segment() in all"]) <= float(seconds["all of it"]), done.stdout
