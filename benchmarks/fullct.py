@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[2.0, 0.75, 0.75], help="the CT's (z, y, x) mm")
     parser.add_argument("--weights", default=str(ROOT / "weights" / "unetrpp_tiny_phantom"),
                         help="a weights folder (default: the bundled teaching weights) or 'synapse' (random weights)")
-    parser.add_argument("--phantom", choices=("default", "small"), default="default", help="phantom drawn, then stretched")
+    parser.add_argument("--phantom", choices=("default", "small"), default="default",
+                        help="the phantom drawn, then stretched")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

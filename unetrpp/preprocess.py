@@ -139,7 +139,7 @@ def _zoom(array: np.ndarray, factors: list[float], order: int, slice_axis: int |
     if across and (order < 2 or array.ndim != 3):  # no spline prefilter: the 3-D zoom needs no large copies
         out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
         return out if low is None else np.clip(out, low, high, out=out)
-    # 3-D cubic zoom of a 512 x 512 x 400 CT: one thread, and 1.5 GB of padded float64 spline coefficients
+    # (scipy's 3-D cubic zoom ran on one thread, holding 1.5 GB of float64 coefficients for 512 x 512 x 400 voxels)
     axis = 0 if across else factors.index(1.0) if slice_axis is None else slice_axis
     plane = [f for a, f in enumerate(factors) if a != axis]
     src = np.moveaxis(array, axis, 0)
@@ -244,7 +244,8 @@ def restore_in_two_steps(prepared: Prepared) -> tuple[Callable[[np.ndarray], np.
 
 
 def restore_steps(prepared: Prepared) -> tuple[int, Callable[[torch.Tensor], torch.Tensor],
-                                               Callable[[torch.Tensor], torch.Tensor], Callable[[np.ndarray], np.ndarray]]:
+                                               Callable[[torch.Tensor], torch.Tensor],
+                                               Callable[[np.ndarray], np.ndarray]]:
     """`restore_in_two_steps` as (axis, across, in_plane, repeat), for a caller that works a few slices at a time.
 
     `across` takes a float32 (Z', Y', X') tensor to its slices along `axis` (S, H', W'): the coarse axis's as they
