@@ -1,4 +1,4 @@
-"""UNETR++ viewer (UI only; the work is in unetrpp.app_handlers and unetrpp.visualize*): upload an abdominal
+"""UNETR++ viewer (UI only; the work is in unetrpp.viewer and unetrpp.visualize*): upload an abdominal
 CT, segment 13 organs, explore the masks in three views, in 3-D and through the network's attention.
 `python app.py [--weights DIR_OR_REPO]` serves on 127.0.0.1:7860 (GRADIO_SERVER_NAME / _PORT). Not a medical device.
 """
@@ -18,7 +18,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 try:
-    from unetrpp import app_handlers as H  # reads UNETRPP_MAX_WINDOWS
+    from unetrpp import viewer as H  # the handlers' work; reads UNETRPP_MAX_WINDOWS
 except ValueError as exc:  # a bad environment variable: one line, not a traceback
     sys.exit(f"error: {exc}")
 from unetrpp import visualize as vis
@@ -55,7 +55,7 @@ START = ("Upload a scan (.nii or .nii.gz; a DICOM series converts with dcm2niix)
 # How long the server keeps a page's scan after the last upload or segmentation wrote it: as long as gradio keeps
 # the files (delete_cache), or "Segment (again)" and the downloads would fail on a page still holding its scan;
 # also what bounds the memory a busy Space holds (about 230 MB per visitor with a 512 x 512 x 300 CT: its HU as
-# int16, see app_handlers.compact, and the uint8 mask), though gradio holds a closed page's state for an hour.
+# int16, see viewer.compact, and the uint8 mask), though gradio holds a closed page's state for an hour.
 SESSION_SECONDS = 1800
 # What a page that still shows a scan hears once the server no longer holds it: after SESSION_SECONDS (gradio counts
 # from the last write, not the last use), or after a restart of the server.

@@ -30,7 +30,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unetrpp import app_handlers, inference, io, preprocess  # noqa: E402
+from unetrpp import inference, io, preprocess, viewer  # noqa: E402
 from unetrpp.complexity import peak_rss_mb  # noqa: E402
 from unetrpp.data.phantom import generate_case  # noqa: E402
 
@@ -69,17 +69,17 @@ def timed(module, name: str, label: str) -> None:
 
 def timed_stages() -> list[tuple[object, str, str]]:
     """(module, function, label) of each stage, in the order they are printed; indented: inside the one above."""
-    return [(app_handlers, "load_scan", "upload: read, reorient, int16 copy, CT check"),
+    return [(viewer, "load_scan", "upload: read, reorient, int16 copy, CT check"),
             (inference, "ct_warning", "  intensity check (CT or not; upload and segment())"),
-            (app_handlers, "segment_scan", "segment_scan in all (segment, files, session)"),
+            (viewer, "segment_scan", "segment_scan in all (segment, files, session)"),
             (inference, "segment", "  segment() in all"),
             (preprocess, "resample", "    resampling to the weights' spacing"),
             (inference, "sliding_window_probabilities", "    windows and stitching (the network)"),
             (inference, "probabilities_to_mask", "    resampling back, argmax"),
             (inference, "organ_statistics", "    statistics"),
             (io, "save_mask", "  writing the mask (.nii.gz)"),
-            (app_handlers, "render_all", "three views (before and after the run)"),
-            (app_handlers, "surfaces", "3-D surfaces")]
+            (viewer, "render_all", "three views (before and after the run)"),
+            (viewer, "surfaces", "3-D surfaces")]
 
 
 def synthetic_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], phantom: str) -> None:
@@ -131,13 +131,13 @@ def main() -> None:
         threading.Thread(target=_watch_memory, daemon=True).start()
     _current.append("all of it")  # from the upload on: making the CT is not part of it
     start = time.perf_counter()
-    session = app_handlers.load_scan(path)
-    app_handlers.render_all(session, app_handlers.Display())
-    session, mask_path, _ = app_handlers.segment_scan(path, model, folder, held=session)
-    app_handlers.render_all(session, app_handlers.Display())
-    app_handlers.statistics_rows(session.statistics)
-    app_handlers.legend_html(session)
-    app_handlers.surfaces(session)
+    session = viewer.load_scan(path)
+    viewer.render_all(session, viewer.Display())
+    session, mask_path, _ = viewer.segment_scan(path, model, folder, held=session)
+    viewer.render_all(session, viewer.Display())
+    viewer.statistics_rows(session.statistics)
+    viewer.legend_html(session)
+    viewer.surfaces(session)
     total = time.perf_counter() - start
     print(f"{session.summary}; mask {Path(mask_path).stat().st_size / 1e6:.1f} MB")
     print(f"{'stage':52s} {'seconds':>8s} {'peak RSS':>9s}")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from unetrpp import app_handlers as H
+from unetrpp import viewer as H
 from unetrpp import create_model, io
 from unetrpp import visualize as vis
 from unetrpp import visualize_attention as va
+from unetrpp.viewer import segmentation
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ def test_gpu_seconds_count_the_windows_of_the_scan(fixtures, monkeypatch):
         H.check_workload(ct, config, overlap=1.0)
     # A scan the viewer refuses asks only for the time it takes to say so; the request is capped.
     assert H.gpu_seconds(ct, config, overlap=0.95) == H.gpu_seconds(ct, config, overlap=1.0) == H.GPU_SETUP_SECONDS
-    monkeypatch.setattr(H, "MAX_WINDOWS", 10**9)
+    monkeypatch.setattr(segmentation, "MAX_WINDOWS", 10**9)  # where check_workload reads it
     assert H.gpu_seconds(ct, config, overlap=0.95) == H.GPU_MAX_SECONDS
 
 
@@ -240,7 +241,7 @@ def test_a_scan_that_would_take_too_long_is_refused_before_the_model_runs(tmp_pa
     bad = tmp_path / "huge_spacing.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 8), np.int16), np.diag([50.0, 50.0, 100.0, 1.0])), bad)
     windows, grid, extent = H.scan_windows(bad, tiny_model.config)
-    assert windows > H.MAX_WINDOWS and grid == (200, 640, 640) and extent == "800 x 1600 x 1600"
+    assert windows > segmentation.MAX_WINDOWS and grid == (200, 640, 640) and extent == "800 x 1600 x 1600"
     with pytest.raises(ValueError, match=r"spans 800 x 1600 x 1600 mm .* above this viewer's limit of 2,000 "
                                          r"\(UNETRPP_MAX_WINDOWS\); check the voxel spacing") as info:
         H.segment_scan(bad, tiny_model, tmp_path / "out", tta=True)
@@ -699,7 +700,7 @@ def test_ticking_organs_does_not_search_the_whole_mask_again(monkeypatch):
                         class_names=names)
     searched = []
     unique = np.unique
-    monkeypatch.setattr(H.np, "unique", lambda a, *args, **kw: searched.append(a.shape) or unique(a, *args, **kw))
+    monkeypatch.setattr(np, "unique", lambda a, *args, **kw: searched.append(a.shape) or unique(a, *args, **kw))
     for shown in (None, ["spleen"], [], ["left kidney"]):
         assert H.organ_choices(session) == ["spleen", "left kidney"]
         assert "spleen" in H.legend_html(session, shown) and "right kidney" not in H.legend_html(session, shown)
@@ -726,7 +727,7 @@ def test_surfaces_use_the_labels_found_for_the_legend(monkeypatch):
                         class_names=("background", *BTCV_CLASS_NAMES))
     searched = []
     unique = np.unique
-    monkeypatch.setattr(H.np, "unique", lambda a, *args, **kw: searched.append(a.shape) or unique(a, *args, **kw))
+    monkeypatch.setattr(np, "unique", lambda a, *args, **kw: searched.append(a.shape) or unique(a, *args, **kw))
     H.legend_html(session)
     figure = H.surfaces(session)
     assert searched.count(mask.shape) == 1
@@ -814,7 +815,8 @@ def test_app_help_names_every_environment_variable_the_viewer_reads():
     import sys
 
     root = Path(__file__).parents[1]
-    read = set(re.findall(r"UNETRPP_[A-Z_]+", (root / "app.py").read_text() + Path(H.__file__).read_text()))
+    handlers = "".join(p.read_text() for p in sorted(Path(H.__file__).parent.glob("*.py")))  # the viewer package
+    read = set(re.findall(r"UNETRPP_[A-Z_]+", (root / "app.py").read_text() + handlers))
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and read >= {"UNETRPP_WEIGHTS", "UNETRPP_MAX_WINDOWS"}, out.stderr
     assert not {name for name in read if name not in out.stdout}, out.stdout

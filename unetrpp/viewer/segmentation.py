@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import io
-from . import visualize as vis
+from .. import io
+from .. import visualize as vis
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def resolve_weights(spec: str | None = None, weights_dir: str | os.PathLike = "w
     if spec:
         folder = next((p for p in (Path(spec), root / str(spec)) if (p / "config.json").is_file()), None)
         if folder is None:  # a Hub repo id the local cache holds: its config tells SYNTHETIC weights before they load
-            from .hub import cached_hub_folder
+            from ..hub import cached_hub_folder
 
             folder = cached_hub_folder(str(spec))
         config = _config(folder) if folder is not None else {}
@@ -106,7 +106,7 @@ class ModelHolder:
     """Loads the model once, on first use (so the page starts without waiting), thread-safely."""
 
     def __init__(self, spec: str | None, notice: str, device: str | None = None, model=None) -> None:
-        from .devices import resolve_device
+        from ..devices import resolve_device
 
         self.spec, self.notice = spec, notice
         self.device = device or str(resolve_device())
@@ -117,12 +117,12 @@ class ModelHolder:
         with self._lock:
             if self._model is None:
                 if self.spec is None:
-                    from .model import create_model
+                    from ..model import create_model
 
                     logger.warning("no weights found: using a randomly initialised unetrpp_tiny (UNTRAINED)")
                     self._model = create_model("unetrpp_tiny").eval().to(self.device)
                 else:
-                    from .pretrained import load_pretrained
+                    from ..pretrained import load_pretrained
 
                     self._model = load_pretrained(self.spec, device=self.device)
             return self._model
@@ -182,7 +182,7 @@ class Session:
         if not self.position:
             self.position = self.centre()
         if self.ct is None:
-            from .inference import ct_warning
+            from ..inference import ct_warning
 
             self.ct = ct_warning(self.volume) is None
 
@@ -332,8 +332,8 @@ GPU_MAX_SECONDS = 300  # the longest a ZeroGPU call may ask for
 def scan_windows(path: str | os.PathLike, config: Any, overlap: float = 0.5) -> tuple[int, tuple[int, int, int], str]:
     """Sliding-window positions for the NIfTI at `path`, the target grid they cover and the scan's extent
     ("Z x Y x X" mm), from its header alone (ValueError/OSError as `io.load` for a file it cannot read)."""
-    from .inference import check_overlap, count_windows
-    from .preprocess import target_shape
+    from ..inference import check_overlap, count_windows
+    from ..preprocess import target_shape
 
     overlap = check_overlap(overlap)
     prep = config.preprocessing
@@ -382,7 +382,7 @@ def segment_scan(path: str | os.PathLike, model: Any, out_dir: str | os.PathLike
     `precision` as for `unetrpp.segment` ("auto", "fp32" or "bf16"). A scan that takes more than
     `max_windows` window passes (default `MAX_WINDOWS`) is refused before the model runs. `held`: a session
     of this file (from `load_scan` or an earlier run), whose scan is segmented as it is held, not read again."""
-    from .inference import segment
+    from ..inference import segment
 
     p = _check_nifti_path(path)
     check_workload(p, model.config, overlap, tta, max_windows)
@@ -485,7 +485,7 @@ def scan_warnings_text(session: Session | None, config: Any = None) -> str:
 def run_warnings(session: Session) -> list[str]:
     """The segmentation's own warnings (e.g. a scan too small for the network), less the scan's, said since it
     was loaded, and less "does not look like CT" for a scan found not to be CT when loaded (`NOT_CT_NOTE`)."""
-    from .inference import NOT_CT
+    from ..inference import NOT_CT
 
     said = set(scan_warnings(session))
     return [w for w in session.warnings if w not in said and not (NOT_CT in w and not session.ct)]
@@ -494,7 +494,7 @@ def run_warnings(session: Session) -> list[str]:
 def warnings_text(session: Session) -> str:
     """The run's warnings for the status line, where they stay (toasts fade); the SYNTHETIC-weights one is
     left out, as the summary says it, and so are the scan's, which stay in their own box from the upload on."""
-    from .inference import SYNTHETIC_WEIGHTS_WARNING
+    from ..inference import SYNTHETIC_WEIGHTS_WARNING
 
     kept = [w for w in run_warnings(session) if w != SYNTHETIC_WEIGHTS_WARNING]
     return "".join(f"\n\n**Warning**: {w}" for w in kept)
@@ -529,7 +529,7 @@ def window_for(session: Session) -> tuple[float, float] | None:
     percentiles; None for a CT, which keeps the chosen window. HU presets would show such a scan white."""
     if session.ct:
         return None
-    from .inference import intensity_range
+    from ..inference import intensity_range
 
     low, high = intensity_range(session.volume)
     width = max(high - low, 1e-6)
@@ -587,8 +587,8 @@ def surfaces(session: Session, shown: Sequence[str] | None = None):
     per mask; organs not in `shown` (None: all) stay in the plot's legend, greyed, one click from view."""
     import plotly.graph_objects as go
 
-    from .inference import SYNTHETIC_WEIGHTS_WARNING
-    from .visualize_3d import surface_figure
+    from ..inference import SYNTHETIC_WEIGHTS_WARNING
+    from ..visualize_3d import surface_figure
 
     if session.mask is None:
         return None
@@ -632,7 +632,7 @@ def delete_session_files(session: Session | None) -> None:
 # ---- attention tab --------------------------------------------------------------------------------
 def attention_choices(model) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Dropdown choices (label, value): the model's EPA blocks by index, and heads (0 = mean of heads)."""
-    from . import visualize_attention as va
+    from .. import visualize_attention as va
 
     names = va.attention_blocks(model)
     blocks = [(va.block_label(n, model.get_submodule(n).grid), i) for i, n in enumerate(names)]
@@ -644,7 +644,7 @@ def attention_view(model, session: Session, block: int | None, head: int | None)
     """The network's part of the attention tab (what a GPU runs): the `visualize_attention.AttentionView`
     of the crosshair voxel. `block` indexes `attention_choices`; `head` 0/None is the mean of heads.
     It leaves `session` as it was, so it may run on a copy (a ZeroGPU worker gets one)."""
-    from . import visualize_attention as va
+    from .. import visualize_attention as va
 
     names = va.attention_blocks(model)
     if block is not None and not 0 <= int(block) < len(names):
@@ -657,7 +657,7 @@ def attention_view(model, session: Session, block: int | None, head: int | None)
 def show_attention(session: Session, view, head: int | None, window: tuple[float, float]) -> list:
     """The attention tab drawn from `attention_view`'s result: three heat-map views (RGB), the
     channel-attention figure and a caption; the session remembers the view for clicks on it."""
-    from . import visualize_attention as va
+    from .. import visualize_attention as va
 
     # the voxel the maps were computed at, not session.position: the crosshair may have moved meanwhile
     centre = view.centre if view.centre is not None else tuple(session.position)
@@ -673,7 +673,7 @@ def show_attention(session: Session, view, head: int | None, window: tuple[float
 
 def attention_click(session: Session, view: str, col: float, row: float) -> Session:
     """Move the crosshair to the voxel under a click on an attention view (of the last window shown)."""
-    from . import visualize_attention as va
+    from .. import visualize_attention as va
 
     if session.attention is None:
         raise ValueError("no attention map shown yet: press 'Show attention at the crosshair' first")
