@@ -372,3 +372,23 @@ def test_organs_no_truth_mask_holds_are_named_since_their_dice_is_a_convention(t
     assert json.loads((tmp_path / "r.json").read_text())["absent_in_truth"] == absent
     result = evaluate_folders(tmp_path / "pred", tmp_path / "truth", {6: "liver", 1: "spleen"})
     assert result["absent_in_truth"] == []
+
+
+@pytest.mark.parametrize("dataset_json", [
+    json.dumps({"name": "BraTS", "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+                                            "enhancing tumor": 3}, "regions_class_order": [1, 2, 3]}),
+    "{not json",
+])
+def test_cli_scores_truth_whose_dataset_json_names_no_class_per_id(dataset_json, tmp_path, capsys):
+    """The dataset.json beside labelsTr only guards against another numbering: nnU-Net v2's region-based "labels"
+    (lists of ids) or a broken file was refused with 'does not name the classes', and nothing was scored."""
+    truth, pred = _half_overlap(tmp_path, 1)
+    data = tmp_path / "Dataset"
+    (data / "labelsTr").mkdir(parents=True)
+    io.save_array(truth, (2.0, 1.0, 1.0), data / "labelsTr/label0001.nii.gz", dtype=np.uint8)
+    io.save_array(pred, (2.0, 1.0, 1.0), tmp_path / "pred/img0001.nii.gz", dtype=np.uint8)
+    (data / "dataset.json").write_text(dataset_json)
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(data / "labelsTr")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "spleen" in captured.out and "0.6667" in captured.out  # Dice 2/3

@@ -179,9 +179,14 @@ def _check_truth_classes(truth_dir: Path, labels: dict[int, str]) -> None:
     """One-line ValueError when the truth's dataset names another class under an id scored: FLARE22's 13 ids
     fit in BTCV's 0..13, but its 1 is the liver, so every Dice would be reported under another organ's name.
     Reads "labels" of dataset_0.json / dataset.json in `truth_dir` or, when it is a labelsTr / labelsTs folder
-    (MSD's and nnU-Net's layout), in the dataset folder above it; ids it does not name are not checked."""
+    (MSD's and nnU-Net's layout), in the dataset folder above it; ids it does not name are not checked, nor is a
+    file whose "labels" give no one class per id (nnU-Net v2's regions) or that is not JSON: it only guards."""
     folders = [truth_dir, truth_dir.parent] if truth_dir.name.lower().startswith("labels") else [truth_dir]
-    found = next(filter(None, map(dataset_label_names, folders)), None)
+    try:
+        found = next(filter(None, map(dataset_label_names, folders)), None)
+    except ValueError as exc:  # e.g. nnU-Net v2's regions ("whole tumour": [1, 2, 3]): no one class per id to compare
+        log.info("truth classes not checked against the dataset's labels: %s", exc)
+        return
     if found is None:
         return
     path, names = found
