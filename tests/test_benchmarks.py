@@ -1,5 +1,5 @@
-"""The device check (benchmarks/gpu.py) runs end to end in its CPU smoke mode, so that the few
-minutes of a lent GPU are not lost to a broken script."""
+"""The benchmark scripts run end to end on small inputs: the device check (benchmarks/gpu.py) in its CPU smoke
+mode, so that the few minutes of a lent GPU are not lost to a broken script, and resample_back.py and fullct.py."""
 
 import re
 import subprocess
