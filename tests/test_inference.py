@@ -440,13 +440,17 @@ def test_resampling_back_in_two_steps_equals_scipys_zoom(original_spacing, origi
     from scipy import ndimage
 
     from unetrpp.inference import probabilities_to_mask
-    from unetrpp.preprocess import Prepared, repeat_nearest, restore, restore_in_two_steps
+    from unetrpp.preprocess import Prepared, repeat_nearest, restore, restore_steps
 
     target = (3.0, 0.7578, 0.7578)
     target_shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(original_shape, original_spacing, target))
     prepared = Prepared(np.zeros(target_shape, np.float32), original_shape, original_spacing, target)
     maps = np.random.default_rng(4).random((5,) + target_shape, dtype=np.float32)
-    interpolate, repeat = restore_in_two_steps(prepared)
+    axis, across, in_plane, repeat = restore_steps(prepared)
+
+    def interpolate(m: np.ndarray) -> np.ndarray:  # every slice at once, `axis` back in its place
+        return in_plane(across(torch.from_numpy(m))).movedim(0, axis).contiguous().numpy()
+
     for m in maps:
         # torch places the samples in float32, scipy in float64: the weights differ by a rounding of the position
         np.testing.assert_allclose(repeat(interpolate(m)), restore(m, prepared), rtol=0, atol=1e-5)

@@ -223,37 +223,21 @@ def restore(array: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray
     return resample(array, prepared.original_shape, order=order, coarse_axis=coarse)
 
 
-def restore_in_two_steps(prepared: Prepared) -> tuple[Callable[[np.ndarray], np.ndarray],
-                                                      Callable[[np.ndarray], np.ndarray]]:
-    """`restore(..., order=1)` as (interpolate, repeat): the first resamples a float map to the original
-    grid except along the coarse axis (which keeps the target grid's size), the second repeats slices
-    along it (nearest neighbour, any dtype; identity when no axis is coarse). Anything done to each
-    voxel on its own, such as an argmax over classes, may go between the two: it then runs on the
-    target grid's slices and the result is repeated once, instead of every class map.
-
-    The interpolation is torch's linear with grids as cells (`align_corners=False`, edges repeated):
-    scipy's order-1 zoom but for sample positions rounded to float32 (differences under 1e-5 on
-    probabilities), 3-4x faster on two cores. See `restore_steps` for the steps it takes."""
-    axis, across, in_plane, repeat = restore_steps(prepared)
-
-    def interpolate(array: np.ndarray) -> np.ndarray:
-        slices = in_plane(across(torch.from_numpy(np.asarray(array, dtype=np.float32))))
-        return slices.movedim(0, axis).contiguous().numpy()
-
-    return interpolate, repeat
-
-
 def restore_steps(prepared: Prepared) -> tuple[int, Callable[[torch.Tensor], torch.Tensor],
                                                Callable[[torch.Tensor], torch.Tensor],
                                                Callable[[np.ndarray], np.ndarray]]:
-    """`restore_in_two_steps` as (axis, across, in_plane, repeat), for a caller that works a few slices at a time.
+    """`restore(..., order=1)` as steps, for a caller that works a few slices at a time: (axis, across, in_plane, repeat).
 
     `across` takes a float32 (Z', Y', X') tensor to its slices along `axis` (S, H', W'): the coarse axis's as they
     are, or, with no axis coarse, z resampled linearly first, on the network's grid, where it is cheap; what is left
     is a 2-D zoom of each slice (4 taps for each voxel of the scan, where a trilinear zoom takes 8; the same values to
     float32 rounding, as both orders compute the same product of 1-D maps). `in_plane` zooms a stack of those
-    slices (k, H', W') bilinearly to the scan's size in-plane (k, H, W), each slice on its own. `repeat` is
-    `restore_in_two_steps`'s, for the (Z, Y, X) array the slices make with `axis` back in its place."""
+    slices (k, H', W') bilinearly to the scan's size in-plane (k, H, W), each slice on its own: torch's linear
+    interpolation with grids as cells (`align_corners=False`, edges repeated), scipy's order-1 zoom but for sample
+    positions rounded to float32 (differences under 1e-5 on probabilities), 3-4x faster on two cores. `repeat` takes
+    the (Z, Y, X) array the slices make, `axis` back in its place, along the coarse axis to the scan's size (nearest
+    neighbour, any dtype; identity when no axis is coarse). Anything done to each voxel on its own, such as an
+    argmax over classes, may go before `repeat`: it then runs on the network grid's slices, repeated once."""
     coarse = _coarse_axis(prepared.original_spacing, prepared.target_spacing)
     shape = list(prepared.original_shape)
     axis = 0 if coarse is None else coarse
